@@ -1,0 +1,119 @@
+"""The edge: arguments in, exit code out.
+
+This is the only place that prints, exits, or knows exit-code numbers. Every
+failure becomes one line on the log and in the termination log (so
+``kubectl describe pod`` shows it), never a traceback, unless it is a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import structlog
+
+from fetcher import __version__, logs
+from fetcher.config import build_parser, resolve
+from fetcher.errors import (
+    ArchiveError,
+    FetcherError,
+    FetchError,
+    IntegrityError,
+    LocalFilesystemError,
+    UsageError,
+)
+from fetcher.redact import scrub
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CODES: dict[type[FetcherError], int] = {
+    UsageError: 2,
+    FetchError: 3,
+    IntegrityError: 4,
+    ArchiveError: 5,
+    LocalFilesystemError: 6,
+}
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+
+log = structlog.get_logger("fetcher")
+
+
+def exit_code(error: BaseException) -> int:
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_INTERNAL
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    termination_log: Path | None = None
+    logs.configure(None, "info")
+    try:
+        # Until the options are parsed, errors are logged in the format the env asks for.
+        logs.configure(environ.get("FETCHER_LOG_FORMAT") or None, "info")
+        namespace = parser.parse_args(list(argv))
+        config = resolve(namespace, environ)
+        termination_log = config.run["termination_log"]
+        logs.configure(config.run["log_format"], config.run["log_level"])
+        from fetcher.plan import build_plan
+
+        plan = build_plan(config)
+        if config.run["dry_run"]:
+            print(json.dumps({"fetcher": __version__, "artifacts": [a.describe() for a in plan]}, indent=2))
+            return EXIT_OK
+        from fetcher.fetch import fetch
+
+        started = time.monotonic()
+        log.info(
+            "start",
+            fetcher=__version__,
+            artifacts=len(plan),
+            config=str(config.config_path) if config.config_path else None,
+        )
+        results = []
+        for artifact in plan:
+            log.info("plan", index=artifact.index, **artifact.describe())
+            results.append(fetch(artifact))
+        total = sum(r.size for r in results if not r.skipped)
+        seconds = time.monotonic() - started
+        log.info(
+            "done",
+            artifacts=len(results),
+            fetched=sum(not r.skipped for r in results),
+            already_present=sum(r.skipped for r in results),
+            bytes=total,
+            seconds=round(seconds, 2),
+            mb_per_s=round(total / max(seconds, 1e-9) / 1e6, 1),
+        )
+        return EXIT_OK
+    except FetcherError as error:
+        code = exit_code(error)
+        message = scrub(str(error))
+        log.error("failed", error=message, kind=type(error).__name__, exit_code=code)
+        _write_termination_log(termination_log, message)
+        return code
+    except KeyboardInterrupt:
+        log.error("interrupted", exit_code=130)
+        return 130
+    except Exception as error:  # a bug: keep the traceback, but still one clear last line
+        log.exception("internal error", error=scrub(f"{type(error).__name__}: {error}"), exit_code=EXIT_INTERNAL)
+        _write_termination_log(termination_log, f"internal error: {type(error).__name__}: {scrub(str(error))}")
+        return EXIT_INTERNAL
+
+
+def _write_termination_log(path: Path | None, message: str) -> None:
+    """Best effort: the reason must not be lost, but failing to record it is no new error."""
+    if path is None:
+        if not (DEFAULT_TERMINATION_LOG.exists() and os.access(DEFAULT_TERMINATION_LOG, os.W_OK)):
+            return
+        path = DEFAULT_TERMINATION_LOG
+    with contextlib.suppress(OSError):
+        path.write_text(message[:4000] + "\n", encoding="utf-8")

@@ -1,0 +1,109 @@
+"""One artifact, end to end: skip if present, else source → pipeline → publish."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from fetcher.errors import LocalFilesystemError
+from fetcher.plan import Artifact
+from fetcher.progress import Progress, human_bytes
+from fetcher.publish import already_present, publish, workspace
+
+log = structlog.get_logger("fetcher")
+
+
+@dataclass(frozen=True)
+class Result:
+    artifact: Artifact
+    skipped: bool
+    size: int
+    files: int
+    seconds: float
+
+
+def fetch(artifact: Artifact) -> Result:
+    started = time.monotonic()
+    _ensure_dest(artifact)
+    present = already_present(artifact)
+    if present is not None:
+        log.info(
+            "already present",
+            source=artifact.display_source,
+            dest=str(artifact.dest),
+            sha256=present.sha256,
+            files=present.files,
+            published_at=present.published_at,
+        )
+        return Result(artifact, True, present.size, present.files, time.monotonic() - started)
+    if artifact.sha256 is None:
+        log.warning(
+            "no sha256 given: the download will not be verified",
+            source=artifact.display_source,
+            hint="set --sha256 / FETCHER_SHA256",
+        )
+
+    # Imported here: a run that finds everything present never loads httpx or boto3.
+    from fetcher import pipeline
+    from fetcher.sources import open_source
+    from fetcher.transfer import Download
+
+    with workspace(artifact) as staging:
+        download = Download(
+            open_source(artifact),
+            retries=artifact.retries,
+            backoff=artifact.retry_backoff,
+            expect_html=artifact.filename.endswith((".html", ".htm")),
+        )
+        try:
+            info = download.start()
+            total = info.size if info else None
+            log.info(
+                "downloading", source=artifact.display_source, size=total, size_h=human_bytes(total) if total else None
+            )
+            progress = Progress(artifact.display_source, total, artifact.progress_interval)
+            outcome = pipeline.run(
+                download,
+                extract=artifact.extract,
+                filename=artifact.filename,
+                staging=staging,
+                limits=pipeline.Limits(artifact.strip_components, artifact.max_unpacked_size, artifact.max_members),
+                expected_sha256=artifact.sha256,
+                on_bytes=progress,
+            )
+        finally:
+            download.close()
+        marker = publish(
+            artifact,
+            staging,
+            sha256=outcome.sha256,
+            size=outcome.size,
+            fmt=outcome.format,
+            expected_size=total,
+        )
+    seconds = time.monotonic() - started
+    log.info(
+        "published",
+        source=artifact.display_source,
+        dest=str(artifact.dest),
+        format=outcome.format,
+        sha256=outcome.sha256,
+        verified=artifact.sha256 is not None,
+        size=outcome.size,
+        files=marker.files,
+        entries=marker.entries[:10],
+        seconds=round(seconds, 2),
+        mb_per_s=round(outcome.size / max(seconds, 1e-9) / 1e6, 1),
+    )
+    return Result(artifact, False, outcome.size, marker.files, seconds)
+
+
+def _ensure_dest(artifact: Artifact) -> None:
+    try:
+        artifact.dest.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LocalFilesystemError(f"--dest {artifact.dest} exists and is not a directory") from None
+    except OSError as exc:
+        raise LocalFilesystemError(f"cannot create --dest {artifact.dest}: {exc.strerror}") from None

@@ -1,0 +1,138 @@
+"""The plan: one fully-resolved, validated item per artifact.
+
+Everything after this point works from ``Artifact`` alone, so a dry run can
+show exactly what a real run would do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fetcher.config import RunConfig, Values
+from fetcher.errors import UsageError
+from fetcher.redact import mask_headers, redact_url
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One thing to fetch and where it goes, with every option resolved."""
+
+    index: int
+    source: str
+    dest: Path
+    sha256: str | None
+    extract: str
+    filename: str
+    strip_components: int
+    owner: tuple[int, int | None] | None
+    file_mode: int | None
+    dir_mode: int | None
+    headers: tuple[tuple[str, str], ...]
+    bearer_token_file: Path | None
+    retries: int
+    retry_backoff: float
+    timeout: float
+    max_unpacked_size: int
+    max_members: int
+    progress_interval: float
+    s3_anonymous: bool
+    s3_addressing_style: str
+
+    @property
+    def scheme(self) -> str:
+        return self.source.split("://", 1)[0].lower()
+
+    @property
+    def display_source(self) -> str:
+        return redact_url(self.source)
+
+    @property
+    def key(self) -> str:
+        """Stable name of this artifact's state: same source and dest, same key."""
+        identity = f"{redact_url(self.source)}\n{self.filename}\n{self.strip_components}\n{self.extract}"
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dest / ".fetcher"
+
+    def describe(self) -> dict[str, Any]:
+        """The plan item as shown to people: secrets masked."""
+        shown: dict[str, Any] = {
+            "source": self.display_source,
+            "dest": str(self.dest),
+            "sha256": self.sha256 or "(not given: unverified)",
+            "extract": self.extract,
+            "filename": self.filename,
+        }
+        if self.strip_components:
+            shown["strip_components"] = self.strip_components
+        if self.owner is not None:
+            uid, gid = self.owner
+            shown["owner"] = f"{uid}:{gid}" if gid is not None else str(uid)
+        if self.file_mode is not None:
+            shown["file_mode"] = f"{self.file_mode:04o}"
+        if self.dir_mode is not None:
+            shown["dir_mode"] = f"{self.dir_mode:04o}"
+        if self.headers:
+            shown["headers"] = mask_headers(self.headers)
+        if self.bearer_token_file is not None:
+            shown["bearer_token_file"] = str(self.bearer_token_file)
+        return shown
+
+
+def default_filename(source: str) -> str:
+    """Last segment of the URL path, query dropped: what curl -O would pick."""
+    name = posixpath.basename(unquote(urlsplit(source).path.rstrip("/")))
+    return name if name not in ("", ".", "..", ".fetcher") else "download"
+
+
+def _artifact(index: int, values: Values, where: str) -> Artifact:
+    for required in ("source", "dest"):
+        if values.get(required) is None:
+            flag = "--" + required
+            raise UsageError(
+                f"{where}no {required} given: set {flag}, FETCHER_{required.upper()} or '{required}' in --config"
+            )
+    return Artifact(
+        index=index,
+        source=values["source"],
+        dest=Path(values["dest"]),
+        sha256=values["sha256"],
+        extract=values["extract"],
+        filename=values["filename"] or default_filename(values["source"]),
+        strip_components=values["strip_components"],
+        owner=values["owner"],
+        file_mode=values["file_mode"],
+        dir_mode=values["dir_mode"],
+        headers=tuple(values["headers"] or ()),
+        bearer_token_file=values["bearer_token_file"],
+        retries=values["retries"],
+        retry_backoff=values["retry_backoff"],
+        timeout=values["timeout"],
+        max_unpacked_size=values["max_unpacked_size"],
+        max_members=values["max_members"],
+        progress_interval=values["progress_interval"],
+        s3_anonymous=values["s3_anonymous"],
+        s3_addressing_style=values["s3_addressing_style"],
+    )
+
+
+def build_plan(config: RunConfig) -> list[Artifact]:
+    many = len(config.artifacts) > 1
+    plan = [_artifact(i, values, f"artifacts[{i}]: " if many else "") for i, values in enumerate(config.artifacts)]
+    seen: dict[tuple[Path, str], int] = {}
+    for item in plan:
+        if item.extract == "none" or item.extract == "auto":
+            spot = (item.dest.resolve(), item.filename)
+            if spot in seen and plan[seen[spot]].source != item.source:
+                raise UsageError(
+                    f"artifacts[{seen[spot]}] and artifacts[{item.index}] both write {item.dest / item.filename}"
+                )
+            seen[spot] = item.index
+    return plan

@@ -1,0 +1,51 @@
+"""Periodic progress lines for long transfers: bytes, %, MB/s and ETA."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+log = structlog.get_logger("fetcher")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+class Progress:
+    """Called with each chunk's length; logs at most once per ``interval`` seconds."""
+
+    def __init__(self, source: str, total: int | None, interval: float) -> None:
+        self.source = source
+        self.total = total
+        self.interval = interval
+        self.done = 0
+        self.started = time.monotonic()
+        self._next = self.started + interval
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval
+            log.info("progress", source=self.source, **self.figures(now))
+
+    def figures(self, now: float | None = None) -> dict[str, object]:
+        elapsed = max((now or time.monotonic()) - self.started, 1e-9)
+        rate = self.done / elapsed
+        shown: dict[str, object] = {
+            "bytes": self.done,
+            "done": human_bytes(self.done),
+            "mb_per_s": round(rate / 1e6, 1),
+        }
+        if self.total:
+            shown["percent"] = round(100 * self.done / self.total, 1)
+            shown["total"] = human_bytes(self.total)
+            if rate > 0:
+                shown["eta_s"] = round((self.total - self.done) / rate, 1)
+        return shown

@@ -1,0 +1,227 @@
+"""The state directory, and the only step that writes into dest itself.
+
+Everything is staged under ``dest/.fetcher/``; ``publish`` moves it into
+dest only once the digest matched, after ownership and modes are set and
+the files are flushed to disk. The marker is written last, so a marker that
+exists describes files that are all there. A crash at any point before it
+leaves at most staging leftovers, removed by the next run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fetcher import __version__
+from fetcher.errors import IntegrityError, LocalFilesystemError
+from fetcher.plan import Artifact
+from fetcher.unpack import local_error
+
+STATE_DIR = ".fetcher"
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What was published, to skip the work when a restarted pod asks again."""
+
+    source: str
+    sha256: str
+    size: int
+    format: str
+    files: int
+    entries: list[str]  # top-level names this artifact put in dest
+    sizes: dict[str, int]  # every regular file published, relative to dest
+    published_at: str
+    fetcher_version: str
+
+
+def _marker_path(artifact: Artifact) -> Path:
+    return artifact.state_dir / f"{artifact.key}.json"
+
+
+def read_marker(artifact: Artifact) -> Marker | None:
+    try:
+        return Marker(**json.loads(_marker_path(artifact).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def already_present(artifact: Artifact) -> Marker | None:
+    """The marker, if it matches this artifact and every file it lists is intact."""
+    marker = read_marker(artifact)
+    if marker is None or marker.source != artifact.display_source:
+        return None
+    if artifact.sha256 is not None and marker.sha256 != artifact.sha256:
+        return None
+    for relative, size in marker.sizes.items():
+        try:
+            if (artifact.dest / relative).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return marker
+
+
+@contextmanager
+def workspace(artifact: Artifact) -> Iterator[Path]:
+    """A locked, fresh staging directory; removed on the way out, whatever happened."""
+    state = artifact.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        lock = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _clean_leftovers(state)
+        staging = state / f"staging-{uuid.uuid4().hex[:12]}"
+        try:
+            staging.mkdir()
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        os.close(lock)
+
+
+def _clean_leftovers(state: Path) -> None:
+    """Remove what an earlier run left when it was killed mid-way."""
+    for entry in state.iterdir():
+        if entry.name.startswith(("staging-", "trash-")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def publish(
+    artifact: Artifact, staging: Path, *, sha256: str, size: int, fmt: str, expected_size: int | None
+) -> Marker:
+    """Verify, set ownership and modes, move into dest, write the marker."""
+    if artifact.sha256 is not None and sha256 != artifact.sha256:
+        raise IntegrityError(f"sha256 mismatch: expected {artifact.sha256}, got {sha256} ({size} bytes)")
+    if expected_size is not None and size != expected_size:
+        raise IntegrityError(f"size mismatch: the source announced {expected_size} bytes, {size} arrived")
+    tree = staging / "tree"
+    tree.mkdir(exist_ok=True)
+    sizes = _finish_tree(artifact, tree)
+    entries = sorted(os.listdir(tree))
+    _move_into_place(artifact, tree, entries)
+    marker = Marker(
+        source=artifact.display_source,
+        sha256=sha256,
+        size=size,
+        format=fmt,
+        files=len(sizes),
+        entries=entries,
+        sizes=sizes,
+        published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        fetcher_version=__version__,
+    )
+    _write_marker(artifact, marker)
+    return marker
+
+
+def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None:
+    """Swap each top-level entry into dest; on failure, put the old ones back."""
+    trash = artifact.state_dir / f"trash-{uuid.uuid4().hex[:12]}"
+    moved: list[str] = []
+    try:
+        # Without a marker, a crash in the middle of this loop means "fetch again".
+        _marker_path(artifact).unlink(missing_ok=True)
+        trash.mkdir()
+        for name in entries:
+            target = artifact.dest / name
+            if os.path.lexists(target):
+                os.rename(target, trash / name)
+            moved.append(name)
+            os.rename(tree / name, target)
+    except OSError as exc:
+        for name in reversed(moved):
+            target, old = artifact.dest / name, trash / name
+            if not os.path.lexists(tree / name):  # the new entry made it in: take it out
+                _remove(target)
+            if os.path.lexists(old):
+                os.rename(old, target)
+        raise local_error(exc, f"moving files into {artifact.dest}") from None
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, int]:
+    """Apply --owner, --file-mode and --dir-mode, flush files, list their sizes."""
+    sizes: dict[str, int] = {}
+    try:
+        for directory, dirs, files in os.walk(tree):
+            for name in dirs + files:
+                path = os.path.join(directory, name)
+                _own(artifact, path)
+                if os.path.islink(path):
+                    continue
+                if name in dirs:
+                    if artifact.dir_mode is not None:
+                        os.chmod(path, artifact.dir_mode)
+                    continue
+                if artifact.file_mode is not None:
+                    os.chmod(path, artifact.file_mode)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                    sizes[os.path.relpath(path, tree)] = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+    except OSError as exc:
+        raise local_error(exc, "setting ownership and modes") from None
+    return sizes
+
+
+def _own(artifact: Artifact, path: str) -> None:
+    if artifact.owner is None:
+        return
+    uid, gid = artifact.owner
+    try:
+        os.chown(path, uid, -1 if gid is None else gid, follow_symlinks=False)
+    except PermissionError:
+        raise LocalFilesystemError(
+            f"cannot chown to {uid}{'' if gid is None else f':{gid}'}: permission denied "
+            "(--owner needs root or CAP_CHOWN; drop it or set fsGroup instead)"
+        ) from None
+
+
+def _write_marker(artifact: Artifact, marker: Marker) -> None:
+    path = _marker_path(artifact)
+    temporary = path.with_suffix(".tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as out:
+            json.dump(asdict(marker), out, indent=1, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(temporary, path)
+        _fsync_dir(artifact.dest)
+    except OSError as exc:
+        raise local_error(exc, "writing the marker") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def marker_summary(marker: Marker) -> dict[str, Any]:
+    return {"sha256": marker.sha256, "size": marker.size, "files": marker.files, "published_at": marker.published_at}

@@ -1,0 +1,60 @@
+"""Keep secrets out of logs, markers and the termination message.
+
+Sources are shown only through ``redact_url``; header values only through
+``mask_headers``. The log pipeline also runs ``scrub`` over every event as a
+last line of defence against a secret that reached a message by accident.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+
+# Query parameters that carry credentials in presigned or tokenised URLs
+# (S3 SigV2/SigV4, GCS, Azure SAS, generic tokens).
+_SECRET_PARAM = re.compile(
+    r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
+    r"signature|sig|token|access_token|api_key|apikey|key|secret|password|auth)$"
+)
+_SECRET_HEADER = re.compile(r"(?i)^(authorization|proxy-authorization|cookie|x-api-key|.*token.*|.*secret.*)$")
+
+# Shapes of secrets that must never be printed, whatever carried them.
+_SCRUB = (
+    (re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + MASK),
+    (
+        re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token)=)[^&\s\"']+"),
+        r"\1" + MASK,
+    ),
+    (re.compile(r"(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"), MASK),
+    (re.compile(r"(://[^/\s:@]+:)[^@\s/]+@"), r"\1" + MASK + "@"),
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password and credential-bearing query values masked."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{MASK}@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, MASK if _SECRET_PARAM.match(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def mask_headers(headers: Iterable[tuple[str, str]]) -> list[str]:
+    """Headers for display: names kept, secret-looking values masked."""
+    return [f"{name}: {MASK if _SECRET_HEADER.match(name) else value}" for name, value in headers]
+
+
+def scrub(text: str) -> str:
+    """Mask anything shaped like a credential in free text."""
+    for pattern, replacement in _SCRUB:
+        text = pattern.sub(replacement, text)
+    return text

@@ -1,0 +1,48 @@
+"""The one interface every source implements: open a byte range, read chunks.
+
+A source pins the object it first saw (ETag, S3 VersionId, file mtime), so a
+later range of a changed object fails with ``SourceChangedError`` instead of
+being stitched onto bytes of the old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the source said about the whole object."""
+
+    size: int | None
+    content_type: str | None = None
+
+
+@dataclass
+class Body:
+    """One response: the object's info and its bytes from ``offset`` on.
+
+    ``offset`` is where the bytes really start: 0 when a server ignored the
+    range and sent everything, which the caller then skips.
+    """
+
+    info: ObjectInfo
+    offset: int
+    chunks: Iterator[bytes]
+
+
+class Source(Protocol):
+    """An object that can be read whole or from an offset, as often as needed."""
+
+    display: str  # the location with secrets masked, for logs and errors
+
+    def open(self, start: int = 0) -> AbstractContextManager[Body]:
+        """Read from ``start`` to the end; raise TransientFetchError to be retried."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,139 @@
+"""http:// and https:// sources, over httpx.
+
+Status codes are sorted here into what is worth retrying (408, 429, 5xx,
+dropped connections, timeouts) and what is not (other 4xx). Error messages
+carry the redacted URL only: httpx's own messages include the full URL,
+presigned signature and all, so they are never passed on.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from fetcher import __version__
+from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
+from fetcher.plan import Artifact
+from fetcher.sources.base import Body, ObjectInfo
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _headers(artifact: Artifact) -> dict[str, str]:
+    headers = {"User-Agent": f"fetcher/{__version__}", "Accept-Encoding": "identity"}
+    headers.update(dict(artifact.headers))
+    if artifact.bearer_token_file is not None:
+        try:
+            token = artifact.bearer_token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not readable text"
+            raise UsageError(f"--bearer-token-file {artifact.bearer_token_file}: {reason}") from None
+        if not token:
+            raise UsageError(f"--bearer-token-file {artifact.bearer_token_file}: the file is empty")
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+class HttpSource:
+    def __init__(self, artifact: Artifact) -> None:
+        self.url = artifact.source
+        self.display = artifact.display_source
+        self._client = httpx.Client(
+            headers=_headers(artifact),
+            timeout=httpx.Timeout(artifact.timeout),
+            follow_redirects=True,
+        )
+        self._etag: str | None = None
+
+    @contextmanager
+    def open(self, start: int = 0) -> Iterator[Body]:
+        headers = {}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+            if self._etag:
+                headers["If-Match"] = self._etag
+        try:
+            with self._client.stream("GET", self.url, headers=headers) as response:
+                offset = self._check(response, start)
+                yield Body(self._info(response, offset), offset, self._chunks(response))
+        except httpx.TimeoutException as exc:
+            raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
+
+    def _check(self, response: httpx.Response, start: int) -> int:
+        status = response.status_code
+        if status == 412 and start:
+            raise SourceChangedError(f"{self.display} changed during the download (ETag no longer matches)")
+        if status in RETRYABLE_STATUS:
+            raise TransientFetchError(
+                f"HTTP {status} {response.reason_phrase} from {self.display}",
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        if status >= 400:
+            hint = " (check --header / --bearer-token-file)" if status in (401, 403) else ""
+            raise FetchError(f"HTTP {status} {response.reason_phrase} from {self.display}{hint}")
+        if status not in (200, 206):
+            raise FetchError(f"unexpected HTTP {status} {response.reason_phrase} from {self.display}")
+        etag = response.headers.get("ETag")
+        if self._etag is None and etag and not etag.startswith("W/"):
+            self._etag = etag
+        if status == 206:
+            first = _content_range_start(response.headers.get("Content-Range"))
+            if first != start:
+                raise FetchError(f"{self.display} answered a range request with the wrong range")
+            return start
+        return 0
+
+    @staticmethod
+    def _info(response: httpx.Response, offset: int) -> ObjectInfo:
+        size: int | None = None
+        content_range = response.headers.get("Content-Range", "")
+        if response.status_code == 206 and "/" in content_range:
+            total = content_range.rsplit("/", 1)[1]
+            size = int(total) if total.isdigit() else None
+        elif (length := response.headers.get("Content-Length", "")).isdigit():
+            size = int(length) + offset
+        return ObjectInfo(size=size, content_type=response.headers.get("Content-Type"))
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
+        except httpx.TimeoutException:
+            raise TransientFetchError(f"read from {self.display} timed out") from None
+        except httpx.TransportError as exc:
+            raise TransientFetchError(f"connection to {self.display} dropped: {_reason(exc)}") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _content_range_start(value: str | None) -> int | None:
+    # "bytes 100-199/1000"
+    if not value or not value.startswith("bytes "):
+        return None
+    first = value[6:].split("-", 1)[0]
+    return int(first) if first.isdigit() else None
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.split("\n", 1)[0][:200]

@@ -1,0 +1,141 @@
+"""s3:// sources, over boto3, with the standard AWS credential chain.
+
+botocore's own retries are switched off so that tenacity (in ``transfer``)
+is the only retry loop, with one budget and one log line per retry.
+AWS_ENDPOINT_URL, AWS_REGION, AWS_CA_BUNDLE, profiles and IRSA web identity
+are read by botocore itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import boto3
+import botocore.exceptions
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from fetcher.errors import FetchError, SourceChangedError, TransientFetchError
+from fetcher.plan import Artifact
+from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+_THROTTLING = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+    }
+)
+_MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "404", "NotFound"})
+_TRANSIENT_EXC = (
+    botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ...
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+)
+
+
+class S3Source:
+    def __init__(self, artifact: Artifact) -> None:
+        parts = urlsplit(artifact.source)
+        self.bucket = parts.netloc
+        self.key = unquote(parts.path.lstrip("/"))
+        self.display = artifact.display_source
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=artifact.timeout,
+            read_timeout=artifact.timeout,
+            s3={"addressing_style": artifact.s3_addressing_style},  # type: ignore[arg-type]
+            signature_version=UNSIGNED if artifact.s3_anonymous else None,
+        )
+        session = boto3.session.Session()
+        self._client: S3Client = session.client("s3", config=config)
+        self._version: str | None = None
+        self._etag: str | None = None
+
+    @contextmanager
+    def open(self, start: int = 0) -> Iterator[Body]:
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+        if start:
+            request["Range"] = f"bytes={start}-"
+        if self._version:
+            request["VersionId"] = self._version
+        elif self._etag:
+            request["IfMatch"] = self._etag
+        try:
+            response = self._client.get_object(**request)
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc) from None
+        except _TRANSIENT_EXC as exc:
+            raise TransientFetchError(f"S3 request for {self.display} failed: {_reason(exc)}") from None
+        except botocore.exceptions.NoCredentialsError:
+            raise FetchError(
+                f"no AWS credentials for {self.display}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "a profile or IRSA, or FETCHER_S3_ANONYMOUS=true for a public bucket"
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise FetchError(f"S3 request for {self.display} failed: {_reason(exc)}") from None
+        self._version = self._version or response.get("VersionId")
+        self._etag = self._etag or response.get("ETag")
+        stream = response["Body"]
+        try:
+            offset = start if "ContentRange" in response else 0
+            size = _total_size(response.get("ContentRange")) if offset else None
+            if size is None:
+                size = response["ContentLength"] + offset
+            info = ObjectInfo(size=size, content_type=response.get("ContentType"))
+            yield Body(info, offset, self._chunks(stream))
+        finally:
+            stream.close()
+
+    def _chunks(self, stream: Any) -> Iterator[bytes]:
+        try:
+            yield from stream.iter_chunks(CHUNK_SIZE)
+        except _TRANSIENT_EXC as exc:
+            raise TransientFetchError(f"S3 read of {self.display} dropped: {_reason(exc)}") from None
+
+    def _client_error(self, exc: botocore.exceptions.ClientError) -> FetchError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _MISSING:
+            return FetchError(f"{self.display} does not exist ({code})")
+        if code == "PreconditionFailed" or status == 412:
+            return SourceChangedError(f"{self.display} changed during the download")
+        if code in _THROTTLING or status in (408, 429) or status >= 500:
+            return TransientFetchError(f"S3 {code or status} for {self.display}")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return FetchError(f"S3 refused access to {self.display} ({code}): check the credentials and bucket policy")
+        return FetchError(f"S3 error {code or status} for {self.display}")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _total_size(content_range: str | None) -> int | None:
+    if not content_range or "/" not in content_range:
+        return None
+    total = content_range.rsplit("/", 1)[1]
+    return int(total) if total.isdigit() else None
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc).split("\n", 1)[0][:200]
+
+
+def endpoint_hint() -> str | None:
+    """The S3 endpoint in use, for the start-of-run log line."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

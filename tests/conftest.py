@@ -1,0 +1,342 @@
+"""Real servers on loopback and a way to run fetcher as users do.
+
+``origin`` is a threaded HTTP server whose routes can inject faults (status
+codes before success, Retry-After, a connection cut mid-body, ignored
+ranges, stalls) and which records every request it received. ``s3`` is
+moto's ThreadedMotoServer. ``run_fetcher`` runs ``python -m fetcher`` in a
+subprocess and returns its exit code, parsed JSON log lines and output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- archives -------------------------------------------------------------------
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_tar(members: dict[str, bytes | tuple[str, Any]], compression: str = "gz") -> bytes:
+    """A tar archive: name -> bytes for a file, or (kind, arg) for special members.
+
+    Kinds: ("dir", mode), ("symlink", target), ("hardlink", target), ("file", (data, mode)),
+    ("chr", None), ("fifo", None).
+    """
+    buffer = io.BytesIO()
+    mode = f"w:{compression}" if compression else "w"
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        for name, spec in members.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            payload = b""
+            if isinstance(spec, bytes):
+                payload, info.mode = spec, 0o644
+            else:
+                kind, arg = spec
+                if kind == "file":
+                    payload, info.mode = arg
+                elif kind == "dir":
+                    info.type, info.mode = tarfile.DIRTYPE, arg
+                elif kind == "symlink":
+                    info.type, info.linkname = tarfile.SYMTYPE, arg
+                elif kind == "hardlink":
+                    info.type, info.linkname = tarfile.LNKTYPE, arg
+                elif kind == "chr":
+                    info.type = tarfile.CHRTYPE
+                elif kind == "fifo":
+                    info.type = tarfile.FIFOTYPE
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload) if payload else None)
+    data = buffer.getvalue()
+    if compression == "zst":  # tarfile has no zstd before 3.14
+        raise ValueError("use make_tar_zst")
+    return data
+
+
+def make_tar_zst(members: dict[str, bytes | tuple[str, Any]]) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(make_tar(members, compression=""))
+
+
+def make_zip(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o120777 << 16
+            archive.writestr(info, target)
+    return buffer.getvalue()
+
+
+def model_files() -> dict[str, bytes | tuple[str, Any]]:
+    """A small model-like tree: config, tokenizer and some weight-like bytes."""
+    return {
+        "model/config.json": b'{"architectures": ["SentimentClassifier"], "hidden_size": 64}\n',
+        "model/tokenizer.json": b'{"vocab": {"good": 0, "bad": 1}}\n',
+        "model/weights.safetensors": random.Random(7).randbytes(300_000),
+    }
+
+
+# --- the HTTP origin -------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    body: bytes
+    content_type: str = "application/octet-stream"
+    etag: str | None = None
+    fail: list[int] = field(default_factory=list)  # statuses to answer first, one per request
+    retry_after: str | None = None
+    cut_after: list[int] = field(default_factory=list)  # bytes to send before cutting, one per request
+    ranges: bool = True  # honour Range requests
+    stall: float = 0.0  # seconds to wait before sending the body
+    rate: int | None = None  # bytes per second
+    require: dict[str, str] = field(default_factory=dict)  # headers the request must carry
+    then: tuple[bytes, str] | None = None  # (body, etag) the object becomes after the first request
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class Origin:
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[Seen] = []
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                origin.requests.append(Seen("GET", self.path, dict(self.headers.items())))
+                route = origin.routes.get(self.path.split("?", 1)[0])
+                if route is None:
+                    return self._simple(404, b"<html><body>Not Found</body></html>", "text/html")
+                for name, value in route.require.items():
+                    if self.headers.get(name) != value:
+                        return self._simple(401, b"unauthorized", "text/plain")
+                if route.fail:
+                    status = route.fail.pop(0)
+                    extra = {"Retry-After": route.retry_after} if route.retry_after else {}
+                    return self._simple(status, b"try later", "text/plain", extra)
+                body, status, headers = route.body, 200, {"Accept-Ranges": "bytes"} if route.ranges else {}
+                wanted = self.headers.get("Range")
+                if wanted and route.ranges:
+                    if route.etag and self.headers.get("If-Match") not in (None, route.etag):
+                        return self._simple(412, b"precondition failed", "text/plain")
+                    start_text, _, end_text = wanted.removeprefix("bytes=").partition("-")
+                    start = int(start_text)
+                    end = int(end_text) if end_text else len(route.body) - 1
+                    body, status = route.body[start : end + 1], 206
+                    headers["Content-Range"] = f"bytes {start}-{end}/{len(route.body)}"
+                if route.etag:
+                    headers["ETag"] = route.etag
+                self.send_response(status)
+                self.send_header("Content-Type", route.content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if route.stall:
+                    time.sleep(route.stall)
+                limit = route.cut_after.pop(0) if route.cut_after else None
+                if route.then:  # re-uploaded while we were reading
+                    route.body, route.etag = route.then
+                    route.then = None
+                self._send(body if limit is None else body[:limit], route.rate)
+                if limit is not None:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+
+            def _send(self, body: bytes, rate: int | None) -> None:
+                step = 64 * 1024 if rate is None else max(1, rate // 20)
+                try:
+                    for i in range(0, len(body), step):
+                        self.wfile.write(body[i : i + step])
+                        if rate:
+                            time.sleep(step / rate)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _simple(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes, **options: Any) -> str:
+        self.routes[path] = Route(body, **options)
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def hits(self, path: str) -> list[Seen]:
+        return [r for r in self.requests if r.path.split("?", 1)[0] == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    server = Origin()
+    yield server
+    server.close()
+
+
+# --- S3 ------------------------------------------------------------------------
+
+
+@dataclass
+class S3:
+    endpoint: str
+    env: dict[str, str]
+    client: Any
+
+    def put(self, bucket: str, key: str, body: bytes) -> str:
+        with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
+            self.client.create_bucket(Bucket=bucket)
+        self.client.put_object(Bucket=bucket, Key=key, Body=body)
+        return f"s3://{bucket}/{key}"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "AWS_REGION": "us-east-1",
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    yield S3(endpoint, env, client)
+    server.stop()
+
+
+# --- running fetcher -----------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+    events: list[dict[str, Any]]
+
+    def event(self, name: str) -> dict[str, Any]:
+        found = [e for e in self.events if e.get("event") == name]
+        assert found, f"no {name!r} event in:\n{self.stderr}"
+        return found[-1]
+
+    def all(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == name]
+
+    @property
+    def error(self) -> str:
+        return str(self.event("failed")["error"])
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHER_", "AWS_"))}
+    env["AWS_CONFIG_FILE"] = "/nonexistent"
+    env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent"
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return env
+
+
+def run_fetcher(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Run:
+    """Run ``python -m fetcher`` as a user would; logs are JSON lines on stderr."""
+    full_env = _clean_env() | {"FETCHER_RETRY_BACKOFF": "0.05", "FETCHER_TERMINATION_LOG": "/dev/null"} | (env or {})
+    process = subprocess.run(
+        [sys.executable, "-m", "fetcher", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    events = []
+    for line in process.stderr.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            events.append({"event": "(not json)", "line": line})
+    assert "Traceback" not in process.stderr or process.returncode == 1, process.stderr
+    return Run(process.returncode, process.stdout, process.stderr, events)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under root except fetcher's state, by relative path."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[0] == ".fetcher" or path.is_symlink() or not path.is_file():
+            continue
+        found[str(relative)] = path.read_bytes()
+    return found
+
+
+def published(root: Path) -> list[str]:
+    """Everything in dest but the state directory."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.relative_to(root).parts[0] != ".fetcher")

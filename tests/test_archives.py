@@ -1,0 +1,217 @@
+"""Every archive format, decided from the bytes, and every way an archive can be hostile."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Origin, make_tar, make_tar_zst, make_zip, published, run_fetcher, sha256, tree
+
+FILES = {"m/config.json": b'{"a": 1}\n', "m/weights.bin": b"\x00\x01" * 5000}
+
+
+def _fetch(origin: Origin, tmp_path: Path, body: bytes, name: str = "/artifact", *args: str) -> tuple[int, Path, str]:
+    dest = tmp_path / "dest"
+    run = run_fetcher("--source", origin.add(name, body), "--dest", str(dest), *args)
+    return run.code, dest, run.error if run.code else ""
+
+
+@pytest.mark.parametrize(
+    ("fmt", "build"),
+    [
+        ("tar", lambda: make_tar(FILES, compression="")),
+        ("tar.gz", lambda: make_tar(FILES, compression="gz")),
+        ("tar.bz2", lambda: make_tar(FILES, compression="bz2")),
+        ("tar.xz", lambda: make_tar(FILES, compression="xz")),
+        ("tar.zst", lambda: make_tar_zst(FILES)),
+        ("zip", lambda: make_zip(FILES)),
+    ],
+)
+def test_each_format_is_detected_from_its_bytes_not_the_url(origin: Origin, tmp_path: Path, fmt: str, build) -> None:
+    body = build()
+    dest = tmp_path / "dest"
+    # the URL says nothing about the format
+    run = run_fetcher("--source", origin.add("/download", body), "--dest", str(dest), "--sha256", sha256(body))
+    assert run.code == 0, run.stderr
+    assert run.event("published")["format"] == fmt
+    assert tree(dest) == FILES
+
+
+@pytest.mark.parametrize("fmt", ["tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst", "zip"])
+def test_an_explicit_format_is_honoured(origin: Origin, tmp_path: Path, fmt: str) -> None:
+    builders = {
+        "tar": lambda: make_tar(FILES, compression=""),
+        "tar.gz": lambda: make_tar(FILES),
+        "tar.bz2": lambda: make_tar(FILES, compression="bz2"),
+        "tar.xz": lambda: make_tar(FILES, compression="xz"),
+        "tar.zst": lambda: make_tar_zst(FILES),
+        "zip": lambda: make_zip(FILES),
+    }
+    code, dest, error = _fetch(origin, tmp_path, builders[fmt](), "/a", "--extract", fmt)
+    assert code == 0, error
+    assert tree(dest) == FILES
+
+
+def test_explicit_format_that_does_not_match_the_bytes(origin: Origin, tmp_path: Path) -> None:
+    code, dest, error = _fetch(origin, tmp_path, make_zip(FILES), "/a.tar.gz", "--extract", "tar.gz")
+    assert code == 5
+    assert "--extract tar.gz" in error and "zip" in error
+    assert published(dest) == []
+
+
+def test_extract_none_keeps_the_archive_as_a_file(origin: Origin, tmp_path: Path) -> None:
+    body = make_tar(FILES)
+    code, dest, _ = _fetch(origin, tmp_path, body, "/bundle.tar.gz", "--extract", "none")
+    assert code == 0
+    assert tree(dest) == {"bundle.tar.gz": body}
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_a_compressed_file_that_is_not_a_tar_is_saved_as_is(origin: Origin, tmp_path: Path, compress) -> None:
+    body = compress(b"just some text, not a tar archive\n" * 50)
+    code, dest, _ = _fetch(origin, tmp_path, body, "/notes.txt.gz")
+    assert code == 0
+    assert tree(dest) == {"notes.txt.gz": body}
+
+
+def test_filename_names_a_plain_file(origin: Origin, tmp_path: Path) -> None:
+    code, dest, _ = _fetch(origin, tmp_path, b"onnx bytes", "/download", "--filename", "model.onnx")
+    assert code == 0
+    assert tree(dest) == {"model.onnx": b"onnx bytes"}
+
+
+def test_strip_components(origin: Origin, tmp_path: Path) -> None:
+    body = make_tar({"release-1.2/model/config.json": b"{}", "release-1.2/README": b"hi"})
+    code, dest, _ = _fetch(origin, tmp_path, body, "/a", "--strip-components", "1")
+    assert code == 0
+    assert tree(dest) == {"model/config.json": b"{}", "README": b"hi"}
+
+
+def test_multi_member_gzip_is_read_to_the_end(origin: Origin, tmp_path: Path) -> None:
+    # pigz and concatenated gzip files produce several members; all of it is one tar
+    raw = make_tar(FILES, compression="")
+    body = gzip.compress(raw[:10240]) + gzip.compress(raw[10240:])
+    code, dest, error = _fetch(origin, tmp_path, body, "/a", "--sha256", sha256(body))
+    assert code == 0, error
+    assert tree(dest) == FILES
+
+
+def test_symlinks_and_hardlinks_inside_the_tree_are_kept(origin: Origin, tmp_path: Path) -> None:
+    body = make_tar(
+        {
+            "m/weights-v1.bin": b"w" * 100,
+            "m/weights.bin": ("symlink", "weights-v1.bin"),
+            "m/copy.bin": ("hardlink", "m/weights-v1.bin"),
+        }
+    )
+    code, dest, error = _fetch(origin, tmp_path, body)
+    assert code == 0, error
+    assert (dest / "m/weights.bin").is_symlink() and (dest / "m/weights.bin").read_bytes() == b"w" * 100
+    assert (dest / "m/copy.bin").read_bytes() == b"w" * 100
+
+
+def test_setuid_and_setgid_are_stripped(origin: Origin, tmp_path: Path) -> None:
+    body = make_tar({"bin/tool": ("file", (b"#!/bin/sh\n", 0o6755)), "bin/data": ("file", (b"x", 0o2644))})
+    code, dest, _ = _fetch(origin, tmp_path, body)
+    assert code == 0
+    assert stat.S_IMODE((dest / "bin/tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "bin/data").stat().st_mode) == 0o644
+
+
+HOSTILE = {
+    "absolute path": ({"/etc/cron.d/evil": b"x"}, "absolute path"),
+    "dot-dot": ({"m/../../evil": b"x"}, "'..'"),
+    "symlink to absolute": ({"m/link": ("symlink", "/etc/passwd")}, "symlink to absolute"),
+    "symlink escaping": ({"m/link": ("symlink", "../../../etc")}, "leads outside"),
+    "write through symlink": (
+        {"m/dir": ("symlink", "."), "m/dir/../../evil": b"x"},
+        "'..'",
+    ),
+    "hardlink escaping": ({"m/link": ("hardlink", "../etc/passwd")}, "'..'"),
+    "hardlink to nothing": ({"m/link": ("hardlink", "m/absent")}, "not a file unpacked before it"),
+    "device": ({"m/dev": ("chr", None)}, "device files"),
+    "fifo": ({"m/pipe": ("fifo", None)}, "FIFOs"),
+    "state dir": ({".fetcher/evil.json": b"{}"}, "state directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_tar_members_are_refused_and_nothing_is_published(origin: Origin, tmp_path: Path, case: str) -> None:
+    members, reason = HOSTILE[case]
+    body = make_tar({"m/fine.txt": b"fine", **members})
+    code, dest, error = _fetch(origin, tmp_path, body, "/a", "--sha256", sha256(body))
+    assert code == 5, error
+    assert reason in error
+    assert published(dest) == []
+    assert not (tmp_path / "evil").exists()
+
+
+def test_a_symlinked_directory_cannot_be_used_to_write_outside(origin: Origin, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # each member is fine on its own; together they would write through the link
+    body = make_tar({"m/sub": ("symlink", "."), "m/sub/x": b"ok"})
+    code, _dest, error = _fetch(origin, tmp_path, body)
+    assert code == 0, error
+    assert list(outside.iterdir()) == []
+
+
+def test_zip_slip_is_refused(origin: Origin, tmp_path: Path) -> None:
+    code, dest, error = _fetch(origin, tmp_path, make_zip({"../../evil.txt": b"x"}))
+    assert code == 5
+    assert "'..'" in error
+    assert published(dest) == []
+
+
+def test_zip_symlink_out_of_dest_is_refused(origin: Origin, tmp_path: Path) -> None:
+    code, dest, error = _fetch(origin, tmp_path, make_zip({"a.txt": b"a"}, symlinks={"link": "/etc/passwd"}))
+    assert code == 5
+    assert "symlink" in error
+    assert published(dest) == []
+
+
+def test_too_many_members(origin: Origin, tmp_path: Path) -> None:
+    body = make_tar({f"m/{i}.txt": b"x" for i in range(20)})
+    code, dest, error = _fetch(origin, tmp_path, body, "/a", "--max-members", "10")
+    assert code == 5
+    assert "--max-members" in error
+    assert published(dest) == []
+
+
+def test_a_decompression_bomb_is_stopped_at_the_size_limit(origin: Origin, tmp_path: Path) -> None:
+    body = make_tar({"m/zeros.bin": b"\0" * 20_000_000})  # ~20 KB compressed
+    assert len(body) < 100_000
+    code, dest, error = _fetch(origin, tmp_path, body, "/a", "--max-unpacked-size", "1Mi")
+    assert code == 5
+    assert "--max-unpacked-size" in error
+    assert published(dest) == []
+
+
+def test_a_corrupt_archive_is_exit_5(origin: Origin, tmp_path: Path) -> None:
+    good = make_tar(FILES)
+    corrupt = good[:40] + bytes(b ^ 0xFF for b in good[40:200]) + good[200:]
+    code, dest, error = _fetch(origin, tmp_path, corrupt)
+    assert code == 5
+    assert "corrupt" in error
+    assert published(dest) == []
+
+
+def test_a_corrupt_archive_with_the_wrong_checksum_is_an_integrity_failure(origin: Origin, tmp_path: Path) -> None:
+    good = make_tar(FILES)
+    corrupt = good[:40] + bytes(b ^ 0xFF for b in good[40:200]) + good[200:]
+    code, _dest, error = _fetch(origin, tmp_path, corrupt, "/a", "--sha256", sha256(good))
+    assert code == 4
+    assert "sha256 mismatch" in error
+
+
+def test_a_truncated_archive_is_refused(origin: Origin, tmp_path: Path) -> None:
+    good = make_tar({"m/w.bin": bytes(range(256)) * 4000})
+    code, dest, error = _fetch(origin, tmp_path, good[: len(good) // 2])
+    assert code == 5
+    assert "truncated" in error or "ends in the middle" in error, error
+    assert published(dest) == []

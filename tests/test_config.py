@@ -1,0 +1,168 @@
+"""Flags, env vars and ConfigMap files, their precedence, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fetcher import __version__
+from tests.conftest import Origin, make_tar, run_fetcher, sha256, tree
+
+
+def test_env_vars_alone_configure_a_run(origin: Origin, tmp_path: Path) -> None:
+    body = b"model bytes"
+    env = {"FETCHER_SOURCE": origin.add("/m.bin", body), "FETCHER_DEST": str(tmp_path), "FETCHER_SHA256": sha256(body)}
+    run = run_fetcher(env=env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"m.bin": body}
+
+
+def test_flags_win_over_env(origin: Origin, tmp_path: Path) -> None:
+    origin.add("/right.bin", b"right")
+    origin.add("/wrong.bin", b"wrong")
+    env = {"FETCHER_SOURCE": origin.url("/wrong.bin"), "FETCHER_DEST": str(tmp_path)}
+    run = run_fetcher("--source", origin.url("/right.bin"), env=env)
+    assert run.code == 0
+    assert tree(tmp_path) == {"right.bin": b"right"}
+
+
+def test_a_configmap_file_with_several_artifacts_and_defaults(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar({"model/config.json": b"{}", "model/w.bin": b"w" * 1000})
+    vocab = b"good\nbad\n"
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        f"""
+# top-level keys are defaults for every artifact
+dest: {tmp_path / "models"}
+file_mode: 0640
+dir_mode: 0750
+artifacts:
+  - source: {origin.add("/sentiment.tar.gz", archive)}
+    sha256: {sha256(archive)}
+  - source: {origin.add("/vocab.txt", vocab)}
+    sha256: "{sha256(vocab)}"
+    filename: vocabulary.txt
+    file_mode: "0600"
+"""
+    )
+    run = run_fetcher("--config", str(config))
+    assert run.code == 0, run.stderr
+    dest = tmp_path / "models"
+    assert tree(dest) == {"model/config.json": b"{}", "model/w.bin": b"w" * 1000, "vocabulary.txt": vocab}
+    assert oct((dest / "model/w.bin").stat().st_mode & 0o777) == "0o640"
+    assert oct((dest / "model").stat().st_mode & 0o777) == "0o750"
+    assert oct((dest / "vocabulary.txt").stat().st_mode & 0o777) == "0o600"
+    assert run.event("done")["fetched"] == 2
+
+
+def test_a_json_config_and_env_over_file(origin: Origin, tmp_path: Path) -> None:
+    body = b"weights"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"source": origin.add("/w.bin", body), "dest": str(tmp_path / "from-file")}))
+    run = run_fetcher("--config", str(config), env={"FETCHER_DEST": str(tmp_path / "from-env")})
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "from-env") == {"w.bin": body}
+    assert not (tmp_path / "from-file").exists()
+
+
+def test_headers_from_env_one_per_line(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"ok", require={"X-A": "1", "X-B": "two words"})
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), env={"FETCHER_HEADERS": "X-A: 1\nX-B: two words\n"})
+    assert run.code == 0, run.stderr
+
+
+def test_dry_run_prints_the_plan_with_secrets_masked_and_fetches_nothing(origin: Origin, tmp_path: Path) -> None:
+    url = origin.url("/m.tar.gz?X-Amz-Signature=deadbeefsecret&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE&v=2")
+    run = run_fetcher(
+        "--source",
+        url,
+        "--dest",
+        str(tmp_path),
+        "--header",
+        "Authorization: Bearer hunter2",
+        "--dry-run",
+        "--owner",
+        "1000:2000",
+    )
+    assert run.code == 0, run.stderr
+    plan = json.loads(run.stdout)["artifacts"][0]
+    assert plan["headers"] == ["Authorization: ***"]
+    assert "X-Amz-Signature=***" in plan["source"] and "v=2" in plan["source"]
+    assert plan["owner"] == "1000:2000" and plan["filename"] == "m.tar.gz"
+    for secret in ("hunter2", "deadbeefsecret", "AKIAIOSFODNN7EXAMPLE"):
+        assert secret not in run.stdout + run.stderr
+    assert origin.requests == []
+
+
+def test_version() -> None:
+    run = run_fetcher("--version")
+    assert run.code == 0
+    assert run.stdout.strip() == f"fetcher {__version__}"
+
+
+BAD = [
+    (["--source", "ftp://host/m.tar.gz", "--dest", "/tmp/x"], "--source: unsupported URL scheme 'ftp'"),
+    (["--source", "s3://bucket-only", "--dest", "/tmp/x"], "--source: an S3 source looks like s3://bucket/key"),
+    (["--source", "file://relative/path", "--dest", "/tmp/x"], "--source: a file source needs an absolute path"),
+    (["--source", "http://h/m"], "no dest given"),
+    (["--dest", "/tmp/x"], "no source given"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--sha256", "abc123"], "--sha256: expected 64 hex digits"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--extract", "rar"], "--extract: expected one of"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--file-mode", "rwx"], "--file-mode: expected an octal mode"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--owner", "root"], "--owner: expected numeric UID"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--header", "no colon"], "--header: expected 'Name: value'"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "-1"], "--retries: must be 0 or more"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--filename", "../x"], "--filename: '../x' is not a plain file"),
+    (["--config", "/nonexistent/fetcher.yaml"], "--config /nonexistent/fetcher.yaml: cannot read it"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    run = run_fetcher(*args)
+    assert run.code == 2, run.stderr
+    assert message in run.error
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_bad_env_value_names_the_env_var() -> None:
+    run = run_fetcher(env={"FETCHER_SOURCE": "http://h/m", "FETCHER_DEST": "/tmp/x", "FETCHER_SHA256": "nothex"})
+    assert run.code == 2
+    assert run.error.startswith("FETCHER_SHA256:")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("artifacts: [oops", "not valid YAML or JSON at line"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("artifacts:\n  - source: http://h/m\n    colour: blue\n", "artifacts[0]: unknown key 'colour'"),
+        ("artifacts:\n  - source: http://h/m\n    sha256: 1234\n", "artifacts[0].sha256: expected 64 hex digits"),
+        ("artifacts: []\n", "'artifacts' must be a non-empty list"),
+    ],
+)
+def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(text)
+    run = run_fetcher("--config", str(config), "--dest", str(tmp_path))
+    assert run.code == 2
+    assert message in run.error
+
+
+def test_source_flag_cannot_override_a_list_of_artifacts(tmp_path: Path) -> None:
+    config = tmp_path / "fetcher.yaml"
+    config.write_text("dest: /tmp/x\nartifacts:\n  - source: http://h/a\n  - source: http://h/b\n")
+    run = run_fetcher("--config", str(config), "--source", "http://h/c")
+    assert run.code == 2
+    assert "cannot be combined with a --config listing 2 artifacts" in run.error
+
+
+def test_console_logs_are_key_value(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"x")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--log-format", "console")
+    assert run.code == 0
+    assert any("published" in line and "sha256=" in line for line in run.stderr.splitlines())

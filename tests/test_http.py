@@ -1,0 +1,197 @@
+"""Fetching over HTTP from a loopback origin, including the faults real origins have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import Origin, make_tar, model_files, run_fetcher, sha256, tree
+
+
+def test_fetches_verifies_and_unpacks_a_tar_gz(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(model_files())
+    url = origin.add("/models/sentiment.tar.gz", archive)
+    dest = tmp_path / "models"
+
+    run = run_fetcher("--source", url, "--dest", str(dest), "--sha256", sha256(archive))
+
+    assert run.code == 0, run.stderr
+    assert tree(dest) == {k: v for k, v in model_files().items() if isinstance(v, bytes)}
+    done = run.event("published")
+    assert done["verified"] is True and done["format"] == "tar.gz" and done["files"] == 3
+    assert done["sha256"] == sha256(archive)
+    assert [e["event"] for e in run.events][:2] == ["start", "plan"]
+    assert run.event("done")["fetched"] == 1
+    # the request asked for the bytes as stored, never re-encoded
+    assert origin.hits("/models/sentiment.tar.gz")[0].headers["Accept-Encoding"] == "identity"
+
+
+def test_a_restart_with_the_model_present_makes_no_request(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(model_files())
+    url = origin.add("/m.tar.gz", archive)
+    args = ("--source", url, "--dest", str(tmp_path), "--sha256", sha256(archive))
+    assert run_fetcher(*args).code == 0
+    requests_before = len(origin.requests)
+
+    again = run_fetcher(*args)
+
+    assert again.code == 0
+    assert len(origin.requests) == requests_before
+    assert again.event("already present")["sha256"] == sha256(archive)
+
+
+def test_a_damaged_model_is_fetched_again(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(model_files())
+    url = origin.add("/m.tar.gz", archive)
+    args = ("--source", url, "--dest", str(tmp_path), "--sha256", sha256(archive))
+    assert run_fetcher(*args).code == 0
+    (tmp_path / "model" / "weights.safetensors").write_bytes(b"truncated")
+
+    again = run_fetcher(*args)
+
+    assert again.code == 0
+    assert len(origin.hits("/m.tar.gz")) == 2
+    assert (tmp_path / "model" / "weights.safetensors").stat().st_size == 300_000
+
+
+def test_retries_503_honouring_retry_after(origin: Origin, tmp_path: Path) -> None:
+    body = b"weights" * 1000
+    url = origin.add("/w.bin", body, fail=[503, 503], retry_after="1")
+
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(body))
+
+    assert run.code == 0, run.stderr
+    assert (tmp_path / "w.bin").read_bytes() == body
+    retries = run.all("retrying")
+    assert len(retries) == 2
+    assert retries[0]["delay_s"] == 1.0  # the server's Retry-After, not our 0.05 s backoff
+    assert "HTTP 503" in retries[0]["reason"]
+    assert len(origin.hits("/w.bin")) == 3
+
+
+def test_429_is_retried_too(origin: Origin, tmp_path: Path) -> None:
+    body = b"x" * 5000
+    url = origin.add("/w.bin", body, fail=[429])
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 0, run.stderr
+    assert "HTTP 429" in run.event("retrying")["reason"]
+
+
+def test_a_connection_cut_mid_body_resumes_with_a_range(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(model_files())
+    url = origin.add("/m.tar.gz", archive, cut_after=[100_000], etag='"v1"')
+
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(archive))
+
+    assert run.code == 0, run.stderr
+    second = origin.hits("/m.tar.gz")[1]
+    resumed_at = int(second.headers["Range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= 100_000
+    assert second.headers["If-Match"] == '"v1"'  # pinned: never stitch two versions
+    assert run.event("retrying")["resume_at"] == resumed_at
+    assert tree(tmp_path)["model/weights.safetensors"] == model_files()["model/weights.safetensors"]
+
+
+def test_a_server_that_ignores_ranges_still_gives_the_right_bytes(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(model_files())
+    url = origin.add("/m.tar.gz", archive, cut_after=[150_000], ranges=False)
+
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(archive))
+
+    assert run.code == 0, run.stderr
+    assert len(origin.hits("/m.tar.gz")) == 2
+    assert run.event("published")["size"] == len(archive)
+
+
+def test_an_object_that_changes_between_attempts_is_refused(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"A" * 200_000, cut_after=[50_000], etag='"v1"', then=(b"B" * 200_000, '"v2"'))
+
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+
+    assert run.code == 3
+    assert "changed during the download" in run.error
+    assert origin.hits("/w.bin")[1].headers["If-Match"] == '"v1"'
+    assert tree(tmp_path) == {}
+
+
+def test_404_fails_at_once_with_exit_3(origin: Origin, tmp_path: Path) -> None:
+    run = run_fetcher("--source", origin.url("/missing.tar.gz"), "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "HTTP 404" in run.error and "/missing.tar.gz" in run.error
+    assert len(origin.hits("/missing.tar.gz")) == 1  # a 404 is not retried
+    assert run.all("retrying") == []
+
+
+def test_persistent_5xx_gives_up_after_the_retries(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"x", fail=[500] * 10)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--retries", "2")
+    assert run.code == 3
+    assert "HTTP 500" in run.error
+    assert len(origin.hits("/w.bin")) == 3
+
+
+def test_a_stalled_server_times_out(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"x" * 1000, stall=5)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--timeout", "0.3", "--retries", "1")
+    assert run.code == 3
+    assert "timed out" in run.error
+
+
+def test_nothing_listens(tmp_path: Path) -> None:
+    run = run_fetcher("--source", "http://127.0.0.1:9/m.tar.gz", "--dest", str(tmp_path), "--retries", "1")
+    assert run.code == 3
+    assert "connection to http://127.0.0.1:9/m.tar.gz failed" in run.error
+
+
+def test_an_html_page_instead_of_the_model_is_refused(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/m.tar.gz", b"<html><body>Please log in</body></html>", content_type="text/html; charset=utf-8")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "HTML page" in run.error
+    assert tree(tmp_path) == {}
+
+
+def test_a_plain_file_keeps_the_url_name_without_the_query(origin: Origin, tmp_path: Path) -> None:
+    body = b"\x00\x01weights" * 100
+    origin.add("/files/model.safetensors", body)
+    run = run_fetcher("--source", origin.url("/files/model.safetensors?download=1"), "--dest", str(tmp_path))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"model.safetensors": body}
+    assert oct((tmp_path / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+
+
+def test_progress_lines_during_a_long_transfer(origin: Origin, tmp_path: Path) -> None:
+    body = b"w" * 400_000
+    url = origin.add("/w.bin", body, rate=800_000)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--progress-interval", "0.1")
+    assert run.code == 0, run.stderr
+    progress = run.all("progress")
+    assert len(progress) >= 2
+    assert {"bytes", "percent", "mb_per_s", "eta_s", "total"} <= set(progress[-1])
+    assert 0 < progress[0]["percent"] < 100
+    summary = run.event("done")
+    assert summary["bytes"] == len(body) and "seconds" in summary and "mb_per_s" in summary
+
+
+def test_headers_and_bearer_token_reach_the_server(origin: Origin, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cr3t-token\n")
+    url = origin.add("/w.bin", b"data", require={"Authorization": "Bearer s3cr3t-token", "X-Team": "ml"})
+    run = run_fetcher(
+        "--source",
+        url,
+        "--dest",
+        str(tmp_path / "out"),
+        "--header",
+        "X-Team: ml",
+        "--bearer-token-file",
+        str(token_file),
+    )
+    assert run.code == 0, run.stderr
+    assert "s3cr3t-token" not in run.stderr
+
+
+def test_401_hints_at_credentials(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"data", require={"Authorization": "Bearer right"})
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "HTTP 401" in run.error and "--bearer-token-file" in run.error

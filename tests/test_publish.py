@@ -1,0 +1,175 @@
+"""What lands in dest, and when: only verified content, old versions kept on failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fetcher.cli import main
+from tests.conftest import Origin, make_tar, published, run_fetcher, sha256, tree
+
+V1 = {"model/config.json": b'{"v": 1}', "model/w.bin": b"1" * 5000}
+V2 = {"model/config.json": b'{"v": 2}', "model/w.bin": b"2" * 5000}
+
+
+def test_a_checksum_mismatch_is_exit_4_and_publishes_nothing(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(V1)
+    termination = tmp_path / "termination-log"
+    dest = tmp_path / "models"
+    run = run_fetcher(
+        "--source",
+        origin.add("/m.tar.gz", archive),
+        "--dest",
+        str(dest),
+        "--sha256",
+        "0" * 64,
+        "--termination-log",
+        str(termination),
+    )
+    assert run.code == 4
+    assert run.error.startswith("sha256 mismatch: expected 000")
+    assert published(dest) == []
+    assert os.listdir(dest / ".fetcher") == ["lock"]  # no staging left behind
+    assert termination.read_text().startswith("sha256 mismatch")
+
+
+def test_a_failed_update_leaves_the_previous_model_intact(origin: Origin, tmp_path: Path) -> None:
+    v1, v2 = make_tar(V1), make_tar(V2)
+    assert (
+        run_fetcher("--source", origin.add("/v1.tar.gz", v1), "--dest", str(tmp_path), "--sha256", sha256(v1)).code == 0
+    )
+    bad = run_fetcher("--source", origin.add("/v2.tar.gz", v2), "--dest", str(tmp_path), "--sha256", sha256(v1))
+    assert bad.code == 4
+    assert tree(tmp_path) == V1
+
+
+def test_an_update_replaces_the_previous_model(origin: Origin, tmp_path: Path) -> None:
+    v1, v2 = make_tar(V1), make_tar(V2)
+    url = origin.add("/m.tar.gz", v1)
+    assert run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(v1)).code == 0
+    origin.add("/m.tar.gz", v2)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(v2))
+    assert run.code == 0
+    assert tree(tmp_path) == V2
+
+
+def test_leftovers_of_a_crashed_run_are_cleaned_up(origin: Origin, tmp_path: Path) -> None:
+    crashed = tmp_path / ".fetcher" / "staging-0123456789ab"
+    (crashed / "tree" / "model").mkdir(parents=True)
+    (crashed / "tree" / "model" / "half.bin").write_bytes(b"half")
+    archive = make_tar(V1)
+    run = run_fetcher(
+        "--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path), "--sha256", sha256(archive)
+    )
+    assert run.code == 0
+    assert not crashed.exists()
+    assert tree(tmp_path) == V1
+
+
+def test_the_marker_records_what_was_published_without_secrets(origin: Origin, tmp_path: Path) -> None:
+    import json
+
+    archive = make_tar(V1)
+    origin.add("/m.tar.gz", archive)
+    url = origin.url("/m.tar.gz?X-Amz-Signature=topsecret")
+    assert run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(archive)).code == 0
+    [marker_file] = (tmp_path / ".fetcher").glob("*.json")
+    marker = json.loads(marker_file.read_text())
+    assert marker["sha256"] == sha256(archive) and marker["size"] == len(archive) and marker["files"] == 2
+    assert "topsecret" not in marker_file.read_text()
+    assert marker["source"].endswith("X-Amz-Signature=***")
+    assert marker["published_at"]
+
+
+def test_owner_and_modes_apply_to_everything_published(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(V1)
+    args = [
+        "--source",
+        origin.add("/m.tar.gz", archive),
+        "--dest",
+        str(tmp_path),
+        "--owner",
+        "1234:5678",
+        "--file-mode",
+        "0444",
+        "--dir-mode",
+        "0555",
+    ]
+    run = run_fetcher(*args)
+    if os.geteuid() != 0:
+        assert run.code == 6 and "cannot chown" in run.error
+        return
+    assert run.code == 0, run.stderr
+    for path in (tmp_path / "model", tmp_path / "model/w.bin", tmp_path / "model/config.json"):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid) == (1234, 5678)
+        assert info.st_mode & 0o777 == (0o555 if path.is_dir() else 0o444)
+
+
+def test_a_dest_that_cannot_be_created_is_exit_6(origin: Origin, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    run = run_fetcher("--source", origin.add("/w.bin", b"x"), "--dest", str(tmp_path / "a-file" / "models"))
+    assert run.code == 6
+    assert "cannot create --dest" in run.error
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv to drop root")
+def test_an_unwritable_dest_is_exit_6(origin: Origin) -> None:
+    import sys
+    import tempfile
+
+    # pytest's tmp_path is private to root; this one the unprivileged user can reach
+    dest = Path(tempfile.mkdtemp(prefix="fetcher-readonly-"))
+    dest.chmod(0o555)
+    url = origin.add("/w.bin", b"x")
+
+    command = [sys.executable, "-m", "fetcher", "--source", url, "--dest", str(dest), "--log-format", "json"]
+    if os.geteuid() == 0:  # root writes anywhere: run as nobody, as the image does
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
+    dest.rmdir()
+    assert process.returncode == 6, process.stderr
+    assert "cannot write to --dest" in process.stderr
+
+
+def test_an_internal_error_is_exit_1_with_a_last_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class BrokenEnviron(dict[str, str]):
+        """A bug stand-in: anything that is not a FetcherError must still end in one line and exit 1."""
+
+        def get(self, key: str, default: object = None) -> str:  # type: ignore[override]
+            raise RuntimeError("boom")
+
+    termination = tmp_path / "termination-log"
+    code = main(["--termination-log", str(termination)], BrokenEnviron())
+    assert code == 1
+    err = capsys.readouterr().err
+    assert '"internal error"' in err and "RuntimeError: boom" in err
+
+
+def test_console_script_is_installed() -> None:
+    path = shutil.which("fetcher", path=str(Path(os.sys.executable).parent))
+    assert path is not None
+    process = subprocess.run([path, "--help"], capture_output=True, text=True)
+    assert process.returncode == 0
+    assert "--strip-components" in process.stdout and "FETCHER_FOO_BAR" in process.stdout
+
+
+def test_file_source(tmp_path: Path) -> None:
+    archive = make_tar(V1)
+    source = tmp_path / "model.tar.gz"
+    source.write_bytes(archive)
+    run = run_fetcher("--source", f"file://{source}", "--dest", str(tmp_path / "out"), "--sha256", sha256(archive))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "out") == V1
+
+
+def test_missing_file_source_is_exit_3(tmp_path: Path) -> None:
+    run = run_fetcher("--source", "file:///nonexistent/model.tar.gz", "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "does not exist" in run.error

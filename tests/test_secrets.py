@@ -1,0 +1,62 @@
+"""Secrets never reach logs, the plan or the termination message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fetcher.redact import mask_headers, redact_url, scrub
+from tests.conftest import Origin, run_fetcher
+
+SIGNATURE = "f00dfacecafebabe0123456789abcdef"
+PRESIGNED = (
+    "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20261128%2Fus-east-1%2Fs3%2Faws4_request"
+    f"&X-Amz-Date=20261128T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature={SIGNATURE}"
+)
+
+
+def test_presigned_url_and_token_stay_out_of_every_output(origin: Origin, tmp_path: Path) -> None:
+    origin.add("/m.tar.gz", b"x", fail=[500] * 10)
+    token = tmp_path / "token"
+    token.write_text("tok-9f8e7d6c5b4a")
+    termination = tmp_path / "termination-log"
+
+    run = run_fetcher(
+        "--source",
+        origin.url("/m.tar.gz" + PRESIGNED),
+        "--dest",
+        str(tmp_path / "d"),
+        "--retries",
+        "2",
+        "--bearer-token-file",
+        str(token),
+        "--header",
+        "X-Api-Key: key-1a2b3c4d",
+        "--termination-log",
+        str(termination),
+    )
+
+    assert run.code == 3
+    assert len(run.all("retrying")) == 2  # the failures were logged, with the URL
+    outputs = run.stderr + run.stdout + termination.read_text()
+    assert "X-Amz-Signature=***" in outputs
+    for secret in (SIGNATURE, "AKIAIOSFODNN7EXAMPLE", "tok-9f8e7d6c5b4a", "key-1a2b3c4d"):
+        assert secret not in outputs
+    # ...while the server really did get them
+    request = origin.hits("/m.tar.gz")[0]
+    assert request.headers["Authorization"] == "Bearer tok-9f8e7d6c5b4a"
+    assert SIGNATURE in request.path
+
+
+def test_userinfo_passwords_are_masked(origin: Origin, tmp_path: Path) -> None:
+    url = f"http://user:pa55word@127.0.0.1:{origin.port}/absent"
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "pa55word" not in run.stderr
+    assert "user:***@" in run.error
+
+
+def test_redaction_helpers() -> None:
+    assert redact_url("https://h/p?sig=abc&x=1") == "https://h/p?sig=***&x=1"
+    assert mask_headers([("Authorization", "Bearer x"), ("X-Team", "ml")]) == ["Authorization: ***", "X-Team: ml"]
+    assert scrub("failed: Authorization: Bearer eyJhbGciOi.abc.def") == "failed: Authorization: Bearer ***"
+    assert scrub("key AKIAIOSFODNN7EXAMPLE used") == "key *** used"
