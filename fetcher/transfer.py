@@ -10,8 +10,6 @@ flaky link is not failed by drops that are each recovered from.
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, TransientFetchError
 from fetcher.sources.base import ObjectInfo, Source
 
@@ -27,10 +26,6 @@ log = structlog.get_logger("fetcher")
 WINDOW_CHUNKS = 8  # chunks in flight between the network and the pipeline
 MAX_RETRY_AFTER = 300.0
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
-
-
-class _Cancelled(Exception):
-    """The consumer stopped reading; not an error of the transfer."""
 
 
 class wait_retry_after:
@@ -56,43 +51,33 @@ class Download:
         self._retries = retries
         self._backoff = backoff
         self._expect_html = expect_html
-        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(WINDOW_CHUNKS)
-        self._cancel = threading.Event()
         self._failures = 0
         self._offset_at_failure = 0
-        self._started = threading.Event()
+        self._answered = threading.Event()
         self._early_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="fetcher-download", daemon=True)
+        self._channel: Channel | None = None
 
     def start(self) -> ObjectInfo | None:
         """Start reading; wait until the source has answered, and return what it said."""
-        self._thread.start()
-        self._started.wait()
+        self._channel, _thread = produce_in_thread(self._produce, WINDOW_CHUNKS, "fetcher-download")
+        self._answered.wait()
         if self._early_error is not None:
             raise self._early_error
         return self.info
 
     def __iter__(self) -> Iterator[bytes]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        assert self._channel is not None, "start() first"
+        return iter(self._channel)
 
     def close(self) -> None:
-        """Stop the network thread (after success or failure) and wait for it."""
-        self._cancel.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)
+        """Stop the network thread, after success or failure."""
+        if self._channel is not None:
+            self._channel.close()
         self.source.close()
 
     # --- the network thread ------------------------------------------------
 
-    def _run(self) -> None:
-        outcome: BaseException | None = None  # None: the end of the stream
+    def _produce(self, channel: Channel) -> None:
         try:
             for attempt in Retrying(
                 retry=retry_if_exception_type(TransientFetchError),
@@ -102,24 +87,20 @@ class Download:
                 reraise=True,
             ):
                 with attempt:
-                    self._read_from(self.received)
-        except _Cancelled:
-            return
-        except BaseException as exc:  # handed to the consumer, raised there
-            outcome = exc
-            if not self._started.is_set():
+                    self._read_from(self.received, channel)
+        except BaseException as exc:
+            if not self._answered.is_set():
                 self._early_error = exc
+            raise
         finally:
-            self._started.set()
-        with contextlib.suppress(_Cancelled):
-            self._put(outcome)
+            self._answered.set()
 
-    def _read_from(self, start: int) -> None:
+    def _read_from(self, start: int, channel: Channel) -> None:
         with self.source.open(start) as body:
             if self.info is None:
                 self.info = body.info
                 self._refuse_html(body.info)
-            self._started.set()
+            self._answered.set()
             skip = start - body.offset  # a server that ignored Range resends from 0
             for chunk in body.chunks:
                 if skip:
@@ -129,7 +110,7 @@ class Download:
                     chunk, skip = chunk[skip:], 0
                 self.received += len(chunk)
                 self._check_size()
-                self._put(chunk)
+                channel.put(chunk)
         if self.info.size is not None and self.received < self.info.size:
             raise TransientFetchError(f"{self.source.display} ended early, at byte {self.received} of {self.info.size}")
 
@@ -146,18 +127,8 @@ class Download:
         if self.info.size is not None and self.received > self.info.size:
             raise IntegrityError(f"{self.source.display} sent more than its announced {self.info.size} bytes")
 
-    def _put(self, item: bytes | BaseException | None) -> None:
-        while True:
-            if self._cancel.is_set():
-                raise _Cancelled
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     def _out_of_retries(self, state: RetryCallState) -> bool:
-        if self._cancel.is_set():
+        if self._channel is not None and self._channel.cancelled:
             return True
         if self.received > self._offset_at_failure:
             self._failures = 0

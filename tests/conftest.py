@@ -184,7 +184,7 @@ class Origin:
                     self.close_connection = True
 
             def _send(self, body: bytes, rate: int | None) -> None:
-                step = 64 * 1024 if rate is None else max(1, rate // 20)
+                step = 1024 * 1024 if rate is None else max(1, rate // 20)
                 try:
                     for i in range(0, len(body), step):
                         self.wfile.write(body[i : i + step])

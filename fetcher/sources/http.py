@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import email.utils
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -19,6 +21,7 @@ from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact
 from fetcher.sources.base import Body, ObjectInfo
+from fetcher.sources.fast_http import fast_transport
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -60,6 +63,8 @@ class HttpSource:
             headers=_headers(artifact),
             timeout=httpx.Timeout(artifact.timeout),
             follow_redirects=True,
+            # A proxy from the environment needs httpx's own transport; otherwise take the fast one.
+            transport=None if _proxied(self.url) else fast_transport(),
         )
         self._etag: str | None = None
 
@@ -124,6 +129,11 @@ class HttpSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _proxied(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 def _content_range_start(value: str | None) -> int | None:
