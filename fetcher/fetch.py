@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from fetcher.errors import LocalFilesystemError
+from fetcher.errors import ArchiveError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
 from fetcher.publish import already_present, publish, workspace
@@ -48,7 +48,7 @@ def fetch(artifact: Artifact) -> Result:
     # Imported here: a run that finds everything present never loads httpx or boto3.
     from fetcher import pipeline
     from fetcher.sources import open_source
-    from fetcher.transfer import Download
+    from fetcher.transfer import Download, Parallelism
 
     with workspace(artifact) as staging:
         download = Download(
@@ -56,7 +56,14 @@ def fetch(artifact: Artifact) -> Result:
             retries=artifact.retries,
             backoff=artifact.retry_backoff,
             expect_html=artifact.filename.endswith((".html", ".htm")),
+            parallelism=Parallelism(
+                concurrency=artifact.concurrency,
+                part_size=artifact.part_size,
+                spool_dir=artifact.state_dir / f"download-{artifact.key}",
+                split_below=artifact.split_below,
+            ),
         )
+        keep_spool = True  # a later run resumes from it, unless its bytes are known to be useless
         try:
             info = download.start()
             total = info.size if info else None
@@ -73,22 +80,22 @@ def fetch(artifact: Artifact) -> Result:
                 expected_sha256=artifact.sha256,
                 on_bytes=progress,
             )
+            marker = publish(
+                artifact, staging, sha256=outcome.sha256, size=outcome.size, fmt=outcome.format, expected_size=total
+            )
+            keep_spool = False
+        except (IntegrityError, ArchiveError):
+            keep_spool = False
+            raise
         finally:
-            download.close()
-        marker = publish(
-            artifact,
-            staging,
-            sha256=outcome.sha256,
-            size=outcome.size,
-            fmt=outcome.format,
-            expected_size=total,
-        )
+            download.close(keep_spool=keep_spool)
     seconds = time.monotonic() - started
     log.info(
         "published",
         source=artifact.display_source,
         dest=str(artifact.dest),
         format=outcome.format,
+        transfer=download.mode,
         sha256=outcome.sha256,
         verified=artifact.sha256 is not None,
         size=outcome.size,

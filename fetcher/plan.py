@@ -36,6 +36,9 @@ class Artifact:
     bearer_token_file: Path | None
     retries: int
     retry_backoff: float
+    concurrency: int
+    part_size: int
+    split_below: int
     timeout: float
     max_unpacked_size: int
     max_members: int
@@ -114,6 +117,9 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
         bearer_token_file=values["bearer_token_file"],
         retries=values["retries"],
         retry_backoff=values["retry_backoff"],
+        concurrency=values["concurrency"],
+        part_size=values["part_size"],
+        split_below=values["split_below"],
         timeout=values["timeout"],
         max_unpacked_size=values["max_unpacked_size"],
         max_members=values["max_members"],

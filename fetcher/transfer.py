@@ -11,46 +11,66 @@ flaky link is not failed by drops that are each recovered from.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
+from fetcher.backoff import wait_retry_after
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, TransientFetchError
-from fetcher.sources.base import ObjectInfo, Source
+from fetcher.parts import Identity, PartedDownload, RangeNotHonoured, Spool
+from fetcher.sources.base import Body, ObjectInfo, Source
 
 log = structlog.get_logger("fetcher")
 
 WINDOW_CHUNKS = 8  # chunks in flight between the network and the pipeline
-MAX_RETRY_AFTER = 300.0
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
-class wait_retry_after:
-    """Honour a server's Retry-After; otherwise back off exponentially with jitter."""
+@dataclass(frozen=True)
+class Parallelism:
+    """How an object may be split: into ``part_size`` parts over ``concurrency`` connections."""
 
-    def __init__(self, initial: float) -> None:
-        self._backoff = wait_exponential_jitter(initial=initial, max=60, jitter=initial)
-
-    def __call__(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, TransientFetchError) and exc.retry_after is not None:
-            return min(exc.retry_after, MAX_RETRY_AFTER)
-        return float(self._backoff(state))
+    concurrency: int
+    part_size: int
+    spool_dir: Path
+    # A single connection at least this fast (bytes/s) already outruns unpacking on a
+    # small node: more connections would only add the cost of spooling to disk.
+    split_below: float
 
 
 class Download:
-    """Iterate over an object's bytes; network I/O happens in a background thread."""
+    """Iterate over an object's bytes, in order; network I/O happens in background threads.
 
-    def __init__(self, source: Source, *, retries: int, backoff: float = 1.0, expect_html: bool = False) -> None:
+    One stream first. If the source serves pinned ranges, the object is big
+    enough, and the first part arrived slower than ``split_below``,
+    the rest is fetched in parallel parts through a spool on disk, which also
+    lets a restarted run continue where this one stopped.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        retries: int,
+        backoff: float = 1.0,
+        expect_html: bool = False,
+        parallelism: Parallelism | None = None,
+    ) -> None:
         self.source = source
         self.info: ObjectInfo | None = None
         self.received = 0
+        self.mode = "stream"
         self._retries = retries
         self._backoff = backoff
         self._expect_html = expect_html
+        self._parallelism = parallelism
+        self._spool: Spool | None = None
         self._failures = 0
         self._offset_at_failure = 0
         self._answered = threading.Event()
@@ -69,25 +89,22 @@ class Download:
         assert self._channel is not None, "start() first"
         return iter(self._channel)
 
-    def close(self) -> None:
-        """Stop the network thread, after success or failure."""
+    def close(self, *, keep_spool: bool) -> None:
+        """Stop the network threads; keep the spool only where a later run can resume from it."""
         if self._channel is not None:
             self._channel.close()
         self.source.close()
+        if self._spool is not None:
+            self._spool.close()
+            if not keep_spool:
+                self._spool.remove()
 
     # --- the network thread ------------------------------------------------
 
     def _produce(self, channel: Channel) -> None:
         try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(TransientFetchError),
-                stop=self._out_of_retries,
-                wait=wait_retry_after(self._backoff),
-                before_sleep=self._log_retry,
-                reraise=True,
-            ):
-                with attempt:
-                    self._read_from(self.received, channel)
+            if self._stream(channel, may_split=self._parallelism is not None):
+                self._parts(channel)
         except BaseException as exc:
             if not self._answered.is_set():
                 self._early_error = exc
@@ -95,12 +112,46 @@ class Download:
         finally:
             self._answered.set()
 
-    def _read_from(self, start: int, channel: Channel) -> None:
+    def _stream(self, channel: Channel, *, may_split: bool) -> bool:
+        """One stream from ``received`` on, resumed after transient failures; True: go parallel."""
+        for attempt in Retrying(
+            retry=retry_if_exception_type(TransientFetchError),
+            stop=self._out_of_retries,
+            wait=wait_retry_after(self._backoff),
+            before_sleep=self._log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                return self._read_from(self.received, channel, may_split=may_split and self.received == 0)
+        return False  # not reached: tenacity returns or raises
+
+    def _parts(self, channel: Channel) -> None:
+        assert self._spool is not None and self._parallelism is not None
+        self.mode = "parallel"
+        parts = PartedDownload(
+            self.source,
+            self._spool,
+            concurrency=self._parallelism.concurrency,
+            retries=self._retries,
+            backoff=self._backoff,
+        )
+        try:
+            for chunk in parts.chunks(first=self.received // self._spool.identity.part_size):
+                self.received += len(chunk)
+                channel.put(chunk)
+        except RangeNotHonoured as exc:
+            log.warning("falling back to one stream", source=self.source.display, reason=str(exc))
+            self.mode = "stream"
+            self._stream(channel, may_split=False)
+
+    def _read_from(self, start: int, channel: Channel, *, may_split: bool) -> bool:
         with self.source.open(start) as body:
             if self.info is None:
                 self.info = body.info
                 self._refuse_html(body.info)
             self._answered.set()
+            if may_split and self._split_worthwhile(body.info) and self._first_part_slow(body, channel):
+                return True
             skip = start - body.offset  # a server that ignored Range resends from 0
             for chunk in body.chunks:
                 if skip:
@@ -108,11 +159,60 @@ class Download:
                         skip -= len(chunk)
                         continue
                     chunk, skip = chunk[skip:], 0
-                self.received += len(chunk)
-                self._check_size()
-                channel.put(chunk)
+                self._deliver(chunk, channel)
         if self.info.size is not None and self.received < self.info.size:
             raise TransientFetchError(f"{self.source.display} ended early, at byte {self.received} of {self.info.size}")
+        return False
+
+    def _split_worthwhile(self, info: ObjectInfo) -> bool:
+        settings = self._parallelism
+        return (
+            settings is not None
+            and settings.concurrency > 1
+            and info.ranges
+            and info.version is not None
+            and info.size is not None
+            and info.size >= 2 * settings.part_size
+        )
+
+    def _first_part_slow(self, body: Body, channel: Channel) -> bool:
+        """Time the first part; if it was slow, spool it and say so. Otherwise just pass it on."""
+        assert self._parallelism is not None and self.info is not None
+        assert self.info.size is not None and self.info.version is not None
+        part_size = self._parallelism.part_size
+        identity = Identity(self.source.display, self.info.version, self.info.size, part_size)
+        spool = Spool(self._parallelism.spool_dir, identity)
+        if spool.done:  # a run before this one got this far: continue from its spool
+            self._spool = spool
+            return True
+        began, first = time.monotonic(), bytearray()
+        for chunk in body.chunks:
+            first += chunk
+            if len(first) >= part_size:
+                break
+        rate = len(first) / max(time.monotonic() - began, 1e-6)
+        if len(first) >= part_size and rate < self._parallelism.split_below:
+            spool.write(0, bytes(first[:part_size]))
+            spool.commit(0)
+            self._spool = spool
+            self._deliver(bytes(first[:part_size]), channel)
+            log.info(
+                "splitting",
+                source=self.source.display,
+                first_part_mb_per_s=round(rate / 1e6, 1),
+                concurrency=self._parallelism.concurrency,
+                part_size=part_size,
+            )
+            return True
+        spool.close()
+        spool.remove()
+        self._deliver(bytes(first), channel)
+        return False
+
+    def _deliver(self, chunk: bytes, channel: Channel) -> None:
+        self.received += len(chunk)
+        self._check_size()
+        channel.put(chunk)
 
     def _refuse_html(self, info: ObjectInfo) -> None:
         content_type = (info.content_type or "").split(";", 1)[0].strip().lower()

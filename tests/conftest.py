@@ -116,6 +116,7 @@ class Route:
     retry_after: str | None = None
     cut_after: list[int] = field(default_factory=list)  # bytes to send before cutting, one per request
     ranges: bool = True  # honour Range requests
+    lie_about_ranges: bool = False  # advertise Accept-Ranges, then answer every range with 200
     stall: float = 0.0  # seconds to wait before sending the body
     rate: int | None = None  # bytes per second
     require: dict[str, str] = field(default_factory=dict)  # headers the request must carry
@@ -127,6 +128,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    sent: int = 0  # body bytes written back
 
 
 class Origin:
@@ -142,7 +144,8 @@ class Origin:
                 pass
 
             def do_GET(self) -> None:
-                origin.requests.append(Seen("GET", self.path, dict(self.headers.items())))
+                seen = Seen("GET", self.path, dict(self.headers.items()))
+                origin.requests.append(seen)
                 route = origin.routes.get(self.path.split("?", 1)[0])
                 if route is None:
                     return self._simple(404, b"<html><body>Not Found</body></html>", "text/html")
@@ -153,9 +156,10 @@ class Origin:
                     status = route.fail.pop(0)
                     extra = {"Retry-After": route.retry_after} if route.retry_after else {}
                     return self._simple(status, b"try later", "text/plain", extra)
-                body, status, headers = route.body, 200, {"Accept-Ranges": "bytes"} if route.ranges else {}
+                advertised = route.ranges or route.lie_about_ranges
+                body, status, headers = route.body, 200, {"Accept-Ranges": "bytes"} if advertised else {}
                 wanted = self.headers.get("Range")
-                if wanted and route.ranges:
+                if wanted and route.ranges and not route.lie_about_ranges:
                     if route.etag and self.headers.get("If-Match") not in (None, route.etag):
                         return self._simple(412, b"precondition failed", "text/plain")
                     start_text, _, end_text = wanted.removeprefix("bytes=").partition("-")
@@ -177,17 +181,18 @@ class Origin:
                 if route.then:  # re-uploaded while we were reading
                     route.body, route.etag = route.then
                     route.then = None
-                self._send(body if limit is None else body[:limit], route.rate)
+                self._send(body if limit is None else body[:limit], route.rate, seen)
                 if limit is not None:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
 
-            def _send(self, body: bytes, rate: int | None) -> None:
+            def _send(self, body: bytes, rate: int | None, seen: Seen) -> None:
                 step = 1024 * 1024 if rate is None else max(1, rate // 20)
                 try:
                     for i in range(0, len(body), step):
                         self.wfile.write(body[i : i + step])
+                        seen.sent += len(body[i : i + step])
                         if rate:
                             time.sleep(step / rate)
                 except (BrokenPipeError, ConnectionResetError):

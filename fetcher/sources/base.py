@@ -21,6 +21,8 @@ class ObjectInfo:
 
     size: int | None
     content_type: str | None = None
+    ranges: bool = False  # the source serves byte ranges, so parts can be fetched in parallel
+    version: str | None = None  # ETag or S3 VersionId: identifies this exact object
 
 
 @dataclass
@@ -28,12 +30,14 @@ class Body:
     """One response: the object's info and its bytes from ``offset`` on.
 
     ``offset`` is where the bytes really start: 0 when a server ignored the
-    range and sent everything, which the caller then skips.
+    range and sent everything, which the caller then skips. ``partial`` says
+    the server honoured the range exactly.
     """
 
     info: ObjectInfo
     offset: int
     chunks: Iterator[bytes]
+    partial: bool = False
 
 
 class Source(Protocol):
@@ -41,8 +45,12 @@ class Source(Protocol):
 
     display: str  # the location with secrets masked, for logs and errors
 
-    def open(self, start: int = 0) -> AbstractContextManager[Body]:
-        """Read from ``start`` to the end; raise TransientFetchError to be retried."""
+    def open(self, start: int = 0, end: int | None = None) -> AbstractContextManager[Body]:
+        """Read bytes ``start`` to ``end`` (exclusive; None: the end of the object).
+
+        Raise TransientFetchError for what is worth retrying. Once a source has
+        seen the object, later opens are pinned to that version.
+        """
         ...
 
     def close(self) -> None: ...

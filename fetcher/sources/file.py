@@ -21,7 +21,7 @@ class FileSource:
         self._pin: tuple[int, int] | None = None
 
     @contextmanager
-    def open(self, start: int = 0) -> Iterator[Body]:
+    def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
         try:
             handle = self.path.open("rb")
         except FileNotFoundError:
@@ -35,11 +35,14 @@ class FileSource:
                 raise SourceChangedError(f"{self.display} changed while it was being read")
             self._pin = pin
             handle.seek(start)
-            yield Body(ObjectInfo(size=stat.st_size), start, self._chunks(handle))
+            info = ObjectInfo(size=stat.st_size, ranges=True, version=f"{pin[0]}-{pin[1]}")
+            limit = (end if end is not None else stat.st_size) - start
+            yield Body(info, start, self._chunks(handle, limit), partial=True)
 
-    def _chunks(self, handle: BinaryIO) -> Iterator[bytes]:
+    def _chunks(self, handle: BinaryIO, limit: int) -> Iterator[bytes]:
         try:
-            while chunk := handle.read(CHUNK_SIZE):
+            while limit > 0 and (chunk := handle.read(min(CHUNK_SIZE, limit))):
+                limit -= len(chunk)
                 yield chunk
         except OSError as exc:
             raise FetchError(f"cannot read {self.display}: {exc.strerror}") from None

@@ -9,6 +9,7 @@ presigned signature and all, so they are never passed on.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -69,24 +70,25 @@ class HttpSource:
         self._etag: str | None = None
 
     @contextmanager
-    def open(self, start: int = 0) -> Iterator[Body]:
+    def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
         headers = {}
-        if start:
-            headers["Range"] = f"bytes={start}-"
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
             if self._etag:
                 headers["If-Match"] = self._etag
         try:
             with self._client.stream("GET", self.url, headers=headers) as response:
-                offset = self._check(response, start)
-                yield Body(self._info(response, offset), offset, self._chunks(response))
+                offset = self._check(response, start, end)
+                info = self._info(response, offset)
+                yield Body(info, offset, self._chunks(response), partial=response.status_code == 206)
         except httpx.TimeoutException as exc:
             raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
 
-    def _check(self, response: httpx.Response, start: int) -> int:
+    def _check(self, response: httpx.Response, start: int, end: int | None) -> int:
         status = response.status_code
-        if status == 412 and start:
+        if status == 412 and "If-Match" in response.request.headers:
             raise SourceChangedError(f"{self.display} changed during the download (ETag no longer matches)")
         if status in RETRYABLE_STATUS:
             raise TransientFetchError(
@@ -102,14 +104,13 @@ class HttpSource:
         if self._etag is None and etag and not etag.startswith("W/"):
             self._etag = etag
         if status == 206:
-            first = _content_range_start(response.headers.get("Content-Range"))
-            if first != start:
+            first, last = _content_range(response.headers.get("Content-Range"))
+            if first != start or (end is not None and last != end - 1):
                 raise FetchError(f"{self.display} answered a range request with the wrong range")
             return start
         return 0
 
-    @staticmethod
-    def _info(response: httpx.Response, offset: int) -> ObjectInfo:
+    def _info(self, response: httpx.Response, offset: int) -> ObjectInfo:
         size: int | None = None
         content_range = response.headers.get("Content-Range", "")
         if response.status_code == 206 and "/" in content_range:
@@ -117,7 +118,13 @@ class HttpSource:
             size = int(total) if total.isdigit() else None
         elif (length := response.headers.get("Content-Length", "")).isdigit():
             size = int(length) + offset
-        return ObjectInfo(size=size, content_type=response.headers.get("Content-Type"))
+        ranges = response.status_code == 206 or response.headers.get("Accept-Ranges", "").lower() == "bytes"
+        return ObjectInfo(
+            size=size,
+            content_type=response.headers.get("Content-Type"),
+            ranges=ranges and self._etag is not None,  # parts must be pinned to one version
+            version=self._etag,
+        )
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:
@@ -136,12 +143,10 @@ def _proxied(url: str) -> bool:
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
 
 
-def _content_range_start(value: str | None) -> int | None:
-    # "bytes 100-199/1000"
-    if not value or not value.startswith("bytes "):
-        return None
-    first = value[6:].split("-", 1)[0]
-    return int(first) if first.isdigit() else None
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """First and last byte of "bytes 100-199/1000"."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 
 
 def _reason(exc: httpx.TransportError) -> str:

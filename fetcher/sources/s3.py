@@ -67,10 +67,10 @@ class S3Source:
         self._etag: str | None = None
 
     @contextmanager
-    def open(self, start: int = 0) -> Iterator[Body]:
+    def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
-        if start:
-            request["Range"] = f"bytes={start}-"
+        if start or end is not None:
+            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if self._version:
             request["VersionId"] = self._version
         elif self._etag:
@@ -92,12 +92,18 @@ class S3Source:
         self._etag = self._etag or response.get("ETag")
         stream = response["Body"]
         try:
-            offset = start if "ContentRange" in response else 0
-            size = _total_size(response.get("ContentRange")) if offset else None
+            partial = "ContentRange" in response
+            offset = start if partial else 0
+            size = _total_size(response.get("ContentRange")) if partial else None
             if size is None:
                 size = response["ContentLength"] + offset
-            info = ObjectInfo(size=size, content_type=response.get("ContentType"))
-            yield Body(info, offset, self._chunks(stream))
+            info = ObjectInfo(
+                size=size,
+                content_type=response.get("ContentType"),
+                ranges=True,
+                version=self._version or self._etag,
+            )
+            yield Body(info, offset, self._chunks(stream), partial=partial)
         finally:
             stream.close()
 
