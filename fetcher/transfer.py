@@ -28,7 +28,7 @@ from fetcher.sources.base import Body, ObjectInfo, Source
 
 log = structlog.get_logger("fetcher")
 
-WINDOW_CHUNKS = 8  # chunks in flight between the network and the pipeline
+WINDOW_CHUNKS = 4  # chunks in flight between the network and the pipeline
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
@@ -71,6 +71,7 @@ class Download:
         self._expect_html = expect_html
         self._parallelism = parallelism
         self._spool: Spool | None = None
+        self._fill_spool = False  # after a fallback to one stream, keep the spool whole
         self._failures = 0
         self._offset_at_failure = 0
         self._answered = threading.Event()
@@ -88,6 +89,11 @@ class Download:
     def __iter__(self) -> Iterator[bytes]:
         assert self._channel is not None, "start() first"
         return iter(self._channel)
+
+    @property
+    def spooled(self) -> Path | None:
+        """The file holding the whole object once it has arrived, when it went through the spool."""
+        return self._spool.directory / "data" if self._spool is not None else None
 
     def close(self, *, keep_spool: bool) -> None:
         """Stop the network threads; keep the spool only where a later run can resume from it."""
@@ -142,6 +148,7 @@ class Download:
         except RangeNotHonoured as exc:
             log.warning("falling back to one stream", source=self.source.display, reason=str(exc))
             self.mode = "stream"
+            self._fill_spool = True
             self._stream(channel, may_split=False)
 
     def _read_from(self, start: int, channel: Channel, *, may_split: bool) -> bool:
@@ -192,10 +199,12 @@ class Download:
                 break
         rate = len(first) / max(time.monotonic() - began, 1e-6)
         if len(first) >= part_size and rate < self._parallelism.split_below:
-            spool.write(0, bytes(first[:part_size]))
+            part = bytes(memoryview(first)[:part_size])
+            del first
+            spool.write(0, part)
             spool.commit(0)
             self._spool = spool
-            self._deliver(bytes(first[:part_size]), channel)
+            self._deliver(part, channel)
             log.info(
                 "splitting",
                 source=self.source.display,
@@ -210,6 +219,8 @@ class Download:
         return False
 
     def _deliver(self, chunk: bytes, channel: Channel) -> None:
+        if self._fill_spool and self._spool is not None:
+            self._spool.write(self.received, chunk)
         self.received += len(chunk)
         self._check_size()
         channel.put(chunk)
