@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -102,30 +102,16 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
             raise UsageError(
                 f"{where}no {required} given: set {flag}, FETCHER_{required.upper()} or '{required}' in --config"
             )
+    # Every option that is an Artifact field passes straight through; a few need shaping.
+    same = {field.name: values[field.name] for field in fields(Artifact) if field.name in values}
     return Artifact(
-        index=index,
-        source=values["source"],
-        dest=Path(values["dest"]),
-        sha256=values["sha256"],
-        extract=values["extract"],
-        filename=values["filename"] or default_filename(values["source"]),
-        strip_components=values["strip_components"],
-        owner=values["owner"],
-        file_mode=values["file_mode"],
-        dir_mode=values["dir_mode"],
-        headers=tuple(values["headers"] or ()),
-        bearer_token_file=values["bearer_token_file"],
-        retries=values["retries"],
-        retry_backoff=values["retry_backoff"],
-        concurrency=values["concurrency"],
-        part_size=values["part_size"],
-        split_below=values["split_below"],
-        timeout=values["timeout"],
-        max_unpacked_size=values["max_unpacked_size"],
-        max_members=values["max_members"],
-        progress_interval=values["progress_interval"],
-        s3_anonymous=values["s3_anonymous"],
-        s3_addressing_style=values["s3_addressing_style"],
+        **same
+        | {
+            "index": index,
+            "dest": Path(values["dest"]),
+            "filename": values["filename"] or default_filename(values["source"]),
+            "headers": tuple(values["headers"] or ()),
+        }
     )
 
 
