@@ -29,6 +29,11 @@ class Channel:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def sleep(self, seconds: float) -> None:
+        """Wait between retries, but wake up at once if the consumer goes away."""
+        if self._cancelled.wait(seconds):
+            raise Cancelled
+
     def put(self, chunk: bytes) -> None:
         """Block until there is room; raise Cancelled if the consumer has gone."""
         while True:

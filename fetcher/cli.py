@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ from fetcher.errors import (
     LocalFilesystemError,
     UsageError,
 )
+from fetcher.plan import build_plan
 from fetcher.redact import scrub
 
 EXIT_OK = 0
@@ -64,9 +67,19 @@ def _cap_malloc_arenas() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
 
 
+class Terminated(BaseException):
+    """SIGTERM, as the kubelet sends it: unwind like Ctrl-C, so staging is cleaned and the reason recorded."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     _cap_malloc_arenas()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     termination_log: Path | None = None
@@ -78,8 +91,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         config = resolve(namespace, environ)
         termination_log = config.run["termination_log"]
         logs.configure(config.run["log_format"], config.run["log_level"])
-        from fetcher.plan import build_plan
-
         plan = build_plan(config)
         if config.run["dry_run"]:
             print(json.dumps({"fetcher": __version__, "artifacts": [a.describe() for a in plan]}, indent=2))
@@ -96,7 +107,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         results = []
         for artifact in plan:
             log.info("plan", index=artifact.index, **artifact.describe())
-            results.append(fetch(artifact))
+            siblings = frozenset(a.key for a in plan if a.dest == artifact.dest and a is not artifact)
+            results.append(fetch(artifact, siblings))
         total = sum(r.size for r in results if not r.skipped)
         seconds = time.monotonic() - started
         log.info(
@@ -115,9 +127,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.error("failed", error=message, kind=type(error).__name__, exit_code=code)
         _write_termination_log(termination_log, message)
         return code
-    except KeyboardInterrupt:
-        log.error("interrupted", exit_code=130)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:
+        name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+        message = f"stopped by {name} before the model was published"
+        log.error("failed", error=message, kind="Interrupted", exit_code=code)
+        _write_termination_log(termination_log, message)
+        return code
     except Exception as error:  # a bug: keep the traceback, but still one clear last line
         log.exception("internal error", error=scrub(f"{type(error).__name__}: {error}"), exit_code=EXIT_INTERNAL)
         _write_termination_log(termination_log, f"internal error: {type(error).__name__}: {scrub(str(error))}")

@@ -68,16 +68,18 @@ def parse_filename(text: str) -> str:
 
 
 def parse_count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+    if not text.strip().isdigit():
+        raise ValueError(f"expected a whole number of 0 or more, got {text!r}")
+    return int(text)
 
 
 def parse_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be more than 0")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 < value <= 86_400):  # also refuses inf and nan
+        raise ValueError("must be more than 0 and at most a day")
     return value
 
 
@@ -108,6 +110,8 @@ def parse_header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
         raise ValueError("expected 'Name: value'")
+    if not re.fullmatch(r"[\x20-\x7e\t]*", value.strip()):  # the value is never echoed: it may be a secret
+        raise ValueError(f"the value of {name.strip()} must be printable ASCII on one line")
     return name.strip(), value.strip()
 
 
@@ -287,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fetcher",
         description="Fetch a model from HTTP(S), S3 or a file, verify its SHA-256, unpack it safely and publish it.",
-        epilog="Every option is also an env var: --foo-bar is FETCHER_FOO_BAR. Flags win over env, env over --config.",
+        epilog="Every option is also an env var: --foo-bar is FETCHER_FOO_BAR (--header: FETCHER_HEADERS, one per"
+        " line). Flags win over env, env over --config.",
     )
     for option in OPTIONS:
         if option.is_flag:
@@ -377,7 +382,8 @@ def _parse_mapping(mapping: Mapping[str, Any], where: str, *, allow_run: bool) -
             raise UsageError(f"{where}: unknown key {key!r}")
         if raw is None:
             continue
-        values[option.name] = _parse(option, raw, f"{where}.{key}")
+        label = f"{where}.{key}" if where.endswith("]") else f"{where}: {key}"
+        values[option.name] = _parse(option, raw, label)
     return values
 
 

@@ -10,7 +10,7 @@ import structlog
 from fetcher.errors import ArchiveError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
-from fetcher.publish import already_present, publish, workspace
+from fetcher.publish import Marker, already_present, publish, workspace
 
 log = structlog.get_logger("fetcher")
 
@@ -24,20 +24,12 @@ class Result:
     seconds: float
 
 
-def fetch(artifact: Artifact) -> Result:
+def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
+    """``siblings``: keys of the other artifacts of this run that publish into the same dest."""
     started = time.monotonic()
     _ensure_dest(artifact)
-    present = already_present(artifact)
-    if present is not None:
-        log.info(
-            "already present",
-            source=artifact.display_source,
-            dest=str(artifact.dest),
-            sha256=present.sha256,
-            files=present.files,
-            published_at=present.published_at,
-        )
-        return Result(artifact, True, present.size, present.files, time.monotonic() - started)
+    if (present := already_present(artifact)) is not None:
+        return _skip(artifact, present, started)
     if artifact.sha256 is None:
         log.warning(
             "no sha256 given: the download will not be verified",
@@ -51,11 +43,15 @@ def fetch(artifact: Artifact) -> Result:
     from fetcher.transfer import Download, Parallelism
 
     with workspace(artifact) as staging:
+        if (present := already_present(artifact)) is not None:  # another pod sharing the volume just did it
+            return _skip(artifact, present, started)
+        progress = Progress(artifact.display_source, None, artifact.progress_interval)
         download = Download(
             open_source(artifact),
             retries=artifact.retries,
             backoff=artifact.retry_backoff,
             expect_html=artifact.filename.endswith((".html", ".htm")),
+            on_chunk=(digest := pipeline.Digest(on_bytes=progress)),
             parallelism=Parallelism(
                 concurrency=artifact.concurrency,
                 part_size=artifact.part_size,
@@ -70,7 +66,7 @@ def fetch(artifact: Artifact) -> Result:
             log.info(
                 "downloading", source=artifact.display_source, size=total, size_h=human_bytes(total) if total else None
             )
-            progress = Progress(artifact.display_source, total, artifact.progress_interval)
+            progress.total = total
             outcome = pipeline.run(
                 download,
                 extract=artifact.extract,
@@ -78,11 +74,17 @@ def fetch(artifact: Artifact) -> Result:
                 staging=staging,
                 limits=pipeline.Limits(artifact.strip_components, artifact.max_unpacked_size, artifact.max_members),
                 expected_sha256=artifact.sha256,
-                on_bytes=progress,
+                digest=digest,
                 spool_file=lambda: download.spooled,
             )
             marker = publish(
-                artifact, staging, sha256=outcome.sha256, size=outcome.size, fmt=outcome.format, expected_size=total
+                artifact,
+                staging,
+                sha256=outcome.sha256,
+                size=outcome.size,
+                fmt=outcome.format,
+                expected_size=total,
+                siblings=siblings,
             )
             keep_spool = False
         except (IntegrityError, ArchiveError):
@@ -106,6 +108,18 @@ def fetch(artifact: Artifact) -> Result:
         mb_per_s=round(outcome.size / max(seconds, 1e-9) / 1e6, 1),
     )
     return Result(artifact, False, outcome.size, marker.files, seconds)
+
+
+def _skip(artifact: Artifact, present: Marker, started: float) -> Result:
+    log.info(
+        "already present",
+        source=artifact.display_source,
+        dest=str(artifact.dest),
+        sha256=present.sha256,
+        files=present.files,
+        published_at=present.published_at,
+    )
+    return Result(artifact, True, present.size, present.files, time.monotonic() - started)
 
 
 def _ensure_dest(artifact: Artifact) -> None:

@@ -37,6 +37,7 @@ def configure(log_format: str | None, level: str, stream: TextIO | None = None) 
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,  # tracebacks as text, in JSON too, and scrubbed
             scrub_secrets,
             renderer,
         ],

@@ -15,7 +15,8 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,7 +110,16 @@ class Spool:
 class PartedDownload:
     """Fetch parts ``first``.. in parallel; iterate over the object's bytes from ``first`` in order."""
 
-    def __init__(self, source: Source, spool: Spool, *, concurrency: int, retries: int, backoff: float) -> None:
+    def __init__(
+        self,
+        source: Source,
+        spool: Spool,
+        *,
+        concurrency: int,
+        retries: int,
+        backoff: float,
+        stopped: Callable[[float], None],
+    ) -> None:
         self.source = source
         self.spool = spool
         self.size = spool.identity.size
@@ -119,7 +129,7 @@ class PartedDownload:
         self._retries = retries
         self._backoff = backoff
         self._cancel = threading.Event()
-        self.fetched_parts = 0
+        self._consumer_sleep = stopped  # sleeps, raising Cancelled once the consumer has gone
 
     def bounds(self, index: int) -> tuple[int, int]:
         start = index * self.part_size
@@ -155,6 +165,7 @@ class PartedDownload:
             stop=stop_after_attempt(self._retries + 1),
             wait=wait_retry_after(self._backoff),
             before_sleep=lambda state: self._log_retry(state, index),
+            sleep=self._sleep,
             reraise=True,
         ):
             with attempt, self.source.open(position, end) as body:
@@ -168,7 +179,14 @@ class PartedDownload:
                 if position < end:
                     raise TransientFetchError(f"part {index} of {self.source.display} ended early")
         self.spool.commit(index)
-        self.fetched_parts += 1
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait between retries; wake at once if this download or its consumer stops."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._cancel.is_set():
+                raise Cancelled
+            self._consumer_sleep(min(left, 0.1))
 
     def _log_retry(self, state: RetryCallState, index: int) -> None:
         exc = state.outcome.exception() if state.outcome else None

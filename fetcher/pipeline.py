@@ -39,7 +39,7 @@ _CORRUPT: tuple[type[BaseException], ...] = (
 
 READ_SIZE = 1024 * 1024
 DECOMPRESSED_DEPTH = 2  # blocks of up to READ_SIZE between the inflater and the unpacker
-SNIFF_BYTES = 64 * 1024
+SNIFF_BYTES = 1024 * 1024  # a whole bzip2 block, or a zstd frame header and first block
 
 MAGIC = {
     "gz": b"\x1f\x8b",
@@ -61,23 +61,19 @@ class Outcome:
 
 
 class ChunkReader(io.RawIOBase):
-    """A readable, peekable file over an iterator of chunks; ``on_chunk`` sees every chunk once.
+    """A readable, peekable file over an iterator of chunks.
 
     A read that wants at least a whole chunk gets that chunk itself, not a copy:
     on the hot path bytes are copied only where a stage must.
     """
 
-    def __init__(self, chunks: Iterable[bytes], on_chunk: Callable[[bytes], None] | None = None) -> None:
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks: Iterator[bytes] = iter(chunks)
-        self._on_chunk = on_chunk
         self._head = b""  # the chunk being read, from self._pos on
         self._pos = 0
 
     def _pull(self) -> bytes | None:
-        chunk = next(self._chunks, None)
-        if chunk is not None and self._on_chunk is not None:
-            self._on_chunk(chunk)
-        return chunk
+        return next(self._chunks, None)
 
     def peek(self, size: int) -> bytes:
         parts = [self._head[self._pos :]]
@@ -112,14 +108,18 @@ class ChunkReader(io.RawIOBase):
         return data
 
     def drain(self) -> None:
-        """Read the rest, so that ``on_chunk`` has seen every byte."""
+        """Read the rest, so that whoever hashes the stream has seen every byte."""
         self._head, self._pos = b"", 0
         while self._pull() is not None:
             pass
 
 
 class Digest:
-    """SHA-256 and length of everything the source sent, taken before anything else sees it."""
+    """SHA-256 and length of everything the source sent.
+
+    Called with each chunk by the download thread as the chunk arrives, so
+    hashing overlaps writing; the pipeline only reads the result.
+    """
 
     def __init__(self, on_bytes: Callable[[int], None] | None = None) -> None:
         self._hash = hashlib.sha256()
@@ -221,7 +221,7 @@ def _peek_decompressed(head: bytes, kind: str) -> bytes:
             return bz2.BZ2Decompressor().decompress(head, 1024)
         if kind == "xz":
             return lzma.LZMADecompressor().decompress(head, 1024)
-        return zstandard.ZstdDecompressor().decompressobj().decompress(head)[:1024]
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head)).read(1024)
     except _CORRUPT as exc:
         raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
 
@@ -261,16 +261,18 @@ def run(
     staging: Path,
     limits: Limits,
     expected_sha256: str | None,
-    on_bytes: Callable[[int], None] | None = None,
+    digest: Digest,
     spool_file: Callable[[], Path | None] = lambda: None,
 ) -> Outcome:
     """Turn the source's bytes into files under ``staging/tree``; return the digest.
 
+    ``digest`` must see every chunk of ``chunks`` as it is produced (the
+    download feeds it); reading ``chunks`` to the end completes it.
+
     ``spool_file`` names a file that will hold all of the bytes by the end, if
     there is one: a plain file is then moved from there, not written again.
     """
-    digest = Digest(on_bytes)
-    reader = ChunkReader(chunks, digest)
+    reader = ChunkReader(chunks)
     root = staging / "tree"
     try:
         head = reader.peek(SNIFF_BYTES)
@@ -302,8 +304,9 @@ def run(
                 _unpack_compressed_tar(reader, fmt.removeprefix("tar."), tree)
     except ArchiveError:
         # A corrupt archive is most often the wrong bytes: say so when the hash can tell.
-        reader.drain()
-        _verify(digest, expected_sha256)
+        if expected_sha256 is not None:
+            reader.drain()
+            _verify(digest, expected_sha256)
         raise
     reader.drain()
     return Outcome(sha256=digest.hexdigest(), size=digest.size, format=fmt)

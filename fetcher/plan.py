@@ -120,7 +120,7 @@ def build_plan(config: RunConfig) -> list[Artifact]:
     plan = [_artifact(i, values, f"artifacts[{i}]: " if many else "") for i, values in enumerate(config.artifacts)]
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
-        if item.extract == "none" or item.extract == "auto":
+        if item.extract == "none":  # with auto the name matters only if it is no archive
             spot = (item.dest.resolve(), item.filename)
             if spot in seen and plan[seen[spot]].source != item.source:
                 raise UsageError(

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from fetcher import __version__
-from fetcher.errors import IntegrityError, LocalFilesystemError
+from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError
 from fetcher.plan import Artifact
 from fetcher.unpack import local_error
 
@@ -39,7 +38,8 @@ class Marker:
     format: str
     files: int
     entries: list[str]  # top-level names this artifact put in dest
-    sizes: dict[str, int]  # every regular file published, relative to dest
+    stamps: dict[str, list[int]]  # every regular file published, relative to dest: [size, mtime_ns]
+    settings: str  # ownership and modes applied: other settings mean publishing again
     published_at: str
     fetcher_version: str
 
@@ -48,25 +48,35 @@ def _marker_path(artifact: Artifact) -> Path:
     return artifact.state_dir / f"{artifact.key}.json"
 
 
-def read_marker(artifact: Artifact) -> Marker | None:
+def _settings(artifact: Artifact) -> str:
+    return f"owner={artifact.owner} file_mode={artifact.file_mode} dir_mode={artifact.dir_mode}"
+
+
+def read_marker(path: Path) -> Marker | None:
     try:
-        return Marker(**json.loads(_marker_path(artifact).read_text(encoding="utf-8")))
+        return Marker(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
 
 
 def already_present(artifact: Artifact) -> Marker | None:
-    """The marker, if it matches this artifact and every file it lists is intact."""
-    marker = read_marker(artifact)
-    if marker is None or marker.source != artifact.display_source:
+    """The marker, if it matches this artifact and every file it lists is as published.
+
+    "As published" is each file's size and mtime: cheap enough for every pod
+    start, and any ordinary write changes one of them. Re-hashing a 20 GB
+    model on each restart would cost more than most downloads.
+    """
+    marker = read_marker(_marker_path(artifact))
+    if marker is None or marker.source != artifact.display_source or marker.settings != _settings(artifact):
         return None
     if artifact.sha256 is not None and marker.sha256 != artifact.sha256:
         return None
-    for relative, size in marker.sizes.items():
+    for relative, (size, mtime_ns) in marker.stamps.items():
         try:
-            if (artifact.dest / relative).stat().st_size != size:
-                return None
+            info = (artifact.dest / relative).stat()
         except OSError:
+            return None
+        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
             return None
     return marker
 
@@ -101,7 +111,14 @@ def _clean_leftovers(state: Path) -> None:
 
 
 def publish(
-    artifact: Artifact, staging: Path, *, sha256: str, size: int, fmt: str, expected_size: int | None
+    artifact: Artifact,
+    staging: Path,
+    *,
+    sha256: str,
+    size: int,
+    fmt: str,
+    expected_size: int | None,
+    siblings: frozenset[str] = frozenset(),
 ) -> Marker:
     """Verify, set ownership and modes, move into dest, write the marker."""
     if artifact.sha256 is not None and sha256 != artifact.sha256:
@@ -110,22 +127,46 @@ def publish(
         raise IntegrityError(f"size mismatch: the source announced {expected_size} bytes, {size} arrived")
     tree = staging / "tree"
     tree.mkdir(exist_ok=True)
-    sizes = _finish_tree(artifact, tree)
+    stamps = _finish_tree(artifact, tree)
     entries = sorted(os.listdir(tree))
+    _claim(artifact, entries, siblings)
     _move_into_place(artifact, tree, entries)
     marker = Marker(
         source=artifact.display_source,
         sha256=sha256,
         size=size,
         format=fmt,
-        files=len(sizes),
+        files=len(stamps),
         entries=entries,
-        sizes=sizes,
+        stamps=stamps,
+        settings=_settings(artifact),
         published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         fetcher_version=__version__,
     )
     _write_marker(artifact, marker)
     return marker
+
+
+def _claim(artifact: Artifact, entries: list[str], siblings: frozenset[str]) -> None:
+    """Refuse to replace what another artifact of this run published; retire stale markers.
+
+    A marker of an artifact no longer configured (an older version of this
+    model, under another URL) stops being true once its files are replaced,
+    so it is removed with them.
+    """
+    for path in artifact.state_dir.glob("*.json"):
+        if path.stem == artifact.key:
+            continue
+        other = read_marker(path)
+        clash = sorted(set(other.entries) & set(entries)) if other is not None else []
+        if not clash:
+            continue
+        if path.stem in siblings:
+            raise UsageError(
+                f"{artifact.display_source} and {other.source if other else '?'} both publish {clash[0]!r} into "
+                f"{artifact.dest}: give them different dests, or unpack one with --strip-components"
+            )
+        path.unlink(missing_ok=True)
 
 
 def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None:
@@ -161,9 +202,9 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, int]:
-    """Apply --owner, --file-mode and --dir-mode, flush files, list their sizes."""
-    sizes: dict[str, int] = {}
+def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
+    """Apply --owner, --file-mode and --dir-mode, flush files, stamp them with size and mtime."""
+    stamps: dict[str, list[int]] = {}
     try:
         for directory, dirs, files in os.walk(tree):
             for name in dirs + files:
@@ -180,12 +221,13 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, int]:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
                     os.fsync(fd)
-                    sizes[os.path.relpath(path, tree)] = os.fstat(fd).st_size
+                    info = os.fstat(fd)
+                    stamps[os.path.relpath(path, tree)] = [info.st_size, info.st_mtime_ns]
                 finally:
                     os.close(fd)
     except OSError as exc:
         raise local_error(exc, "setting ownership and modes") from None
-    return sizes
+    return stamps
 
 
 def _own(artifact: Artifact, path: str) -> None:
@@ -210,7 +252,7 @@ def _write_marker(artifact: Artifact, marker: Marker) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.rename(temporary, path)
-        _fsync_dir(artifact.dest)
+        _fsync_dir(artifact.state_dir)
     except OSError as exc:
         raise local_error(exc, "writing the marker") from None
 
@@ -221,7 +263,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def marker_summary(marker: Marker) -> dict[str, Any]:
-    return {"sha256": marker.sha256, "size": marker.size, "files": marker.files, "published_at": marker.published_at}

@@ -17,9 +17,9 @@ MASK = "***"
 # (S3 SigV2/SigV4, GCS, Azure SAS, generic tokens).
 _SECRET_PARAM = re.compile(
     r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
-    r"signature|sig|token|access_token|api_key|apikey|key|secret|password|auth)$"
+    r"signature|sig|token|access_token|api_key|apikey|key|secret|password|auth|awsaccesskeyid|googleaccessid)$"
 )
-_SECRET_HEADER = re.compile(r"(?i)^(authorization|proxy-authorization|cookie|x-api-key|.*token.*|.*secret.*)$")
+_SECRET_HEADER = re.compile(r"(?i)^(cookie|.*(key|token|secret|password|auth|session).*)$")
 
 # Shapes of secrets that must never be printed, whatever carried them.
 _SCRUB = (
@@ -48,9 +48,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def is_secret_header(name: str) -> bool:
+    return _SECRET_HEADER.match(name) is not None
+
+
 def mask_headers(headers: Iterable[tuple[str, str]]) -> list[str]:
     """Headers for display: names kept, secret-looking values masked."""
-    return [f"{name}: {MASK if _SECRET_HEADER.match(name) else value}" for name, value in headers]
+    return [f"{name}: {MASK if is_secret_header(name) else value}" for name, value in headers]
 
 
 def scrub(text: str) -> str:

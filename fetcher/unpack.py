@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from fetcher.errors import ArchiveError, LocalFilesystemError
 
 COPY_CHUNK = 1024 * 1024
-Progress = Callable[[int], None]
+MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 
 
 class Readable(Protocol):
@@ -44,8 +44,10 @@ class SafeTree:
         self._max_size = max_size
         self._max_members = max_members
         self.members = 0
+        self.files = 0  # files and links written: an archive that yields none is refused
         self.written = 0
         self._dir_modes: dict[str, int] = {}
+        self._symlinks: list[tuple[str, str]] = []  # (path, member name), checked again at the end
 
     # --- names ---------------------------------------------------------------
 
@@ -53,7 +55,7 @@ class SafeTree:
         """The member's path inside the root after stripping, or None to skip it."""
         if "\0" in name:
             raise ArchiveError(f"refused member {name!r}: NUL in its name")
-        if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        if name.startswith("/") or re.match(r"[A-Za-z]:[\\/]", name):
             raise ArchiveError(f"refused member {name!r}: absolute path")
         parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
         if ".." in parts:
@@ -78,7 +80,7 @@ class SafeTree:
             raise ArchiveError(f"refused member {original!r}: it would be written through a symlink leading outside")
         return path
 
-    def _count(self, name: str) -> None:
+    def _count(self) -> None:
         self.members += 1
         if self.members > self._max_members:
             raise ArchiveError(f"archive has more than {self._max_members} members (--max-members)")
@@ -86,7 +88,7 @@ class SafeTree:
     # --- members -------------------------------------------------------------
 
     def add_dir(self, name: str, mode: int) -> None:
-        self._count(name)
+        self._count()
         relative = self._relative(name)
         if relative is None:
             return
@@ -96,8 +98,8 @@ class SafeTree:
         self._makedirs(path, name)
         self._dir_modes[path] = stat.S_IMODE(mode) & 0o777 | 0o700
 
-    def add_file(self, name: str, mode: int, data: Readable, progress: Progress | None = None) -> None:
-        self._count(name)
+    def add_file(self, name: str, mode: int, data: Readable) -> None:
+        self._count()
         relative = self._relative(name)
         if relative is None:
             _drain(data)
@@ -112,17 +114,18 @@ class SafeTree:
                     if self.written > self._max_size:
                         raise ArchiveError(f"archive unpacks to more than {self._max_size} bytes (--max-unpacked-size)")
                     out.write(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
                 os.fchmod(out.fileno(), stat.S_IMODE(mode) & 0o777)
+            self.files += 1
         except OSError as exc:
             raise local_error(exc, f"writing {relative}") from None
 
     def add_symlink(self, name: str, target: str) -> None:
-        self._count(name)
+        self._count()
         relative = self._relative(name)
         if relative is None:
             return
+        if len(target) > MAX_LINK_TARGET:
+            raise ArchiveError(f"refused member {name!r}: symlink target longer than {MAX_LINK_TARGET} bytes")
         if not target or target.startswith("/") or "\0" in target:
             raise ArchiveError(f"refused member {name!r}: symlink to absolute path {target!r}")
         lexical = posixpath.normpath(posixpath.join(posixpath.dirname(relative), target))
@@ -136,9 +139,11 @@ class SafeTree:
             os.symlink(target, path)
         except OSError as exc:
             raise local_error(exc, f"writing {relative}") from None
+        self._symlinks.append((path, name))
+        self.files += 1
 
     def add_hardlink(self, name: str, target: str) -> None:
-        self._count(name)
+        self._count()
         relative = self._relative(name)
         if relative is None:
             return
@@ -146,7 +151,8 @@ class SafeTree:
         if target_relative is None:
             raise ArchiveError(f"refused member {name!r}: hardlink to stripped member {target!r}")
         source = os.path.join(self.root, target_relative)
-        if not self._inside(source) or os.path.islink(source) or not os.path.isfile(source):
+        is_link = os.path.islink(source)
+        if not self._inside(os.path.dirname(source)) or not (is_link or os.path.isfile(source)):
             raise ArchiveError(
                 f"refused member {name!r}: hardlink to {target!r}, which is not a file unpacked before it"
             )
@@ -156,12 +162,27 @@ class SafeTree:
             os.link(source, path, follow_symlinks=False)
         except OSError as exc:
             raise local_error(exc, f"writing {relative}") from None
+        self.files += 1
+        if is_link:  # the same relative target, read from another directory
+            self._symlinks.append((path, name))
 
     def refuse(self, name: str, what: str) -> None:
         raise ArchiveError(f"refused member {name!r}: {what} are not allowed")
 
     def finish(self) -> None:
-        """Apply directory modes last, so read-only directories did not block their children."""
+        """Check what only the whole tree can show, then apply directory modes.
+
+        A symlink checked when it was written can point outside once a later
+        member fills in a link it goes through (``x -> a/up/..``, then
+        ``a/up -> ..``): so every symlink is resolved again here. Directory
+        modes come last, so read-only directories did not block their children.
+        """
+        for path, name in self._symlinks:
+            if not self._inside(path):
+                raise ArchiveError(f"refused member {name!r}: with the links after it, it leads outside")
+        if self.files == 0:
+            after = f" after --strip-components {self._strip}" if self._strip else ""
+            raise ArchiveError(f"the archive has no files{after}: refusing to publish an empty model")
         for path in sorted(self._dir_modes, key=len, reverse=True):
             try:
                 os.chmod(path, self._dir_modes[path])
@@ -195,7 +216,7 @@ def _drain(data: Readable) -> None:
         pass
 
 
-def unpack_tar(stream: Readable, tree: SafeTree, progress: Progress | None = None) -> None:
+def unpack_tar(stream: Readable, tree: SafeTree) -> None:
     """Unpack a tar stream member by member, as it arrives."""
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_CHUNK) as archive:  # type: ignore[call-overload]
@@ -203,7 +224,7 @@ def unpack_tar(stream: Readable, tree: SafeTree, progress: Progress | None = Non
                 if member.isreg():
                     data = archive.extractfile(member)
                     assert data is not None
-                    tree.add_file(member.name, member.mode, data, progress)
+                    tree.add_file(member.name, member.mode, data)
                 elif member.isdir():
                     tree.add_dir(member.name, member.mode)
                 elif member.issym():
@@ -223,21 +244,23 @@ def unpack_tar(stream: Readable, tree: SafeTree, progress: Progress | None = Non
     tree.finish()
 
 
-def unpack_zip(path: Path, tree: SafeTree, progress: Progress | None = None) -> None:
+def unpack_zip(path: Path, tree: SafeTree) -> None:
     """Unpack a zip that is already on disk and verified: zip needs random access."""
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
-                    tree.add_symlink(info.filename, archive.read(info).decode("utf-8", "surrogateescape"))
+                    with archive.open(info) as data:  # read no more than a real target can be
+                        target = data.read(MAX_LINK_TARGET + 1).decode("utf-8", "surrogateescape")
+                    tree.add_symlink(info.filename, target)
                 elif info.is_dir():
                     tree.add_dir(info.filename, mode or 0o755)
                 elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
                     tree.refuse(info.filename, "device files and FIFOs")
                 else:
                     with archive.open(info) as data:
-                        tree.add_file(info.filename, mode or 0o644, data, progress)
+                        tree.add_file(info.filename, mode or 0o644, data)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
         raise ArchiveError(f"corrupt or unsupported zip archive: {exc}") from None
     tree.finish()

@@ -21,6 +21,7 @@ import httpx
 from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact
+from fetcher.redact import is_secret_header
 from fetcher.sources.base import Body, ObjectInfo
 from fetcher.sources.fast_http import fast_transport
 
@@ -52,6 +53,10 @@ def _headers(artifact: Artifact) -> dict[str, str]:
             raise UsageError(f"--bearer-token-file {artifact.bearer_token_file}: {reason}") from None
         if not token:
             raise UsageError(f"--bearer-token-file {artifact.bearer_token_file}: the file is empty")
+        if not re.fullmatch(r"[\x21-\x7e]+", token):  # never echo it: a broken token is still a secret
+            raise UsageError(
+                f"--bearer-token-file {artifact.bearer_token_file}: the token must be one line of printable ASCII"
+            )
         headers["Authorization"] = f"Bearer {token}"
     return headers
 
@@ -60,14 +65,17 @@ class HttpSource:
     def __init__(self, artifact: Artifact) -> None:
         self.url = artifact.source
         self.display = artifact.display_source
+        self._origin = _origin(self.url)
         self._client = httpx.Client(
             headers=_headers(artifact),
+            event_hooks={"request": [self._drop_secrets_across_origins]},
             timeout=httpx.Timeout(artifact.timeout),
             follow_redirects=True,
             # A proxy from the environment needs httpx's own transport; otherwise take the fast one.
             transport=None if _proxied(self.url) else fast_transport(),
         )
         self._etag: str | None = None
+        self._size: int | None = None
 
     @contextmanager
     def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
@@ -83,8 +91,16 @@ class HttpSource:
                 yield Body(info, offset, self._chunks(response), partial=response.status_code == 206)
         except httpx.TimeoutException as exc:
             raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
+        except _NOT_TRANSIENT as exc:
+            raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from None
         except httpx.TransportError as exc:
             raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
+
+    def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
+        """httpx drops Authorization on a redirect to another origin; do the same for our secret headers."""
+        if _origin(str(request.url)) != self._origin:
+            for name in [name for name in request.headers if is_secret_header(name)]:
+                del request.headers[name]
 
     def _check(self, response: httpx.Response, start: int, end: int | None) -> int:
         status = response.status_code
@@ -100,15 +116,28 @@ class HttpSource:
             raise FetchError(f"HTTP {status} {response.reason_phrase} from {self.display}{hint}")
         if status not in (200, 206):
             raise FetchError(f"unexpected HTTP {status} {response.reason_phrase} from {self.display}")
-        etag = response.headers.get("ETag")
-        if self._etag is None and etag and not etag.startswith("W/"):
-            self._etag = etag
+        self._pin(response)
         if status == 206:
             first, last = _content_range(response.headers.get("Content-Range"))
             if first != start or (end is not None and last != end - 1):
                 raise FetchError(f"{self.display} answered a range request with the wrong range")
             return start
         return 0
+
+    def _pin(self, response: httpx.Response) -> None:
+        """Remember the object's ETag and size; a later response for another version is refused."""
+        etag = response.headers.get("ETag")
+        strong = etag if etag and not etag.startswith("W/") else None
+        size = (
+            self._info(response, 0).size
+            if response.status_code == 206
+            else _int(response.headers.get("Content-Length"))
+        )
+        if self._etag is None and self._size is None:
+            self._etag, self._size = strong, size
+            return
+        if (strong and self._etag and strong != self._etag) or (size is not None and self._size not in (None, size)):
+            raise SourceChangedError(f"{self.display} changed during the download (another ETag or size)")
 
     def _info(self, response: httpx.Response, offset: int) -> ObjectInfo:
         size: int | None = None
@@ -138,6 +167,18 @@ class HttpSource:
         self._client.close()
 
 
+_NOT_TRANSIENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.TooManyRedirects, httpx.InvalidURL)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
 def _proxied(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
@@ -149,6 +190,6 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 
 
-def _reason(exc: httpx.TransportError) -> str:
+def _reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text.split("\n", 1)[0][:200]

@@ -8,11 +8,9 @@ are read by botocore itself.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 import boto3
 import botocore.exceptions
@@ -50,9 +48,8 @@ _TRANSIENT_EXC = (
 
 class S3Source:
     def __init__(self, artifact: Artifact) -> None:
-        parts = urlsplit(artifact.source)
-        self.bucket = parts.netloc
-        self.key = unquote(parts.path.lstrip("/"))
+        # s3://bucket/key, the key verbatim as in aws s3 cp: no %-decoding, '?' and '#' included
+        self.bucket, _, self.key = artifact.source[len("s3://") :].partition("/")
         self.display = artifact.display_source
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -140,8 +137,3 @@ def _total_size(content_range: str | None) -> int | None:
 
 def _reason(exc: Exception) -> str:
     return str(exc).split("\n", 1)[0][:200]
-
-
-def endpoint_hint() -> str | None:
-    """The S3 endpoint in use, for the start-of-run log line."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
