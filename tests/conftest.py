@@ -121,6 +121,7 @@ class Route:
     rate: int | None = None  # bytes per second
     require: dict[str, str] = field(default_factory=dict)  # headers the request must carry
     then: tuple[bytes, str] | None = None  # (body, etag) the object becomes after the first request
+    redirect: str | None = None  # answer 302 to this URL
 
 
 @dataclass
@@ -149,6 +150,8 @@ class Origin:
                 route = origin.routes.get(self.path.split("?", 1)[0])
                 if route is None:
                     return self._simple(404, b"<html><body>Not Found</body></html>", "text/html")
+                if route.redirect:
+                    return self._simple(302, b"", "text/plain", {"Location": route.redirect})
                 for name, value in route.require.items():
                     if self.headers.get(name) != value:
                         return self._simple(401, b"unauthorized", "text/plain")

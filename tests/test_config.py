@@ -113,7 +113,10 @@ BAD = [
     (["--source", "http://h/m", "--dest", "/tmp/x", "--file-mode", "rwx"], "--file-mode: expected an octal mode"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--owner", "root"], "--owner: expected numeric UID"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--header", "no colon"], "--header: expected 'Name: value'"),
-    (["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "-1"], "--retries: expected a whole number of 0 or more"),
+    (
+        ["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "-1"],
+        "--retries: expected a whole number of 0 or more",
+    ),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--filename", "../x"], "--filename: '../x' is not a plain file"),
     (["--config", "/nonexistent/fetcher.yaml"], "--config /nonexistent/fetcher.yaml: cannot read it"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
