@@ -942,7 +942,7 @@ def main() -> int:
     ap.add_argument("--kill-runs", type=int, default=1, help="kill-and-restart repetitions (default 1)")
     ap.add_argument("--kill-at", type=float, default=0.8, help="fraction of the file received when fetcher is killed")
     ap.add_argument("--concurrency", type=int, default=8, help="passed as --concurrency if fetcher has it (default 8)")
-    ap.add_argument("--part-size", default="16Mi", help="passed as --part-size if fetcher has it (default 16Mi)")
+    ap.add_argument("--part-size", default="8Mi", help="passed as --part-size if fetcher has it (default 8Mi)")
     ap.add_argument("--limit-rate", default="40m", help="nginx limit_rate of the capped location (default 40m)")
     ap.add_argument("--rss-target", type=float, default=100, help="peak RSS target in MiB (default 100)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")

@@ -52,7 +52,12 @@ class Channel:
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._cancelled.is_set():  # closed under a thread still reading it: let it end
+                    raise Cancelled from None
+                continue
             if item is _END:
                 return
             if isinstance(item, BaseException):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -51,6 +52,14 @@ def parse_source(text: str) -> str:
         raise ValueError("an S3 source looks like s3://bucket/key")
     if scheme == "file" and not text[len("file://") :].startswith("/"):
         raise ValueError("a file source needs an absolute path: file:///abs/path")
+    if scheme in ("http", "https"):
+        try:
+            parts = urlsplit(text)
+            _ = parts.port  # raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("the URL has no host")
     return text
 
 

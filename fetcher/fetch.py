@@ -51,7 +51,6 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
             retries=artifact.retries,
             backoff=artifact.retry_backoff,
             expect_html=artifact.filename.endswith((".html", ".htm")),
-            on_chunk=(digest := pipeline.Digest(on_bytes=progress)),
             parallelism=Parallelism(
                 concurrency=artifact.concurrency,
                 part_size=artifact.part_size,
@@ -74,7 +73,7 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
                 staging=staging,
                 limits=pipeline.Limits(artifact.strip_components, artifact.max_unpacked_size, artifact.max_members),
                 expected_sha256=artifact.sha256,
-                digest=digest,
+                on_bytes=progress,
                 spool_file=lambda: download.spooled,
             )
             marker = publish(

@@ -38,6 +38,7 @@ _CORRUPT: tuple[type[BaseException], ...] = (
 )
 
 READ_SIZE = 1024 * 1024
+HASHED_DEPTH = 2  # chunks between the hasher and the format detection and unpacking
 DECOMPRESSED_DEPTH = 2  # blocks of up to READ_SIZE between the inflater and the unpacker
 SNIFF_BYTES = 1024 * 1024  # a whole bzip2 block, or a zstd frame header and first block
 
@@ -115,11 +116,7 @@ class ChunkReader(io.RawIOBase):
 
 
 class Digest:
-    """SHA-256 and length of everything the source sent.
-
-    Called with each chunk by the download thread as the chunk arrives, so
-    hashing overlaps writing; the pipeline only reads the result.
-    """
+    """SHA-256 and length of everything the source sent, taken before anything else sees it."""
 
     def __init__(self, on_bytes: Callable[[int], None] | None = None) -> None:
         self._hash = hashlib.sha256()
@@ -261,18 +258,42 @@ def run(
     staging: Path,
     limits: Limits,
     expected_sha256: str | None,
-    digest: Digest,
+    on_bytes: Callable[[int], None] | None = None,
     spool_file: Callable[[], Path | None] = lambda: None,
 ) -> Outcome:
     """Turn the source's bytes into files under ``staging/tree``; return the digest.
 
-    ``digest`` must see every chunk of ``chunks`` as it is produced (the
-    download feeds it); reading ``chunks`` to the end completes it.
+    Hashing runs in a thread of its own between the download and the rest,
+    so that it overlaps both the network and the writing of files.
 
     ``spool_file`` names a file that will hold all of the bytes by the end, if
     there is one: a plain file is then moved from there, not written again.
     """
-    reader = ChunkReader(chunks)
+    digest = Digest(on_bytes)
+
+    def hash_and_pass(channel: Channel) -> None:
+        for chunk in chunks:
+            digest(chunk)
+            channel.put(chunk)
+
+    hashed, _hasher = produce_in_thread(hash_and_pass, HASHED_DEPTH, "fetcher-hash")
+    try:
+        # On success the hasher has ended: the reader was drained to its end marker.
+        return _run(ChunkReader(hashed), digest, extract, filename, staging, limits, expected_sha256, spool_file)
+    finally:
+        hashed.close()  # on failure, the hasher stops at its next chunk, or when the download is closed
+
+
+def _run(
+    reader: ChunkReader,
+    digest: Digest,
+    extract: str,
+    filename: str,
+    staging: Path,
+    limits: Limits,
+    expected_sha256: str | None,
+    spool_file: Callable[[], Path | None],
+) -> Outcome:
     root = staging / "tree"
     try:
         head = reader.peek(SNIFF_BYTES)

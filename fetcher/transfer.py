@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +61,8 @@ class Download:
         backoff: float = 1.0,
         expect_html: bool = False,
         parallelism: Parallelism | None = None,
-        on_chunk: Callable[[bytes], None] | None = None,
     ) -> None:
         self.source = source
-        self._on_chunk = on_chunk  # sees each chunk in order, in this thread: the hash is taken here
         self.info: ObjectInfo | None = None
         self.received = 0
         self.mode = "stream"
@@ -148,7 +146,7 @@ class Download:
         try:
             for chunk in parts.chunks(first=self.received // self._spool.identity.part_size):
                 self.received += len(chunk)
-                self._emit(chunk, channel)
+                channel.put(chunk)
         except RangeNotHonoured as exc:
             log.warning("falling back to one stream", source=self.source.display, reason=str(exc))
             self.mode = "stream"
@@ -227,11 +225,6 @@ class Download:
             self._spool.write(self.received, chunk)
         self.received += len(chunk)
         self._check_size()
-        self._emit(chunk, channel)
-
-    def _emit(self, chunk: bytes, channel: Channel) -> None:
-        if self._on_chunk is not None:
-            self._on_chunk(chunk)
         channel.put(chunk)
 
     def _refuse_html(self, info: ObjectInfo) -> None:

@@ -119,6 +119,14 @@ BAD = [
     ),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--filename", "../x"], "--filename: '../x' is not a plain file"),
     (["--config", "/nonexistent/fetcher.yaml"], "--config /nonexistent/fetcher.yaml: cannot read it"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--timeout", "inf"], "--timeout: must be more than 0 and at most"),
+    (["--source", "http://[::1/m", "--dest", "/tmp/x"], "--source: not a valid URL"),
+    (["--source", "http://", "--dest", "/tmp/x"], "--source: the URL has no host"),
+    (
+        ["--source", "http://h/m", "--dest", "/tmp/x", "--header", "X-Key: caf\u00e9"],
+        "--header: the value of X-Key must",
+    ),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "1.5"], "--retries: expected a whole number"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ]
 

@@ -195,3 +195,66 @@ def test_401_hints_at_credentials(origin: Origin, tmp_path: Path) -> None:
     run = run_fetcher("--source", url, "--dest", str(tmp_path))
     assert run.code == 3
     assert "HTTP 401" in run.error and "--bearer-token-file" in run.error
+
+
+def test_a_retry_answered_whole_by_another_version_is_not_stitched(origin: Origin, tmp_path: Path) -> None:
+    # the origin ignores Range and If-Match, and the object was replaced in between
+    url = origin.add(
+        "/w.bin", b"A" * 200_000, cut_after=[50_000], etag='"v1"', ranges=False, then=(b"B" * 200_000, '"v2"')
+    )
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "changed during the download" in run.error
+    assert tree(tmp_path) == {}
+
+
+def test_a_redirect_loop_fails_at_once(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/loop", b"", redirect=origin.url("/loop"))
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert "TooManyRedirects" in run.error
+    assert run.all("retrying") == []
+
+
+def test_sigterm_during_a_retry_wait_stops_at_once_with_a_reason(origin: Origin, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    url = origin.add("/w.bin", b"x", fail=[503] * 10, retry_after="120")
+    termination = tmp_path / "termination-log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fetcher",
+            "--source",
+            url,
+            "--dest",
+            str(tmp_path / "d"),
+            "--termination-log",
+            str(termination),
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not origin.hits("/w.bin") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # now in the 120 s Retry-After wait
+    stopped_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143
+    assert time.monotonic() - stopped_at < 10
+    assert "stopped by SIGTERM" in termination.read_text()
+    assert '"exit_code": 143' in stderr.strip().splitlines()[-1]

@@ -150,6 +150,7 @@ def test_an_internal_error_is_exit_1_with_a_last_line(tmp_path: Path, capsys: py
     assert code == 1
     err = capsys.readouterr().err
     assert '"internal error"' in err and "RuntimeError: boom" in err
+    assert "Traceback" in err  # a bug report needs the stack, in JSON logs too
 
 
 def test_console_script_is_installed() -> None:
@@ -173,3 +174,52 @@ def test_missing_file_source_is_exit_3(tmp_path: Path) -> None:
     run = run_fetcher("--source", "file:///nonexistent/model.tar.gz", "--dest", str(tmp_path))
     assert run.code == 3
     assert "does not exist" in run.error
+
+
+def test_a_model_file_changed_in_place_is_fetched_again(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(V1)
+    args = ("--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path), "--sha256", sha256(archive))
+    assert run_fetcher(*args).code == 0
+    weights = tmp_path / "model" / "w.bin"
+    weights.write_bytes(b"X" * weights.stat().st_size)  # same size, other bytes
+    os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert run_fetcher(*args).code == 0
+    assert len(origin.hits("/m.tar.gz")) == 2
+    assert tree(tmp_path) == V1
+
+
+def test_new_modes_are_applied_on_the_next_run(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(V1)
+    args = ("--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path))
+    assert run_fetcher(*args).code == 0
+    assert run_fetcher(*args, "--file-mode", "0400").code == 0
+    assert (tmp_path / "model" / "w.bin").stat().st_mode & 0o777 == 0o400
+
+
+def test_two_artifacts_publishing_the_same_entry_is_a_configuration_error(origin: Origin, tmp_path: Path) -> None:
+    first, second = make_tar({"model/a.txt": b"a"}), make_tar({"model/b.txt": b"b"})
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        f"dest: {tmp_path / 'models'}\nartifacts:\n"
+        f"  - source: {origin.add('/a/model.tar.gz', first)}\n"
+        f"  - source: {origin.add('/b/model.tar.gz', second)}\n"
+    )
+    run = run_fetcher("--config", str(config))
+    assert run.code == 2
+    assert "both publish 'model'" in run.error
+    assert tree(tmp_path / "models") == {"model/a.txt": b"a"}  # the first one stands
+
+
+def test_two_archives_with_the_same_file_name_in_one_dest(origin: Origin, tmp_path: Path) -> None:
+    first, second = make_tar({"tokenizer/t.json": b"{}"}), make_tar({"weights/w.bin": b"w"})
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        f"dest: {tmp_path / 'models'}\nartifacts:\n"
+        f"  - source: {origin.add('/tok/model.tar.gz', first)}\n"
+        f"  - source: {origin.add('/w/model.tar.gz', second)}\n"
+    )
+    run = run_fetcher("--config", str(config))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "models") == {"tokenizer/t.json": b"{}", "weights/w.bin": b"w"}
+    again = run_fetcher("--config", str(config))
+    assert again.event("done")["already_present"] == 2

@@ -60,3 +60,44 @@ def test_redaction_helpers() -> None:
     assert mask_headers([("Authorization", "Bearer x"), ("X-Team", "ml")]) == ["Authorization: ***", "X-Team: ml"]
     assert scrub("failed: Authorization: Bearer eyJhbGciOi.abc.def") == "failed: Authorization: Bearer ***"
     assert scrub("key AKIAIOSFODNN7EXAMPLE used") == "key *** used"
+
+
+def test_a_token_file_with_two_lines_is_refused_without_echoing_it(origin: Origin, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-half\nsecond-half-SECRET\n")
+    run = run_fetcher(
+        "--source", origin.add("/w.bin", b"x"), "--dest", str(tmp_path / "d"), "--bearer-token-file", str(token)
+    )
+    assert run.code == 2
+    assert "one line of printable ASCII" in run.error
+    assert "SECRET" not in run.stderr and "first-half" not in run.stderr
+    assert origin.requests == []
+
+
+def test_sigv2_presigned_urls_are_masked_in_the_plan_and_the_marker(origin: Origin, tmp_path: Path) -> None:
+    origin.add("/m.bin", b"model")
+    url = origin.url("/m.bin?AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1900000000&Signature=c2lnbmF0dXJl")
+    plan = run_fetcher("--source", url, "--dest", str(tmp_path), "--dry-run")
+    fetched = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert plan.code == 0 and fetched.code == 0, fetched.stderr
+    [marker] = (tmp_path / ".fetcher").glob("*.json")
+    everything = plan.stdout + plan.stderr + fetched.stderr + marker.read_text()
+    assert "AKIAIOSFODNN7EXAMPLE" not in everything and "c2lnbmF0dXJl" not in everything
+    assert "AWSAccessKeyId=***" in plan.stdout
+
+
+def test_secret_headers_do_not_follow_a_redirect_to_another_origin(origin: Origin, tmp_path: Path) -> None:
+    other = Origin()
+    try:
+        target = other.add("/m.bin", b"model")
+        url = origin.add("/m.bin", b"", redirect=target)
+        run = run_fetcher(
+            "--source", url, "--dest", str(tmp_path), "--header", "X-Api-Key: key-77", "--header", "X-Team: ml"
+        )
+        assert run.code == 0, run.stderr
+        assert origin.hits("/m.bin")[0].headers["X-Api-Key"] == "key-77"
+        redirected = other.hits("/m.bin")[0].headers
+        assert "X-Api-Key" not in redirected
+        assert redirected["X-Team"] == "ml"
+    finally:
+        other.close()
