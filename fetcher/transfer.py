@@ -158,6 +158,13 @@ class Download:
             if self.info is None:
                 self.info = body.info
                 self._refuse_html(body.info)
+                if body.info.encoding not in (None, "identity"):
+                    log.warning(
+                        "the server compressed the response although asked not to",
+                        source=self.source.display,
+                        content_encoding=body.info.encoding,
+                        effect="the bytes are hashed and saved as sent, still compressed",
+                    )
             self._answered.set()
             if may_split and self._split_worthwhile(body.info) and self._first_part_slow(body, channel):
                 return True

@@ -15,11 +15,13 @@ our own and do not lean on ``filter="data"``. Every member goes through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
 import stat
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +29,7 @@ from typing import Protocol
 from fetcher.errors import ArchiveError, LocalFilesystemError
 
 COPY_CHUNK = 1024 * 1024
+FLUSH_EVERY = 64 * 1024 * 1024
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 
 
@@ -108,12 +111,13 @@ class SafeTree:
         self._clear(path, name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb") as out, _Flusher(fd) as flusher:
                 while chunk := data.read(COPY_CHUNK):
                     self.written += len(chunk)
                     if self.written > self._max_size:
                         raise ArchiveError(f"archive unpacks to more than {self._max_size} bytes (--max-unpacked-size)")
                     out.write(chunk)
+                    flusher.wrote(len(chunk))
                 os.fchmod(out.fileno(), stat.S_IMODE(mode) & 0o777)
             self.files += 1
         except OSError as exc:
@@ -205,6 +209,39 @@ class SafeTree:
             if os.path.isdir(path) and not os.path.islink(path):
                 raise ArchiveError(f"refused member {original!r}: it would replace a directory")
             os.unlink(path)
+
+
+class _Flusher:
+    """Flush a large file to disk while it is still being written.
+
+    Publishing fsyncs every file before the marker claims it is there; done
+    all at the end, that cost ~0.2 s per 800 MB here, after everything else.
+    An fdatasync in another thread every FLUSH_EVERY bytes overlaps that
+    writeback with the download, so the final fsync finds little left to do.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, count: int) -> None:
+        self._pending += count
+        if self._pending >= FLUSH_EVERY and (self._thread is None or not self._thread.is_alive()):
+            self._pending = 0
+            self._thread = threading.Thread(target=self._flush, name="fetcher-flush", daemon=True)
+            self._thread.start()
+
+    def _flush(self) -> None:
+        with contextlib.suppress(OSError):  # the final fsync reports what matters
+            os.fdatasync(self._fd)
+
+    def __enter__(self) -> _Flusher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._thread is not None:
+            self._thread.join()  # before the file is closed
 
 
 def local_error(exc: OSError, doing: str) -> LocalFilesystemError:

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -90,6 +91,8 @@ def main() -> int:
 
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log would drown fetcher's
 
     s3_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)

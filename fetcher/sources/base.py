@@ -23,6 +23,7 @@ class ObjectInfo:
     content_type: str | None = None
     ranges: bool = False  # the source serves byte ranges, so parts can be fetched in parallel
     version: str | None = None  # ETag or S3 VersionId: identifies this exact object
+    encoding: str | None = None  # a Content-Encoding the server applied anyway: the bytes are kept as sent
 
 
 @dataclass

@@ -153,6 +153,7 @@ class HttpSource:
             content_type=response.headers.get("Content-Type"),
             ranges=ranges and self._etag is not None,  # parts must be pinned to one version
             version=self._etag,
+            encoding=response.headers.get("Content-Encoding", "identity").lower() or None,
         )
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
