@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-import yaml
-
 from fetcher import __version__
 from fetcher.errors import UsageError
 
@@ -341,18 +339,22 @@ def _header_items(raw: Any) -> list[Any]:
     raise ValueError("expected a list of 'Name: value' or a mapping")
 
 
-class _TextLoader(yaml.SafeLoader):
+def _text_loader() -> type[Any]:
     """YAML without implicit typing: every scalar stays text for our parsers.
 
     This keeps ``file_mode: 0644`` octal and ``sha256: 1e5...`` a string, where
     stock YAML would turn them into numbers.
     """
+    import yaml
 
+    class TextLoader(yaml.SafeLoader):
+        pass
 
-_TextLoader.yaml_implicit_resolvers = {
-    key: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:null"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+    TextLoader.yaml_implicit_resolvers = {
+        key: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:null"]
+        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return TextLoader
 
 
 def load_config_file(path: Path) -> tuple[Values, list[Values]]:
@@ -364,8 +366,10 @@ def load_config_file(path: Path) -> tuple[Values, list[Values]]:
         raise UsageError(f"{where}: cannot read it: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{where}: not UTF-8 text") from None
+    import yaml  # only a run with --config pays for it
+
     try:
-        document = yaml.load(text, Loader=_TextLoader) if text.strip() else {}
+        document = yaml.load(text, Loader=_text_loader()) if text.strip() else {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""

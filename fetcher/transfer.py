@@ -202,10 +202,15 @@ class Download:
             self._spool = spool
             return True
         began, first = time.monotonic(), bytearray()
-        for chunk in body.chunks:
-            first += chunk
-            if len(first) >= part_size:
-                break
+        try:
+            for chunk in body.chunks:
+                first += chunk
+                if len(first) >= part_size:
+                    break
+        except BaseException:  # the retry starts again from byte 0, with a fresh spool
+            spool.close()
+            spool.remove()
+            raise
         rate = len(first) / max(time.monotonic() - began, 1e-6)
         if len(first) >= part_size and rate < self._parallelism.split_below:
             part = bytes(memoryview(first)[:part_size])
