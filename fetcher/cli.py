@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from fetcher import __version__, logs
+from fetcher import __version__, logs, memory
 from fetcher.config import build_parser, resolve
 from fetcher.errors import (
     ArchiveError,
@@ -53,20 +53,6 @@ def exit_code(error: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def _cap_malloc_arenas() -> None:
-    """Two glibc heap arenas instead of one per thread.
-
-    With a download thread, an inflate thread and up to --concurrency part
-    workers, per-thread arenas alone grew peak RSS by ~40 MiB here; capped,
-    a parallel fetch stays under 100 MiB. Not glibc (musl): nothing to do.
-    """
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-
-
 class Terminated(BaseException):
     """SIGTERM, as the kubelet sends it: unwind like Ctrl-C, so staging is cleaned and the reason recorded."""
 
@@ -77,7 +63,7 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
-    _cap_malloc_arenas()
+    memory.cap_arenas()  # before any thread starts
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     argv = sys.argv[1:] if argv is None else argv

@@ -218,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
         "split_below",
         parse_size,
         "split into parallel ranges when the first part arrives slower than this many bytes/s (0: never)",
-        250 * 10**6,
+        150 * 10**6,
         metavar="RATE",
     ),
     Option("timeout", parse_seconds, "connect and read timeout", 30.0, metavar="SECONDS"),

@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from fetcher import memory
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Cancelled
 from fetcher.errors import FetchError, LocalFilesystemError, TransientFetchError
@@ -151,8 +152,9 @@ class PartedDownload:
         try:
             for index in range(first, self.count):
                 if index in futures:
-                    futures[index].result()
+                    futures.pop(index).result()
                 yield from self.spool.read(*self.bounds(index))
+                memory.give_back()  # see fetcher.memory: without it, RSS grows with the object
         finally:
             self._cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
