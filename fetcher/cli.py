@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         results = []
         for artifact in plan:
             log.info("plan", index=artifact.index, **artifact.describe())
-            siblings = frozenset(a.key for a in plan if a.dest == artifact.dest and a is not artifact)
+            dest = artifact.dest.resolve()
+            siblings = frozenset(a.key for a in plan if a is not artifact and a.dest.resolve() == dest)
             results.append(fetch(artifact, siblings))
         total = sum(r.size for r in results if not r.skipped)
         seconds = time.monotonic() - started

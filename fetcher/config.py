@@ -97,6 +97,21 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
 
 
+def parse_part_size(text: str) -> int:
+    """Bounded: each part is held in memory once, and a restart fetches up to one per connection again."""
+    value = parse_size(text)
+    if not 64 * 2**10 <= value <= 64 * 2**20:
+        raise ValueError("must be between 64Ki and 64Mi")
+    return value
+
+
+def parse_concurrency(text: str) -> int:
+    value = parse_count(text)
+    if not 1 <= value <= 64:
+        raise ValueError("must be between 1 and 64")
+    return value
+
+
 def parse_mode(text: str) -> int:
     if not re.fullmatch(r"0?o?[0-7]{1,4}", text.strip().lower()):
         raise ValueError("expected an octal mode such as 0644")
@@ -202,14 +217,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "concurrency",
-        parse_count,
+        parse_concurrency,
         "connections for parallel ranged GETs of a large object (1: never split)",
         8,
         metavar="N",
     ),
     Option(
         "part_size",
-        parse_size,
+        parse_part_size,
         "size of each ranged part; also the most a restart fetches twice per connection",
         8 * 2**20,
         metavar="SIZE",

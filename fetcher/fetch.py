@@ -42,7 +42,7 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
     from fetcher.sources import open_source
     from fetcher.transfer import Download, Parallelism
 
-    with workspace(artifact) as staging:
+    with workspace(artifact, siblings) as staging:
         if (present := already_present(artifact)) is not None:  # another pod sharing the volume just did it
             return _skip(artifact, present, started)
         progress = Progress(artifact.display_source, None, artifact.progress_interval)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 from typing import Any
 
 _M_ARENA_MAX = -8
 
 
 def _libc() -> Any:
-    with contextlib.suppress(OSError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    with contextlib.suppress(OSError):  # by its soname: find_library would run ldconfig at every start
+        libc = ctypes.CDLL("libc.so.6")
         if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
             return libc
     return None

@@ -11,13 +11,16 @@ hashing and unpacking still stream while later parts are in flight.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
-from fetcher.channel import Cancelled
+from fetcher.channel import Cancelled, Channel
 from fetcher.errors import FetchError, LocalFilesystemError, TransientFetchError
 from fetcher.sources.base import CHUNK_SIZE, Source
 
@@ -48,59 +51,98 @@ class Identity:
 
 
 class Spool:
-    """The object's bytes at their offsets, and the journal of parts safely on disk."""
+    """The object's bytes at their offsets, and the journal of parts safely on disk.
+
+    Parts are written by several threads at once; ``close`` waits for those
+    in the middle of a write, so no write can land on a recycled descriptor.
+    """
 
     def __init__(self, directory: Path, identity: Identity) -> None:
         self.directory = directory
         self.identity = identity
         self.done: set[int] = set()
+        self.full = False  # the disk filled up: keeping what is here would only fail again
+        self._busy = 0
+        self._closed = False
+        self._idle = threading.Condition()
         journal = directory / "journal"
         try:
             lines = journal.read_text(encoding="utf-8").splitlines()
-            if lines and json.loads(lines[0]) == asdict(identity):
+            data = (directory / "data").stat()
+            if lines and json.loads(lines[0]) == asdict(identity) and data.st_size == identity.size:
                 self.done = {int(line) for line in lines[1:] if line.strip().isdigit()}
-            else:
+            else:  # another object, or its data was moved out (published) or lost
                 shutil.rmtree(directory, ignore_errors=True)
         except (OSError, ValueError):
             shutil.rmtree(directory, ignore_errors=True)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise LocalFilesystemError(f"preparing the download spool in {directory}: {exc.strerror}") from None
+        try:
             os.ftruncate(self._fd, identity.size)
             self._journal = journal.open("a", encoding="utf-8")
             if not self.done:
                 self._journal.write(json.dumps(asdict(identity)) + "\n")
                 self._journal.flush()
         except OSError as exc:
+            os.close(self._fd)
             raise LocalFilesystemError(f"preparing the download spool in {directory}: {exc.strerror}") from None
-        self._lock = threading.Lock()
+
+    @contextmanager
+    def _using(self) -> Iterator[int]:
+        with self._idle:
+            if self._closed:
+                raise Cancelled
+            self._busy += 1
+        try:
+            yield self._fd
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.full = True
+                raise LocalFilesystemError(
+                    f"no space left in {self.directory} for the download spool ({self.identity.size} bytes): "
+                    "a parallel download needs room for the object besides what it unpacks to; "
+                    "give the volume more room, or set --concurrency 1"
+                ) from None
+            raise LocalFilesystemError(f"writing the download spool: {exc.strerror}") from None
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
 
     def write(self, offset: int, data: bytes) -> None:
-        try:
-            os.pwrite(self._fd, data, offset)
-        except OSError as exc:
-            raise LocalFilesystemError(f"writing the download spool: {exc.strerror}") from None
+        with self._using() as fd:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
 
     def commit(self, index: int) -> None:
         """Record a part as done, only once its bytes are on disk."""
-        try:
-            os.fdatasync(self._fd)
-            with self._lock:
+        with self._using() as fd:
+            os.fdatasync(fd)
+            with self._idle:
                 self._journal.write(f"{index}\n")
                 self._journal.flush()
                 self.done.add(index)
-        except OSError as exc:
-            raise LocalFilesystemError(f"writing the download spool: {exc.strerror}") from None
 
     def read(self, start: int, end: int) -> Iterator[bytes]:
         while start < end:
-            chunk = os.pread(self._fd, min(CHUNK_SIZE, end - start), start)
+            with self._using() as fd:
+                chunk = os.pread(fd, min(CHUNK_SIZE, end - start), start)
             if not chunk:
                 raise LocalFilesystemError("the download spool is shorter than the parts it records")
             start += len(chunk)
             yield chunk
 
     def close(self) -> None:
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
+            self._idle.wait_for(lambda: self._busy == 0)
         os.close(self._fd)
         self._journal.close()
 
@@ -109,7 +151,12 @@ class Spool:
 
 
 class PartedDownload:
-    """Fetch parts ``first``.. in parallel; iterate over the object's bytes from ``first`` in order."""
+    """Fetch parts ``first``.. in parallel; iterate over the object's bytes from ``first`` in order.
+
+    Workers are daemon threads, one future per part: when the consumer goes
+    away (an error, SIGTERM) they stop at their next chunk, and a worker stuck
+    on a dead connection never holds up the process's exit.
+    """
 
     def __init__(
         self,
@@ -119,7 +166,7 @@ class PartedDownload:
         concurrency: int,
         retries: int,
         backoff: float,
-        stopped: Callable[[float], None],
+        channel: Channel,
     ) -> None:
         self.source = source
         self.spool = spool
@@ -130,7 +177,7 @@ class PartedDownload:
         self._retries = retries
         self._backoff = backoff
         self._cancel = threading.Event()
-        self._consumer_sleep = stopped  # sleeps, raising Cancelled once the consumer has gone
+        self._channel = channel  # the consumer's: once it is closed, everything here stops
 
     def bounds(self, index: int) -> tuple[int, int]:
         start = index * self.part_size
@@ -147,17 +194,48 @@ class PartedDownload:
                 parts_to_fetch=len(missing),
                 part_size=self.part_size,
             )
-        pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="fetcher-part")
-        futures: dict[int, Future[None]] = {i: pool.submit(self._fetch, i) for i in missing}
+        futures = self._start(missing)
         try:
             for index in range(first, self.count):
-                if index in futures:
-                    futures.pop(index).result()
+                if (future := futures.pop(index, None)) is not None:
+                    self._wait(future)
                 yield from self.spool.read(*self.bounds(index))
                 memory.give_back()  # see fetcher.memory: without it, RSS grows with the object
         finally:
             self._cancel.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start(self, indices: list[int]) -> dict[int, Future[None]]:
+        futures: dict[int, Future[None]] = {i: Future() for i in indices}
+        todo: queue.SimpleQueue[tuple[int, Future[None]]] = queue.SimpleQueue()
+        for index in indices:  # in order: the parts the consumer needs next come first
+            todo.put((index, futures[index]))
+        for n in range(min(self._concurrency, len(indices))):
+            threading.Thread(target=self._work, args=(todo,), name=f"fetcher-part-{n}", daemon=True).start()
+        return futures
+
+    def _work(self, todo: queue.SimpleQueue[tuple[int, Future[None]]]) -> None:
+        while not self._stopped():
+            try:
+                index, future = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._fetch(index)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def _wait(self, future: Future[None]) -> None:
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except TimeoutError:
+                if self._stopped():
+                    raise Cancelled from None
+
+    def _stopped(self) -> bool:
+        return self._cancel.is_set() or self._channel.cancelled
 
     def _fetch(self, index: int) -> None:
         start, end = self.bounds(index)
@@ -174,7 +252,7 @@ class PartedDownload:
                 if not body.partial or body.offset != position:
                     raise RangeNotHonoured(f"{self.source.display} did not honour a range request")
                 for chunk in body.chunks:
-                    if self._cancel.is_set():
+                    if self._stopped():
                         raise Cancelled
                     self.spool.write(position, chunk)
                     position += len(chunk)
@@ -186,9 +264,9 @@ class PartedDownload:
         """Wait between retries; wake at once if this download or its consumer stops."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            if self._cancel.is_set():
+            if self._stopped():
                 raise Cancelled
-            self._consumer_sleep(min(left, 0.1))
+            self._channel.sleep(min(left, 0.1))
 
     def _log_retry(self, state: RetryCallState, index: int) -> None:
         exc = state.outcome.exception() if state.outcome else None

@@ -15,6 +15,7 @@ import hashlib
 import io
 import lzma
 import os
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -65,18 +66,25 @@ class ChunkReader(io.RawIOBase):
     """A readable, peekable file over an iterator of chunks.
 
     A read that wants at least a whole chunk gets that chunk itself, not a copy:
-    on the hot path bytes are copied only where a stage must.
+    on the hot path bytes are copied only where a stage must. Reads are
+    locked: after a failure, a stage thread still reading may overlap the
+    drain that finishes the hash.
     """
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks: Iterator[bytes] = iter(chunks)
         self._head = b""  # the chunk being read, from self._pos on
         self._pos = 0
+        self._lock = threading.Lock()
 
     def _pull(self) -> bytes | None:
         return next(self._chunks, None)
 
     def peek(self, size: int) -> bytes:
+        with self._lock:
+            return self._peek(size)
+
+    def _peek(self, size: int) -> bytes:
         parts = [self._head[self._pos :]]
         have = len(parts[0])
         while have < size and (chunk := self._pull()) is not None:
@@ -96,6 +104,10 @@ class ChunkReader(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             return self.readall()
+        with self._lock:
+            return self._read(size)
+
+    def _read(self, size: int) -> bytes:
         if self._pos >= len(self._head):
             chunk = self._pull()
             if chunk is None:
@@ -110,9 +122,10 @@ class ChunkReader(io.RawIOBase):
 
     def drain(self) -> None:
         """Read the rest, so that whoever hashes the stream has seen every byte."""
-        self._head, self._pos = b"", 0
-        while self._pull() is not None:
-            pass
+        with self._lock:
+            self._head, self._pos = b"", 0
+            while self._pull() is not None:
+                pass
 
 
 class Digest:
@@ -160,6 +173,9 @@ def decompressed(raw: Readable, kind: str) -> Iterator[bytes]:
             data = pending or raw.read(READ_SIZE)
             if not data:
                 return
+            if not data.strip(b"\0"):  # zeros after the last member (tape-style padding): gzip ignores them too
+                _expect_only_zeros(raw, kind)
+                return
             decompressor = _new_decompressor(kind)
             while True:
                 yield from _bounded(decompressor, data)
@@ -171,6 +187,12 @@ def decompressed(raw: Readable, kind: str) -> Iterator[bytes]:
                     raise ArchiveError(f"truncated {kind} data")
     except _CORRUPT as exc:
         raise ArchiveError(f"corrupt {kind} data: {exc}") from None
+
+
+def _expect_only_zeros(raw: Readable, kind: str) -> None:
+    while data := raw.read(READ_SIZE):
+        if data.strip(b"\0"):
+            raise ArchiveError(f"corrupt {kind} data: unexpected bytes after zero padding")
 
 
 def _bounded(decompressor: Any, data: bytes) -> Iterator[bytes]:
@@ -340,14 +362,15 @@ def _unpack_compressed_tar(reader: ChunkReader, kind: str, tree: SafeTree) -> No
         for block in decompressed(reader, kind):
             channel.put(block)
 
-    channel, thread = produce_in_thread(produce, DECOMPRESSED_DEPTH, "fetcher-decompress")
+    channel, _thread = produce_in_thread(produce, DECOMPRESSED_DEPTH, "fetcher-decompress")
     try:
         tar_stream = ChunkReader(channel)
         unpack_tar(tar_stream, tree)
         tar_stream.drain()  # tar padding; this also lets the thread read the input to its end
     finally:
+        # Not joined: on failure the thread may be waiting for bytes that never come; it ends once the
+        # download is closed, and its reads share the reader safely with a caller finishing the hash.
         channel.close()
-        thread.join()
 
 
 def _adopt(spool: Path, target: Path) -> None:

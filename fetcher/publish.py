@@ -82,8 +82,12 @@ def already_present(artifact: Artifact) -> Marker | None:
 
 
 @contextmanager
-def workspace(artifact: Artifact) -> Iterator[Path]:
-    """A locked, fresh staging directory; removed on the way out, whatever happened."""
+def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Iterator[Path]:
+    """A locked, fresh staging directory; removed on the way out, whatever happened.
+
+    ``siblings``: keys of the other artifacts this run puts in the same dest,
+    whose download spools are kept for them to resume from.
+    """
     state = artifact.state_dir
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,7 @@ def workspace(artifact: Artifact) -> Iterator[Path]:
         raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _clean_leftovers(state)
+        _clean_leftovers(state, keep={f"download-{key}" for key in siblings | {artifact.key}})
         staging = state / f"staging-{uuid.uuid4().hex[:12]}"
         try:
             staging.mkdir()
@@ -103,10 +107,16 @@ def workspace(artifact: Artifact) -> Iterator[Path]:
         os.close(lock)
 
 
-def _clean_leftovers(state: Path) -> None:
-    """Remove what an earlier run left when it was killed mid-way."""
+def _clean_leftovers(state: Path, keep: set[str]) -> None:
+    """Remove what an earlier run left when it was killed mid-way.
+
+    That includes the download spools of objects no longer asked for (an
+    older version of the model, say): they can be as large as the model.
+    """
     for entry in state.iterdir():
-        if entry.name.startswith(("staging-", "trash-")):
+        if entry.name.startswith(("staging-", "trash-")) or (
+            entry.name.startswith("download-") and entry.name not in keep
+        ):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -183,14 +193,16 @@ def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None
                 os.rename(target, trash / name)
             moved.append(name)
             os.rename(tree / name, target)
-    except OSError as exc:
+    except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
         for name in reversed(moved):
             target, old = artifact.dest / name, trash / name
             if not os.path.lexists(tree / name):  # the new entry made it in: take it out
                 _remove(target)
             if os.path.lexists(old):
                 os.rename(old, target)
-        raise local_error(exc, f"moving files into {artifact.dest}") from None
+        if isinstance(exc, OSError):
+            raise local_error(exc, f"moving files into {artifact.dest}") from None
+        raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
 

@@ -10,6 +10,7 @@ flaky link is not failed by drops that are each recovered from.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -102,7 +103,7 @@ class Download:
         self.source.close()
         if self._spool is not None:
             self._spool.close()
-            if not keep_spool:
+            if not keep_spool or self._spool.full:
                 self._spool.remove()
 
     # --- the network thread ------------------------------------------------
@@ -141,7 +142,7 @@ class Download:
             concurrency=self._parallelism.concurrency,
             retries=self._retries,
             backoff=self._backoff,
-            stopped=channel.sleep,
+            channel=channel,
         )
         try:
             for chunk in parts.chunks(first=self.received // self._spool.identity.part_size):
@@ -166,9 +167,16 @@ class Download:
                         effect="the bytes are hashed and saved as sent, still compressed",
                     )
             self._answered.set()
-            if may_split and self._split_worthwhile(body.info) and self._first_part_slow(body, channel):
-                return True
+            if may_split and self._split_worthwhile(body.info):
+                spool = self._open_spool()
+                if spool is not None and spool.done:  # a run before this one got this far: go on from there
+                    self._spool = spool
+                    return True
+                if spool is not None and self._first_part_slow(body, channel, spool):
+                    return True
             skip = start - body.offset  # a server that ignored Range resends from 0
+            if skip < 0:
+                raise FetchError(f"{self.source.display} answered from byte {body.offset}, not {start} as asked")
             for chunk in body.chunks:
                 if skip:
                     if len(chunk) <= skip:
@@ -191,46 +199,76 @@ class Download:
             and info.size >= 2 * settings.part_size
         )
 
-    def _first_part_slow(self, body: Body, channel: Channel) -> bool:
-        """Time the first part; if it was slow, spool it and say so. Otherwise just pass it on."""
+    def _open_spool(self) -> Spool | None:
+        """The spool for this object; None if the volume lacks room for it besides the unpacked files."""
         assert self._parallelism is not None and self.info is not None
         assert self.info.size is not None and self.info.version is not None
-        part_size = self._parallelism.part_size
-        identity = Identity(self.source.display, self.info.version, self.info.size, part_size)
-        spool = Spool(self._parallelism.spool_dir, identity)
-        if spool.done:  # a run before this one got this far: continue from its spool
-            self._spool = spool
-            return True
-        began, first = time.monotonic(), bytearray()
+        settings = self._parallelism
+        identity = Identity(self.source.display, self.info.version, self.info.size, settings.part_size)
+        spool = Spool(settings.spool_dir, identity)
+        if spool.done:
+            return spool
+        free = shutil.disk_usage(settings.spool_dir).free
+        if free < 2 * self.info.size:
+            spool.close()
+            spool.remove()
+            log.info(
+                "one stream: too little free space to spool parallel parts",
+                source=self.source.display,
+                free=free,
+                needed=2 * self.info.size,
+            )
+            return None
+        return spool
+
+    def _first_part_slow(self, body: Body, channel: Channel, spool: Spool) -> bool:
+        """Pass the first part on while timing the network; if it was slow, spool it and say so.
+
+        Only the time spent waiting for the network counts, not the time the
+        pipeline took to accept each chunk. The chunks are held (no copy) until
+        the decision, so memory stays within one part.
+        """
+        assert self._parallelism is not None
+        part_size, held, have, waited = self._parallelism.part_size, [], 0, 0.0
+        rest = b""
         try:
-            for chunk in body.chunks:
-                first += chunk
-                if len(first) >= part_size:
+            chunks = iter(body.chunks)
+            while have < part_size:
+                began = time.monotonic()
+                chunk = next(chunks, None)
+                waited += time.monotonic() - began
+                if chunk is None:
                     break
-        except BaseException:  # the retry starts again from byte 0, with a fresh spool
+                if have + len(chunk) > part_size:
+                    chunk, rest = chunk[: part_size - have], chunk[part_size - have :]
+                held.append(chunk)
+                have += len(chunk)
+                self._deliver(chunk, channel)
+            rate = have / max(waited, 1e-6)
+            if have < part_size or rate >= self._parallelism.split_below:
+                spool.close()
+                spool.remove()
+                if rest:
+                    self._deliver(rest, channel)
+                return False
+            offset = 0
+            for chunk in held:
+                spool.write(offset, chunk)
+                offset += len(chunk)
+            spool.commit(0)
+        except BaseException:  # a retry starts from where the stream broke, on one stream
             spool.close()
             spool.remove()
             raise
-        rate = len(first) / max(time.monotonic() - began, 1e-6)
-        if len(first) >= part_size and rate < self._parallelism.split_below:
-            part = bytes(memoryview(first)[:part_size])
-            del first
-            spool.write(0, part)
-            spool.commit(0)
-            self._spool = spool
-            self._deliver(part, channel)
-            log.info(
-                "splitting",
-                source=self.source.display,
-                first_part_mb_per_s=round(rate / 1e6, 1),
-                concurrency=self._parallelism.concurrency,
-                part_size=part_size,
-            )
-            return True
-        spool.close()
-        spool.remove()
-        self._deliver(bytes(first), channel)
-        return False
+        self._spool = spool
+        log.info(
+            "splitting",
+            source=self.source.display,
+            first_part_mb_per_s=round(rate / 1e6, 1),
+            concurrency=self._parallelism.concurrency,
+            part_size=part_size,
+        )
+        return True
 
     def _deliver(self, chunk: bytes, channel: Channel) -> None:
         if self._fill_spool and self._spool is not None:

@@ -122,6 +122,8 @@ class Route:
     require: dict[str, str] = field(default_factory=dict)  # headers the request must carry
     then: tuple[bytes, str] | None = None  # (body, etag) the object becomes after the first request
     redirect: str | None = None  # answer 302 to this URL
+    stall_after: tuple[int, float] | None = None  # (bytes, seconds): go silent mid-body, every response
+    align_ranges: int = 0  # answer a range from its start rounded down to this: a 206 that is not what was asked
 
 
 @dataclass
@@ -136,6 +138,9 @@ class Origin:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
+        self.active = 0  # requests being answered now
+        self.peak = 0  # the most answered at once
+        self._lock = threading.Lock()
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -145,6 +150,16 @@ class Origin:
                 pass
 
             def do_GET(self) -> None:
+                with origin._lock:
+                    origin.active += 1
+                    origin.peak = max(origin.peak, origin.active)
+                try:
+                    self._get()
+                finally:
+                    with origin._lock:
+                        origin.active -= 1
+
+            def _get(self) -> None:
                 seen = Seen("GET", self.path, dict(self.headers.items()))
                 origin.requests.append(seen)
                 route = origin.routes.get(self.path.split("?", 1)[0])
@@ -167,6 +182,7 @@ class Origin:
                         return self._simple(412, b"precondition failed", "text/plain")
                     start_text, _, end_text = wanted.removeprefix("bytes=").partition("-")
                     start = int(start_text)
+                    start -= start % route.align_ranges if route.align_ranges else 0
                     end = int(end_text) if end_text else len(route.body) - 1
                     body, status = route.body[start : end + 1], 206
                     headers["Content-Range"] = f"bytes {start}-{end}/{len(route.body)}"
@@ -184,6 +200,11 @@ class Origin:
                 if route.then:  # re-uploaded while we were reading
                     route.body, route.etag = route.then
                     route.then = None
+                if route.stall_after:
+                    head, pause = route.stall_after
+                    self._send(body[:head], route.rate, seen)
+                    time.sleep(pause)
+                    body = body[head:]
                 self._send(body if limit is None else body[:limit], route.rate, seen)
                 if limit is not None:
                     self.wfile.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import random
 import stat
 from pathlib import Path
 
@@ -255,3 +256,26 @@ def test_a_zstd_bomb_is_stopped_at_the_size_limit(origin: Origin, tmp_path: Path
     code, _dest, error = _fetch(origin, tmp_path, body, "/a", "--max-unpacked-size", "1Mi")
     assert code == 5
     assert "--max-unpacked-size" in error
+
+
+def test_zero_padding_after_the_gzip_stream_is_ignored_like_gzip_does(origin: Origin, tmp_path: Path) -> None:
+    padded = make_tar(FILES) + b"\0" * 10240  # tape-style blocking, as `tar -b` or dd leave it
+    code, dest, error = _fetch(origin, tmp_path, padded, "/padded.tar.gz", "--sha256", sha256(padded))
+    assert code == 0, error
+    assert tree(dest) == FILES
+
+
+def test_bytes_after_zero_padding_are_still_refused(origin: Origin, tmp_path: Path) -> None:
+    code, dest, error = _fetch(origin, tmp_path, make_tar(FILES) + b"\0" * 2048 + b"junk", "/junk.tar.gz")
+    assert code == 5
+    assert "corrupt gz data" in error
+    assert published(dest) == []
+
+
+def test_an_unsafe_member_fails_at_once_without_waiting_for_the_rest(origin: Origin, tmp_path: Path) -> None:
+    noise = random.Random(3).randbytes
+    hostile = make_tar({"m/a.bin": noise(10 * 2**17), "../evil": b"x", "m/b.bin": noise(4 * 2**20)})
+    url = origin.add("/slow.tar.gz", hostile, stall_after=(3 * 2**19, 60))  # past the 1 MiB sniffed, then silent
+    run = run_fetcher("--source", url, "--dest", str(tmp_path / "dest"), "--timeout", "120", timeout=30)
+    assert run.code == 5
+    assert "'..' in its path" in run.error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -138,3 +139,82 @@ def test_a_killed_run_resumes_from_the_parts_on_disk(origin: Origin, tmp_path: P
     sent_again = sum(r.sent for r in origin.requests[requests_before:])
     refetched = sent_again - (size - resumed["parts_on_disk"] * part)
     assert refetched <= concurrency * part, f"{refetched} bytes fetched twice"
+
+
+def test_a_range_answered_with_other_bytes_falls_back_to_one_stream(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", BODY, etag='"abc"', align_ranges=48 * KiB, rate=4_000_000)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert "did not honour a range request" in run.event("falling back to one stream")["reason"]
+
+
+def test_every_connection_asked_for_is_used(origin: Origin, tmp_path: Path) -> None:
+    body = random.Random(9).randbytes(32 * 64 * KiB)
+    url = origin.add("/w.bin", body, etag='"abc"', rate=500_000)
+    run = run_fetcher(
+        "--source", url, "--dest", str(tmp_path), "--part-size", "64Ki", "--concurrency", "24", "--split-below", "100G"
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    assert origin.peak >= 24  # not capped by a connection pool smaller than --concurrency
+
+
+def test_a_spool_whose_data_is_gone_is_not_trusted(origin: Origin, tmp_path: Path) -> None:
+    """A journal left behind (say, the run was stopped after the file was moved out) must not yield zeros."""
+    url = origin.add("/w.bin", BODY, etag='"abc"', rate=2_000_000)
+    args = ("--source", url, "--dest", str(tmp_path), *SPLIT)
+    dry = run_fetcher(*args, "--dry-run")
+    assert dry.code == 0
+    spools = tmp_path / ".fetcher"
+    first = run_fetcher(*args)
+    assert first.code == 0, first.stderr
+    key = next(spools.glob("*.json")).stem
+    (tmp_path / "w.bin").unlink()  # fetch it again, with a journal claiming every part but no data
+    spool = spools / f"download-{key}"
+    spool.mkdir()
+    identity = {"source": url, "version": '"abc"', "size": len(BODY), "part_size": 64 * KiB}
+    parts = range(len(BODY) // (64 * KiB))
+    (spool / "journal").write_text(json.dumps(identity) + "\n" + "".join(f"{i}\n" for i in parts))
+
+    again = run_fetcher(*args)
+
+    assert again.code == 0, again.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert not again.all("resuming")
+
+
+def test_spools_of_objects_no_longer_asked_for_are_removed(origin: Origin, tmp_path: Path) -> None:
+    stale = tmp_path / ".fetcher" / "download-0123456789abcdef"
+    stale.mkdir(parents=True)
+    (stale / "data").write_bytes(b"\0" * 4096)
+    url = origin.add("/w.bin", BODY, etag='"abc"')
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 0, run.stderr
+    assert not stale.exists()
+
+
+def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin, tmp_path: Path) -> None:
+    body = random.Random(10).randbytes(2 * 1024 * KiB)
+    url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000, stall_after=(32 * KiB, 60))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")} | {"FETCHER_LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "--source", url, "--dest", str(tmp_path), *SPLIT, "--timeout", "120"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # the first part arrives, then every part request stalls
+        if '"splitting"' in line:
+            break
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=15)  # not the 60 s the server stays silent, nor the 120 s timeout
+    finally:
+        process.kill()
+    assert code == 143
+    assert tree(tmp_path) == {}

@@ -210,6 +210,21 @@ def test_two_artifacts_publishing_the_same_entry_is_a_configuration_error(origin
     assert tree(tmp_path / "models") == {"model/a.txt": b"a"}  # the first one stands
 
 
+def test_the_same_dest_spelled_two_ways_is_still_one_dest(origin: Origin, tmp_path: Path) -> None:
+    first, second = make_tar({"model/a.txt": b"a"}), make_tar({"model/b.txt": b"b"})
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        "artifacts:\n"
+        f"  - source: {origin.add('/a/model.tar.gz', first)}\n    dest: {tmp_path / 'models'}\n"
+        f"  - source: {origin.add('/b/model.tar.gz', second)}\n    dest: {tmp_path / 'models' / '..' / 'models'}/\n"
+    )
+    run = run_fetcher("--config", str(config))
+    assert run.code == 2
+    assert "both publish 'model'" in run.error
+    assert tree(tmp_path / "models") == {"model/a.txt": b"a"}
+
+
 def test_two_archives_with_the_same_file_name_in_one_dest(origin: Origin, tmp_path: Path) -> None:
     first, second = make_tar({"tokenizer/t.json": b"{}"}), make_tar({"weights/w.bin": b"w"})
     config = tmp_path / "fetcher.yaml"

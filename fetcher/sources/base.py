@@ -7,6 +7,7 @@ being stitched onto bytes of the old one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -55,3 +56,19 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """First byte, last byte and total size of "bytes 100-199/1000"; Nones if it is not one."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
+    if not match:
+        return None, None, None
+    total = match.group(3)
+    return int(match.group(1)), int(match.group(2)), int(total) if total.isdigit() else None
+
+
+def exact_range(first: int | None, last: int | None, start: int, end: int | None) -> bool:
+    """Whether a response holds exactly bytes ``start``..``end`` as asked (no Content-Range: the whole object)."""
+    if first is None:
+        return start == 0 and end is None
+    return first == start and (end is None or last == end - 1)

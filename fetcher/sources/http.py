@@ -22,7 +22,7 @@ from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact
 from fetcher.redact import is_secret_header
-from fetcher.sources.base import Body, ObjectInfo
+from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -72,7 +72,7 @@ class HttpSource:
             timeout=httpx.Timeout(artifact.timeout),
             follow_redirects=True,
             # A proxy from the environment needs httpx's own transport; otherwise take the fast one.
-            transport=None if _proxied(self.url) else fast_transport(),
+            transport=None if _proxied(self.url) else fast_transport(artifact.concurrency + 1),
         )
         self._etag: str | None = None
         self._size: int | None = None
@@ -86,9 +86,9 @@ class HttpSource:
                 headers["If-Match"] = self._etag
         try:
             with self._client.stream("GET", self.url, headers=headers) as response:
-                offset = self._check(response, start, end)
+                offset, exact = self._check(response, start, end)
                 info = self._info(response, offset)
-                yield Body(info, offset, self._chunks(response), partial=response.status_code == 206)
+                yield Body(info, offset, self._chunks(response), partial=exact)
         except httpx.TimeoutException as exc:
             raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
         except _NOT_TRANSIENT as exc:
@@ -102,7 +102,8 @@ class HttpSource:
             for name in [name for name in request.headers if is_secret_header(name)]:
                 del request.headers[name]
 
-    def _check(self, response: httpx.Response, start: int, end: int | None) -> int:
+    def _check(self, response: httpx.Response, start: int, end: int | None) -> tuple[int, bool]:
+        """Where the body starts, and whether it is exactly the range asked for."""
         status = response.status_code
         if status == 412 and "If-Match" in response.request.headers:
             raise SourceChangedError(f"{self.display} changed during the download (ETag no longer matches)")
@@ -118,11 +119,11 @@ class HttpSource:
             raise FetchError(f"unexpected HTTP {status} {response.reason_phrase} from {self.display}")
         self._pin(response)
         if status == 206:
-            first, last = _content_range(response.headers.get("Content-Range"))
-            if first != start or (end is not None and last != end - 1):
-                raise FetchError(f"{self.display} answered a range request with the wrong range")
-            return start
-        return 0
+            first, last, _size = parse_content_range(response.headers.get("Content-Range"))
+            if first is None:
+                raise FetchError(f"{self.display} answered a range request without a usable Content-Range")
+            return first, exact_range(first, last, start, end)
+        return 0, start == 0 and end is None
 
     def _pin(self, response: httpx.Response) -> None:
         """Remember the object's ETag and size; a later response for another version is refused."""
@@ -141,10 +142,8 @@ class HttpSource:
 
     def _info(self, response: httpx.Response, offset: int) -> ObjectInfo:
         size: int | None = None
-        content_range = response.headers.get("Content-Range", "")
-        if response.status_code == 206 and "/" in content_range:
-            total = content_range.rsplit("/", 1)[1]
-            size = int(total) if total.isdigit() else None
+        if response.status_code == 206:
+            size = parse_content_range(response.headers.get("Content-Range"))[2]
         elif (length := response.headers.get("Content-Length", "")).isdigit():
             size = int(length) + offset
         ranges = response.status_code == 206 or response.headers.get("Accept-Ranges", "").lower() == "bytes"
@@ -183,12 +182,6 @@ def _int(value: str | None) -> int | None:
 def _proxied(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """First and last byte of "bytes 100-199/1000"."""
-    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
-    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 
 
 def _reason(exc: Exception) -> str:

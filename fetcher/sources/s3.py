@@ -19,7 +19,7 @@ from botocore.config import Config
 
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError
 from fetcher.plan import Artifact
-from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo
+from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo, exact_range, parse_content_range
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -57,6 +57,7 @@ class S3Source:
             read_timeout=artifact.timeout,
             s3={"addressing_style": artifact.s3_addressing_style},  # type: ignore[arg-type]
             signature_version=UNSIGNED if artifact.s3_anonymous else None,
+            max_pool_connections=max(10, artifact.concurrency + 1),
         )
         session = boto3.session.Session()
         self._client: S3Client = session.client("s3", config=config)
@@ -89,9 +90,9 @@ class S3Source:
         self._etag = self._etag or response.get("ETag")
         stream = response["Body"]
         try:
-            partial = "ContentRange" in response
-            offset = start if partial else 0
-            size = _total_size(response.get("ContentRange")) if partial else None
+            first, last, size = parse_content_range(response.get("ContentRange"))
+            offset = first if first is not None else 0
+            partial = exact_range(first, last, start, end)
             if size is None:
                 size = response["ContentLength"] + offset
             info = ObjectInfo(
@@ -126,13 +127,6 @@ class S3Source:
 
     def close(self) -> None:
         self._client.close()
-
-
-def _total_size(content_range: str | None) -> int | None:
-    if not content_range or "/" not in content_range:
-        return None
-    total = content_range.rsplit("/", 1)[1]
-    return int(total) if total.isdigit() else None
 
 
 def _reason(exc: Exception) -> str:
