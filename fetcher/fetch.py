@@ -56,6 +56,7 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
                 part_size=artifact.part_size,
                 spool_dir=artifact.state_dir / f"download-{artifact.key}",
                 split_below=artifact.split_below,
+                unpacked=lambda head: pipeline.detect_format(head, artifact.extract) != "file",
             ),
         )
         keep_spool = True  # a later run resumes from it, unless its bytes are known to be useless

@@ -255,6 +255,13 @@ def detect(head: bytes) -> str:
     return "tar" if _looks_like_tar(head[:512]) else "file"
 
 
+def detect_format(head: bytes, extract: str) -> str:
+    """What the data will be treated as, given --extract."""
+    if extract == "auto":
+        return detect(head)
+    return "file" if extract == "none" else extract
+
+
 def _check_declared(head: bytes, extract: str) -> None:
     """An explicit --extract must match the data; say what arrived instead."""
     if extract in ("tar", "zip"):
@@ -319,7 +326,7 @@ def _run(
     root = staging / "tree"
     try:
         head = reader.peek(SNIFF_BYTES)
-        fmt = detect(head) if extract == "auto" else ("file" if extract == "none" else extract)
+        fmt = detect_format(head, extract)
         if extract not in ("auto", "none"):
             _check_declared(head, extract)
         if fmt == "file" and (spool := spool_file()) is not None:

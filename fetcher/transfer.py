@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,9 @@ class Parallelism:
     # A single connection at least this fast (bytes/s) already outruns unpacking on a
     # small node: more connections would only add the cost of spooling to disk.
     split_below: float
+    # Whether an object starting with these bytes will be unpacked: its spool then needs room
+    # besides the unpacked files; a plain file is moved out of the spool, so it needs room once.
+    unpacked: Callable[[bytes], bool] = lambda head: True
 
 
 class Download:
@@ -169,10 +172,10 @@ class Download:
             self._answered.set()
             if may_split and self._split_worthwhile(body.info):
                 spool = self._open_spool()
-                if spool is not None and spool.done:  # a run before this one got this far: go on from there
+                if spool.done:  # a run before this one got this far: go on from there
                     self._spool = spool
                     return True
-                if spool is not None and self._first_part_slow(body, channel, spool):
+                if self._first_part_slow(body, channel, spool):
                     return True
             skip = start - body.offset  # a server that ignored Range resends from 0
             if skip < 0:
@@ -199,27 +202,25 @@ class Download:
             and info.size >= 2 * settings.part_size
         )
 
-    def _open_spool(self) -> Spool | None:
-        """The spool for this object; None if the volume lacks room for it besides the unpacked files."""
+    def _open_spool(self) -> Spool:
         assert self._parallelism is not None and self.info is not None
         assert self.info.size is not None and self.info.version is not None
-        settings = self._parallelism
-        identity = Identity(self.source.display, self.info.version, self.info.size, settings.part_size)
-        spool = Spool(settings.spool_dir, identity)
-        if spool.done:
-            return spool
-        free = shutil.disk_usage(settings.spool_dir).free
-        if free < 2 * self.info.size:
-            spool.close()
-            spool.remove()
+        identity = Identity(self.source.display, self.info.version, self.info.size, self._parallelism.part_size)
+        return Spool(self._parallelism.spool_dir, identity)
+
+    def _room_to_spool(self, head: bytes) -> bool:
+        """Whether the volume holds the spool, besides the unpacked files when there are any."""
+        assert self._parallelism is not None and self.info is not None and self.info.size is not None
+        needed = self.info.size * (2 if self._parallelism.unpacked(head) else 1)
+        free = shutil.disk_usage(self._parallelism.spool_dir).free
+        if free < needed:
             log.info(
                 "one stream: too little free space to spool parallel parts",
                 source=self.source.display,
                 free=free,
-                needed=2 * self.info.size,
+                needed=needed,
             )
-            return None
-        return spool
+        return free >= needed
 
     def _first_part_slow(self, body: Body, channel: Channel, spool: Spool) -> bool:
         """Pass the first part on while timing the network; if it was slow, spool it and say so.
@@ -245,7 +246,7 @@ class Download:
                 have += len(chunk)
                 self._deliver(chunk, channel)
             rate = have / max(waited, 1e-6)
-            if have < part_size or rate >= self._parallelism.split_below:
+            if have < part_size or rate >= self._parallelism.split_below or not self._room_to_spool(held[0]):
                 spool.close()
                 spool.remove()
                 if rest:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, S3, Origin, make_tar, run_fetcher, sha256, tree
 
 BODY = random.Random(5).randbytes(1024 * 1024)
@@ -218,3 +220,31 @@ def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin,
         process.kill()
     assert code == 143
     assert tree(tmp_path) == {}
+
+
+def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(volume)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        # A plain file is moved out of its spool: 2 MiB fits on 3 MiB.
+        body = random.Random(11).randbytes(2 * 1024 * KiB)
+        url = origin.add("/w.bin", body, etag='"abc"', rate=4_000_000)
+        plain = run_fetcher("--source", url, "--dest", str(volume / "plain"), "--sha256", sha256(body), *SPLIT)
+        assert plain.code == 0, plain.stderr
+        assert plain.event("published")["transfer"] == "parallel"
+        assert tree(volume / "plain") == {"w.bin": body}
+        (volume / "plain" / "w.bin").unlink()
+
+        # An archive is unpacked besides its spool: 2 x 2 MiB does not fit, so it comes on one stream.
+        archive = make_tar({"m/w.bin": body})
+        url = origin.add("/m.tar.gz", archive, etag='"v1"', rate=4_000_000)
+        packed = run_fetcher("--source", url, "--dest", str(volume / "packed"), "--sha256", sha256(archive), *SPLIT)
+        assert packed.code == 0, packed.stderr
+        assert packed.event("published")["transfer"] == "stream"
+        assert packed.event("one stream: too little free space to spool parallel parts")["needed"] == 2 * len(archive)
+        assert tree(volume / "packed") == {"m/w.bin": body}
+    finally:
+        subprocess.run(["umount", str(volume)], check=False)
