@@ -7,6 +7,8 @@ they never carry secrets.
 
 from __future__ import annotations
 
+import errno
+
 
 class FetcherError(Exception):
     """Base of every failure fetcher reports on purpose."""
@@ -42,3 +44,13 @@ class ArchiveError(FetcherError):
 
 class LocalFilesystemError(FetcherError):
     """Writing to the destination failed: no space, permission denied, read-only."""
+
+
+class DiskFullError(LocalFilesystemError):
+    """No space left (or over quota): a download spool only makes this worse, so it is dropped."""
+
+
+def local_error(exc: OSError, doing: str) -> LocalFilesystemError:
+    """One line for a failed filesystem call, without the traceback."""
+    kind = DiskFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else LocalFilesystemError
+    return kind(f"{doing}: {exc.strerror or exc}")

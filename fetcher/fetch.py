@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from fetcher.errors import ArchiveError, IntegrityError, LocalFilesystemError
+from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
 from fetcher.publish import Marker, already_present, publish, workspace
@@ -56,10 +56,11 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
                 part_size=artifact.part_size,
                 spool_dir=artifact.state_dir / f"download-{artifact.key}",
                 split_below=artifact.split_below,
-                unpacked=lambda head: pipeline.detect_format(head, artifact.extract) != "file",
+                copies=lambda head: {"file": 1, "zip": 3}.get(pipeline.detect_format(head, artifact.extract), 2),
             ),
         )
         keep_spool = True  # a later run resumes from it, unless its bytes are known to be useless
+        disk_full = False
         try:
             info = download.start()
             total = info.size if info else None
@@ -90,8 +91,11 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
         except (IntegrityError, ArchiveError):
             keep_spool = False
             raise
+        except DiskFullError:
+            disk_full = True
+            raise
         finally:
-            download.close(keep_spool=keep_spool)
+            download.close(keep_spool=keep_spool, disk_full=disk_full)
     seconds = time.monotonic() - started
     log.info(
         "published",

@@ -11,7 +11,6 @@ hashing and unpacking still stream while later parts are in flight.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import queue
@@ -30,7 +29,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Cancelled, Channel
-from fetcher.errors import FetchError, LocalFilesystemError, TransientFetchError
+from fetcher.errors import FetchError, LocalFilesystemError, TransientFetchError, local_error
 from fetcher.sources.base import CHUNK_SIZE, Source
 
 log = structlog.get_logger("fetcher")
@@ -61,16 +60,15 @@ class Spool:
         self.directory = directory
         self.identity = identity
         self.done: set[int] = set()
-        self.full = False  # the disk filled up: keeping what is here would only fail again
         self._busy = 0
         self._closed = False
         self._idle = threading.Condition()
         journal = directory / "journal"
         try:
-            lines = journal.read_text(encoding="utf-8").splitlines()
+            lines = journal.read_text(encoding="utf-8").split("\n")[:-1]  # a line cut short by a kill is no record
             data = (directory / "data").stat()
             if lines and json.loads(lines[0]) == asdict(identity) and data.st_size == identity.size:
-                self.done = {int(line) for line in lines[1:] if line.strip().isdigit()}
+                self.done = {int(line) for line in lines[1:] if line.isdigit()}
             else:  # another object, or its data was moved out (published) or lost
                 shutil.rmtree(directory, ignore_errors=True)
         except (OSError, ValueError):
@@ -79,7 +77,7 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise LocalFilesystemError(f"preparing the download spool in {directory}: {exc.strerror}") from None
+            raise local_error(exc, f"preparing the download spool in {directory}") from None
         try:
             os.ftruncate(self._fd, identity.size)
             self._journal = journal.open("a", encoding="utf-8")
@@ -88,7 +86,7 @@ class Spool:
                 self._journal.flush()
         except OSError as exc:
             os.close(self._fd)
-            raise LocalFilesystemError(f"preparing the download spool in {directory}: {exc.strerror}") from None
+            raise local_error(exc, f"preparing the download spool in {directory}") from None
 
     @contextmanager
     def _using(self) -> Iterator[int]:
@@ -99,14 +97,7 @@ class Spool:
         try:
             yield self._fd
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.full = True
-                raise LocalFilesystemError(
-                    f"no space left in {self.directory} for the download spool ({self.identity.size} bytes): "
-                    "a parallel download needs room for the object besides what it unpacks to; "
-                    "give the volume more room, or set --concurrency 1"
-                ) from None
-            raise LocalFilesystemError(f"writing the download spool: {exc.strerror}") from None
+            raise local_error(exc, f"writing the download spool in {self.directory}") from None
         finally:
             with self._idle:
                 self._busy -= 1

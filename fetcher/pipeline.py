@@ -26,8 +26,8 @@ import zstandard
 from zlib_ng import zlib_ng  # inflates ~40% faster than zlib on weight-like data: 339 vs 237 MB/s here
 
 from fetcher.channel import Channel, produce_in_thread
-from fetcher.errors import ArchiveError, IntegrityError
-from fetcher.unpack import Readable, SafeTree, local_error, unpack_tar, unpack_zip
+from fetcher.errors import ArchiveError, IntegrityError, local_error
+from fetcher.unpack import Readable, SafeTree, unpack_tar, unpack_zip
 
 _CORRUPT: tuple[type[BaseException], ...] = (
     zlib.error,
@@ -76,9 +76,17 @@ class ChunkReader(io.RawIOBase):
         self._head = b""  # the chunk being read, from self._pos on
         self._pos = 0
         self._lock = threading.Lock()
+        self._error: BaseException | None = None
 
     def _pull(self) -> bytes | None:
-        return next(self._chunks, None)
+        """The next chunk; an error from upstream is raised again to every later reader, never lost."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return next(self._chunks, None)
+        except BaseException as exc:
+            self._error = exc
+            raise
 
     def peek(self, size: int) -> bytes:
         with self._lock:
@@ -329,12 +337,8 @@ def _run(
         fmt = detect_format(head, extract)
         if extract not in ("auto", "none"):
             _check_declared(head, extract)
-        if fmt == "file" and (spool := spool_file()) is not None:
-            reader.drain()  # hash it; the bytes are already on disk
-            _adopt(spool, root / filename)
-        elif fmt == "file":
-            # A plain file is the download itself: no stripping, no unpack limits.
-            SafeTree(root, strip_components=0, max_size=2**63, max_members=1).add_file(filename, 0o644, reader)
+        if fmt == "file":
+            _save_file(reader, root / filename, spool_file)
         else:
             tree = SafeTree(
                 root,
@@ -378,6 +382,39 @@ def _unpack_compressed_tar(reader: ChunkReader, kind: str, tree: SafeTree) -> No
         # Not joined: on failure the thread may be waiting for bytes that never come; it ends once the
         # download is closed, and its reads share the reader safely with a caller finishing the hash.
         channel.close()
+
+
+class _Spooled(Exception):
+    """The download went through its spool after all: the file is there, no need to write it again."""
+
+
+class _UntilSpooled:
+    def __init__(self, reader: ChunkReader, spool_file: Callable[[], Path | None]) -> None:
+        self._reader = reader
+        self._spool_file = spool_file
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._spool_file() is not None:
+            raise _Spooled
+        return self._reader.read(size)
+
+
+def _save_file(reader: ChunkReader, target: Path, spool_file: Callable[[], Path | None]) -> None:
+    """Write a plain file as it arrives, or, once the download spools it, move the spool in place instead.
+
+    The download decides to split only after its first part, when writing has begun:
+    the few MiB written so far are dropped rather than the whole file written twice.
+    """
+    try:
+        # A plain file is the download itself: no stripping, no unpack limits.
+        tree = SafeTree(target.parent, strip_components=0, max_size=2**63, max_members=1)
+        tree.add_file(target.name, 0o644, _UntilSpooled(reader, spool_file))
+    except _Spooled:
+        target.unlink(missing_ok=True)
+        reader.drain()  # hash it; by its end, every byte is in the spool
+        spool = spool_file()
+        assert spool is not None
+        _adopt(spool, target)
 
 
 def _adopt(spool: Path, target: Path) -> None:

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fetcher import __version__
-from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError
+from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError, local_error
 from fetcher.plan import Artifact
-from fetcher.unpack import local_error
 
 STATE_DIR = ".fetcher"
 
@@ -188,10 +187,10 @@ def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None
         _marker_path(artifact).unlink(missing_ok=True)
         trash.mkdir()
         for name in entries:
+            moved.append(name)  # first: a signal may land between the two renames
             target = artifact.dest / name
             if os.path.lexists(target):
                 os.rename(target, trash / name)
-            moved.append(name)
             os.rename(tree / name, target)
     except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
         for name in reversed(moved):

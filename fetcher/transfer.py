@@ -10,6 +10,7 @@ flaky link is not failed by drops that are each recovered from.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -25,6 +26,7 @@ from fetcher.backoff import wait_retry_after
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, TransientFetchError
 from fetcher.parts import Identity, PartedDownload, RangeNotHonoured, Spool
+from fetcher.pipeline import SNIFF_BYTES
 from fetcher.sources.base import Body, ObjectInfo, Source
 
 log = structlog.get_logger("fetcher")
@@ -43,9 +45,14 @@ class Parallelism:
     # A single connection at least this fast (bytes/s) already outruns unpacking on a
     # small node: more connections would only add the cost of spooling to disk.
     split_below: float
-    # Whether an object starting with these bytes will be unpacked: its spool then needs room
-    # besides the unpacked files; a plain file is moved out of the spool, so it needs room once.
-    unpacked: Callable[[bytes], bool] = lambda head: True
+    # How many times its size an object starting with these bytes takes on the volume while it is
+    # spooled: 1 for a plain file (moved out of the spool), 2 for a tar (spool and files), 3 for a zip.
+    copies: Callable[[bytes], int] = lambda head: 2
+
+    @property
+    def no_room_flag(self) -> Path:
+        """Left by a parallel run that filled the disk: the next run of this artifact uses one stream."""
+        return self.spool_dir / "no-room"
 
 
 class Download:
@@ -99,15 +106,25 @@ class Download:
         """The file holding the whole object once it has arrived, when it went through the spool."""
         return self._spool.directory / "data" if self._spool is not None else None
 
-    def close(self, *, keep_spool: bool) -> None:
-        """Stop the network threads; keep the spool only where a later run can resume from it."""
+    def close(self, *, keep_spool: bool, disk_full: bool = False) -> None:
+        """Stop the network threads; keep the spool only where a later run can resume from it.
+
+        Without it, any spool of this artifact goes, an earlier run's included. If the disk
+        filled up while parts were spooled, the next run is told to use one stream.
+        """
         if self._channel is not None:
             self._channel.close()
         self.source.close()
+        spooled = self._spool is not None
         if self._spool is not None:
             self._spool.close()
-            if not keep_spool or self._spool.full:
-                self._spool.remove()
+        if (keep_spool and not disk_full) or self._parallelism is None:
+            return
+        shutil.rmtree(self._parallelism.spool_dir, ignore_errors=True)
+        if disk_full and spooled:
+            with contextlib.suppress(OSError):
+                self._parallelism.spool_dir.mkdir(parents=True, exist_ok=True)
+                self._parallelism.no_room_flag.touch()
 
     # --- the network thread ------------------------------------------------
 
@@ -193,7 +210,7 @@ class Download:
 
     def _split_worthwhile(self, info: ObjectInfo) -> bool:
         settings = self._parallelism
-        return (
+        worthwhile = (
             settings is not None
             and settings.concurrency > 1
             and info.ranges
@@ -201,6 +218,10 @@ class Download:
             and info.size is not None
             and info.size >= 2 * settings.part_size
         )
+        if worthwhile and settings is not None and settings.no_room_flag.exists():
+            log.info("one stream: the last parallel attempt filled the disk", source=self.source.display)
+            return False
+        return worthwhile
 
     def _open_spool(self) -> Spool:
         assert self._parallelism is not None and self.info is not None
@@ -208,10 +229,11 @@ class Download:
         identity = Identity(self.source.display, self.info.version, self.info.size, self._parallelism.part_size)
         return Spool(self._parallelism.spool_dir, identity)
 
-    def _room_to_spool(self, head: bytes) -> bool:
+    def _room_to_spool(self, held: list[bytes]) -> bool:
         """Whether the volume holds the spool, besides the unpacked files when there are any."""
         assert self._parallelism is not None and self.info is not None and self.info.size is not None
-        needed = self.info.size * (2 if self._parallelism.unpacked(head) else 1)
+        head = b"".join(held)[:SNIFF_BYTES]
+        needed = self.info.size * self._parallelism.copies(head)
         free = shutil.disk_usage(self._parallelism.spool_dir).free
         if free < needed:
             log.info(
@@ -246,22 +268,23 @@ class Download:
                 have += len(chunk)
                 self._deliver(chunk, channel)
             rate = have / max(waited, 1e-6)
-            if have < part_size or rate >= self._parallelism.split_below or not self._room_to_spool(held[0]):
+            if have < part_size or rate >= self._parallelism.split_below or not self._room_to_spool(held):
                 spool.close()
                 spool.remove()
                 if rest:
                     self._deliver(rest, channel)
                 return False
+            self._spool = spool  # from here on, close() is in charge of it
             offset = 0
             for chunk in held:
                 spool.write(offset, chunk)
                 offset += len(chunk)
             spool.commit(0)
         except BaseException:  # a retry starts from where the stream broke, on one stream
+            self._spool = None
             spool.close()
             spool.remove()
             raise
-        self._spool = spool
         log.info(
             "splitting",
             source=self.source.display,

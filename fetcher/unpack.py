@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Protocol
 
-from fetcher.errors import ArchiveError, LocalFilesystemError
+from fetcher.errors import ArchiveError, local_error
 
 COPY_CHUNK = 1024 * 1024
 FLUSH_EVERY = 64 * 1024 * 1024
@@ -242,10 +242,6 @@ class _Flusher:
     def __exit__(self, *_exc: object) -> None:
         if self._thread is not None:
             self._thread.join()  # before the file is closed
-
-
-def local_error(exc: OSError, doing: str) -> LocalFilesystemError:
-    return LocalFilesystemError(f"{doing}: {exc.strerror or exc}")
 
 
 def _drain(data: Readable) -> None:

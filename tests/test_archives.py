@@ -279,3 +279,13 @@ def test_an_unsafe_member_fails_at_once_without_waiting_for_the_rest(origin: Ori
     run = run_fetcher("--source", url, "--dest", str(tmp_path / "dest"), "--timeout", "120", timeout=30)
     assert run.code == 5
     assert "'..' in its path" in run.error
+
+
+def test_a_connection_lost_while_finishing_the_hash_is_not_called_a_mismatch(origin: Origin, tmp_path: Path) -> None:
+    noise = random.Random(4).randbytes
+    hostile = make_tar({"m/a.bin": noise(10 * 2**17), "../evil": b"x", "m/b.bin": noise(4 * 2**20)})
+    # The unsafe member arrives, then the server goes quiet and drops the connection.
+    url = origin.add("/cut.tar.gz", hostile, stall_after=(3 * 2**19, 1), cut_after=[0])
+    run = run_fetcher("--source", url, "--dest", str(tmp_path / "dest"), "--sha256", sha256(hostile), "--retries", "0")
+    assert run.code == 3, run.stderr
+    assert "sha256 mismatch" not in run.error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -222,13 +224,82 @@ def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin,
     assert tree(tmp_path) == {}
 
 
-def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin, tmp_path: Path) -> None:
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(volume)], capture_output=True)
+@contextlib.contextmanager
+def _small_volume(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_big_plain_file_is_moved_out_of_its_spool_not_copied(origin: Origin, tmp_path: Path) -> None:
+    body = random.Random(12).randbytes(24 * 1024 * KiB)
+    url = origin.add("/w.bin", body, etag='"abc"')
+    with _small_volume(tmp_path / "volume", "36m") as volume:  # room for it once and a half, not twice
+        run = run_fetcher(
+            "--source",
+            url,
+            "--dest",
+            str(volume),
+            "--sha256",
+            sha256(body),
+            "--part-size",
+            "8Mi",
+            "--split-below",
+            "100G",
+        )
+        assert run.code == 0, run.stderr
+        assert run.event("published")["transfer"] == "parallel"
+        assert tree(volume) == {"w.bin": body}
+
+
+def test_a_disk_filled_by_a_parallel_run_gets_one_stream_on_the_restart(origin: Origin, tmp_path: Path) -> None:
+    noise = random.Random(13).randbytes
+    weights = b"".join(noise(400) + bytes(624) for _ in range(12 * 1024))  # 12 MiB, gzip shrinks it ~2.5x
+    archive = make_tar({"m/w.bin": weights})
+    url = origin.add("/m.tar.gz", archive, etag='"v1"')
+    # Unpacked files and spool together do not fit; the files alone do; the estimate (2x the archive) passes.
+    size_kib = (len(weights) + len(archive) // 2) // KiB
+    with _small_volume(tmp_path / "volume", f"{size_kib}k") as volume:
+        args = ("--source", url, "--dest", str(volume), "--sha256", sha256(archive), *SPLIT)
+        first = run_fetcher(*args)
+        assert first.code == 6, first.stderr
+        assert "No space left on device" in first.error
+        (spool,) = (volume / ".fetcher").glob("download-*")
+        assert [entry.name for entry in spool.iterdir()] == ["no-room"]  # the parts went, a note stays
+
+        again = run_fetcher(*args)
+
+        assert again.code == 0, again.stderr
+        assert again.event("published")["transfer"] == "stream"
+        assert again.all("one stream: the last parallel attempt filled the disk")
+        assert tree(volume) == {"m/w.bin": weights}
+        assert not list((volume / ".fetcher").glob("download-*"))
+
+
+def test_a_spool_left_by_an_earlier_run_goes_once_published(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", BODY, etag='"abc"')
+    first = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert first.code == 0, first.stderr
+    key = next((tmp_path / ".fetcher").glob("*.json")).stem
+    leftover = tmp_path / ".fetcher" / f"download-{key}"  # as a killed parallel run leaves it
+    leftover.mkdir()
+    (leftover / "data").write_bytes(bytes(len(BODY)))
+    (tmp_path / "w.bin").unlink()
+
+    again = run_fetcher("--source", url, "--dest", str(tmp_path), "--concurrency", "1")
+
+    assert again.code == 0, again.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert not leftover.exists()
+
+
+def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin, tmp_path: Path) -> None:
+    with _small_volume(tmp_path / "volume", "3m") as volume:
         # A plain file is moved out of its spool: 2 MiB fits on 3 MiB.
         body = random.Random(11).randbytes(2 * 1024 * KiB)
         url = origin.add("/w.bin", body, etag='"abc"', rate=4_000_000)
@@ -246,5 +317,3 @@ def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin,
         assert packed.event("published")["transfer"] == "stream"
         assert packed.event("one stream: too little free space to spool parallel parts")["needed"] == 2 * len(archive)
         assert tree(volume / "packed") == {"m/w.bin": body}
-    finally:
-        subprocess.run(["umount", str(volume)], check=False)
