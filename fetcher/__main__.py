@@ -1,3 +1,3 @@
-from fetcher.cli import main
+from fetcher.cli import run
 
-raise SystemExit(main())
+run()

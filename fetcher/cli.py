@@ -8,6 +8,7 @@ failure becomes one line on the log and in the termination log (so
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -124,6 +126,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.exception("internal error", error=scrub(f"{type(error).__name__}: {error}"), exit_code=EXIT_INTERNAL)
         _write_termination_log(termination_log, f"internal error: {type(error).__name__}: {scrub(str(error))}")
         return EXIT_INTERNAL
+
+
+def run() -> NoReturn:
+    """The process's entry point: ``main``, then exit without a last full collection.
+
+    At exit the interpreter collects every object the modules made, ~20 ms of a raw
+    fetch's tail with httpx and structlog loaded; frozen, they are skipped. Nothing
+    is left to flush: published files are synced and logs are written by then.
+    """
+    code = main()
+    gc.freeze()
+    raise SystemExit(code)
 
 
 def _write_termination_log(path: Path | None, message: str) -> None:
