@@ -16,20 +16,21 @@ our own and do not lean on ``filter="data"``. Every member goes through
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import posixpath
 import re
 import stat
 import tarfile
-import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from fetcher.errors import ArchiveError, local_error
 
 COPY_CHUNK = 1024 * 1024
-FLUSH_EVERY = 64 * 1024 * 1024
+FLUSH_EVERY = 8 * 1024 * 1024
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 
 
@@ -212,36 +213,48 @@ class SafeTree:
 
 
 class _Flusher:
-    """Flush a large file to disk while it is still being written.
+    """Start writing a large file back to disk while it is still being written.
 
-    Publishing fsyncs every file before the marker claims it is there; done
-    all at the end, that cost ~0.2 s per 800 MB here, after everything else.
-    An fdatasync in another thread every FLUSH_EVERY bytes overlaps that
-    writeback with the download, so the final fsync finds little left to do.
+    Publishing fsyncs every file before the marker claims it is there; left to
+    that fsync, writing back 800 MB costs ~0.2 s here, after everything else.
+    Every FLUSH_EVERY bytes, Linux's sync_file_range(SYNC_FILE_RANGE_WRITE)
+    queues what was written for writeback and returns: no waiting for the disk,
+    no thread, and none of the journal commits and cache flushes an fdatasync
+    forces. The final fsync then finds little left to do. Where the call is
+    missing (not Linux), nothing is started early and that fsync does it all.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._flushed = 0  # everything before this offset has been queued for writeback
         self._pending = 0
-        self._thread: threading.Thread | None = None
 
     def wrote(self, count: int) -> None:
         self._pending += count
-        if self._pending >= FLUSH_EVERY and (self._thread is None or not self._thread.is_alive()):
+        if self._pending >= FLUSH_EVERY and _SYNC_FILE_RANGE is not None:
+            # From the last offset to the end of the file (nbytes 0): whatever the writer buffered too.
+            _SYNC_FILE_RANGE(self._fd, self._flushed, 0, _SYNC_FILE_RANGE_WRITE)  # errors: the final fsync reports
+            self._flushed += self._pending
             self._pending = 0
-            self._thread = threading.Thread(target=self._flush, name="fetcher-flush", daemon=True)
-            self._thread.start()
-
-    def _flush(self) -> None:
-        with contextlib.suppress(OSError):  # the final fsync reports what matters
-            os.fdatasync(self._fd)
 
     def __enter__(self) -> _Flusher:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if self._thread is not None:
-            self._thread.join()  # before the file is closed
+        pass
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        function = ctypes.CDLL(None).sync_file_range
+        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        function.restype = ctypes.c_int
+        return cast("Callable[[int, int, int, int], int]", function)
+    return None
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
+_SYNC_FILE_RANGE = _sync_file_range()
 
 
 def _drain(data: Readable) -> None:
