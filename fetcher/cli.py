@@ -93,10 +93,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             config=str(config.config_path) if config.config_path else None,
         )
         results = []
+        dests = {a.index: a.dest.resolve() for a in plan}  # one dest may be spelled two ways
         for artifact in plan:
             log.info("plan", index=artifact.index, **artifact.describe())
-            dest = artifact.dest.resolve()
-            siblings = frozenset(a.key for a in plan if a is not artifact and a.dest.resolve() == dest)
+            siblings = frozenset(a.key for a in plan if a is not artifact and dests[a.index] == dests[artifact.index])
             results.append(fetch(artifact, siblings))
         total = sum(r.size for r in results if not r.skipped)
         seconds = time.monotonic() - started

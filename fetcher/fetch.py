@@ -10,7 +10,7 @@ import structlog
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
-from fetcher.publish import Marker, already_present, publish, workspace
+from fetcher.publish import Marker, already_present, publish, spool_dir, workspace
 
 log = structlog.get_logger("fetcher")
 
@@ -54,7 +54,7 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
             parallelism=Parallelism(
                 concurrency=artifact.concurrency,
                 part_size=artifact.part_size,
-                spool_dir=artifact.state_dir / f"download-{artifact.key}",
+                spool_dir=spool_dir(artifact),
                 split_below=artifact.split_below,
                 copies=lambda head: {"file": 1, "zip": 3}.get(pipeline.detect_format(head, artifact.extract), 2),
             ),

@@ -25,6 +25,7 @@ from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError, loc
 from fetcher.plan import Artifact
 
 STATE_DIR = ".fetcher"
+SPOOL_PREFIX = "download-"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class Marker:
     settings: str  # ownership and modes applied: other settings mean publishing again
     published_at: str
     fetcher_version: str
+
+
+def spool_dir(artifact: Artifact) -> Path:
+    """Where a parallel download of this artifact keeps its parts, to resume from after a restart."""
+    return artifact.state_dir / f"{SPOOL_PREFIX}{artifact.key}"
 
 
 def _marker_path(artifact: Artifact) -> Path:
@@ -95,7 +101,7 @@ def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Ite
         raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _clean_leftovers(state, keep={f"download-{key}" for key in siblings | {artifact.key}})
+        _clean_leftovers(state, keep={f"{SPOOL_PREFIX}{key}" for key in siblings | {artifact.key}})
         staging = state / f"staging-{uuid.uuid4().hex[:12]}"
         try:
             staging.mkdir()
@@ -114,7 +120,7 @@ def _clean_leftovers(state: Path, keep: set[str]) -> None:
     """
     for entry in state.iterdir():
         if entry.name.startswith(("staging-", "trash-")) or (
-            entry.name.startswith("download-") and entry.name not in keep
+            entry.name.startswith(SPOOL_PREFIX) and entry.name not in keep
         ):
             shutil.rmtree(entry, ignore_errors=True)
 

@@ -47,7 +47,7 @@ class Parallelism:
     split_below: float
     # How many times its size an object starting with these bytes takes on the volume while it is
     # spooled: 1 for a plain file (moved out of the spool), 2 for a tar (spool and files), 3 for a zip.
-    copies: Callable[[bytes], int] = lambda head: 2
+    copies: Callable[[bytes], int]
 
     @property
     def no_room_flag(self) -> Path:
@@ -210,18 +210,19 @@ class Download:
 
     def _split_worthwhile(self, info: ObjectInfo) -> bool:
         settings = self._parallelism
-        worthwhile = (
-            settings is not None
-            and settings.concurrency > 1
-            and info.ranges
-            and info.version is not None
-            and info.size is not None
-            and info.size >= 2 * settings.part_size
-        )
-        if worthwhile and settings is not None and settings.no_room_flag.exists():
+        if (
+            settings is None
+            or settings.concurrency < 2
+            or not info.ranges
+            or info.version is None
+            or info.size is None
+            or info.size < 2 * settings.part_size
+        ):
+            return False
+        if settings.no_room_flag.exists():
             log.info("one stream: the last parallel attempt filled the disk", source=self.source.display)
             return False
-        return worthwhile
+        return True
 
     def _open_spool(self) -> Spool:
         assert self._parallelism is not None and self.info is not None
@@ -252,8 +253,9 @@ class Download:
         the decision, so memory stays within one part.
         """
         assert self._parallelism is not None
-        part_size, held, have, waited = self._parallelism.part_size, [], 0, 0.0
-        rest = b""
+        part_size = self._parallelism.part_size
+        held: list[bytes] = []
+        have, waited, rest = 0, 0.0, b""
         try:
             chunks = iter(body.chunks)
             while have < part_size:

@@ -123,7 +123,7 @@ class HttpSource:
             if first is None:
                 raise FetchError(f"{self.display} answered a range request without a usable Content-Range")
             return first, exact_range(first, last, start, end)
-        return 0, start == 0 and end is None
+        return 0, exact_range(None, None, start, end)
 
     def _pin(self, response: httpx.Response) -> None:
         """Remember the object's ETag and size; a later response for another version is refused."""
