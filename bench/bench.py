@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("BENCH_CACHE", HERE / ".cache")).resolve()
 VENVS = CACHE / "venvs"
-FETCHER_PY = REPO / ".venv" / "bin" / "python"
+FETCHER_PY = VENVS / "runtime" / "bin" / "python"  # runtime dependencies only, as in the image
 GEN_VERSION = 1
 TENSOR_SHAPE = (4096, 4096)  # fp16: 32 MiB a tensor
 MiB = 1024 * 1024
@@ -977,7 +977,7 @@ def main() -> int:
     args.argv = sys.argv[1:]
     size_mb = args.size_mb or (100 if args.quick else 800)
     args.pairs = args.pairs or (1 if args.quick else 3)
-    out_path = args.out or (CACHE / "results-quick.md" if args.quick else HERE / "results.md")
+    out_path = args.out.resolve() if args.out else (CACHE / "results-quick.md" if args.quick else HERE / "results.md")
     cases = set(args.cases.split(","))
     started = time.monotonic()
 

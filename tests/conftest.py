@@ -10,12 +10,15 @@ subprocess and returns its exit code, parsed JSON log lines and output.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import random
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -29,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +142,7 @@ class Seen:
 
 
 class Origin:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
         self.active = 0  # requests being answered now
@@ -233,6 +240,9 @@ class Origin:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http" if tls is None else "https"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -242,7 +252,7 @@ class Origin:
         return self.url(path)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def hits(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.path.split("?", 1)[0] == path]
@@ -255,6 +265,77 @@ class Origin:
 @pytest.fixture
 def origin() -> Iterator[Origin]:
     server = Origin()
+    yield server
+    server.close()
+
+
+@dataclass
+class Tls:
+    ca_file: Path  # what a client must trust
+    server: ssl.SSLContext  # a certificate for 127.0.0.1, signed by that CA
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A private CA and a server certificate for 127.0.0.1, as an internal model registry would have."""
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+
+    def builder(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - day)
+            .not_valid_after(now + day)
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        builder("fetcher test CA", ca_key, "fetcher test CA")
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        builder("127.0.0.1", key, "fetcher test CA")
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    where = tmp_path_factory.mktemp("tls")
+    (where / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (where / "server.pem").write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(where / "server.pem")
+    return Tls(where / "ca.pem", server)
+
+
+@pytest.fixture
+def tls_origin(tls: Tls) -> Iterator[Origin]:
+    server = Origin(tls.server)
     yield server
     server.close()
 

@@ -12,15 +12,17 @@ import random
 from pathlib import Path
 
 import httpx
+import pytest
 
 from fetcher.config import build_parser, resolve
 from fetcher.plan import build_plan
 from fetcher.sources import open_source
-from fetcher.sources.fast_http import READ_SIZE, fast_transport
-from tests.conftest import Origin
+from fetcher.sources.fast_http import READ_SIZE, _tls_context, fast_transport
+from tests.conftest import Origin, Tls
 
 BODY = random.Random(3).randbytes(8 * 1024 * 1024)
 HTTPCORE_DEFAULT_READ = 64 * 1024
+TLS_RECORD = 16 * 1024  # the most one TLS read returns, however much is asked for
 
 
 def test_the_fast_transport_reads_more_than_64k_at_a_time(origin: Origin) -> None:
@@ -39,14 +41,31 @@ def test_stock_httpx_reads_64k_so_the_fast_path_still_matters(origin: Origin) ->
     assert max(chunks) <= HTTPCORE_DEFAULT_READ
 
 
-def test_the_http_source_uses_the_fast_path(origin: Origin, tmp_path: Path) -> None:
-    url = origin.add("/big.bin", BODY)
-    [artifact] = build_plan(resolve(build_parser().parse_args(["--source", url, "--dest", str(tmp_path)]), {}))
+def _chunk_sizes(url: str, dest: Path) -> list[int]:
+    [artifact] = build_plan(resolve(build_parser().parse_args(["--source", url, "--dest", str(dest)]), {}))
     source = open_source(artifact)
     try:
         with source.open(0) as body:
-            chunks = [len(c) for c in body.chunks]
+            return [len(c) for c in body.chunks]
     finally:
         source.close()
+
+
+def test_the_http_source_uses_the_fast_path(origin: Origin, tmp_path: Path) -> None:
+    chunks = _chunk_sizes(origin.add("/big.bin", BODY), tmp_path)
     assert sum(chunks) == len(BODY)
     assert max(chunks) > HTTPCORE_DEFAULT_READ
+
+
+def test_over_https_records_that_have_arrived_are_handed_on_together(
+    tls_origin: Origin, tls: Tls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca_file))
+    _tls_context.cache_clear()  # built at the first TLS connection, from the environment of then
+    try:
+        chunks = _chunk_sizes(tls_origin.add("/big.bin", BODY), tmp_path)
+    finally:
+        _tls_context.cache_clear()
+    assert sum(chunks) == len(BODY)
+    assert max(chunks) > TLS_RECORD
+    assert max(chunks) <= READ_SIZE

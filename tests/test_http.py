@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import Origin, make_tar, model_files, run_fetcher, sha256, tree
+from tests.conftest import Origin, Tls, make_tar, model_files, run_fetcher, sha256, tree
 
 
 def test_fetches_verifies_and_unpacks_a_tar_gz(origin: Origin, tmp_path: Path) -> None:
@@ -258,3 +258,43 @@ def test_sigterm_during_a_retry_wait_stops_at_once_with_a_reason(origin: Origin,
     assert time.monotonic() - stopped_at < 10
     assert "stopped by SIGTERM" in termination.read_text()
     assert '"exit_code": 143' in stderr.strip().splitlines()[-1]
+
+
+def test_https_from_a_private_ca_named_by_ssl_cert_file(tls_origin: Origin, tls: Tls, tmp_path: Path) -> None:
+    files = model_files()
+    body = make_tar(files, "gz")
+    url = tls_origin.add("/sentiment.tar.gz", body)
+    run = run_fetcher(
+        "--source", url, "--dest", str(tmp_path), "--sha256", sha256(body), env={"SSL_CERT_FILE": str(tls.ca_file)}
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == files
+    assert url.startswith("https://")
+
+
+def test_an_untrusted_certificate_fails_at_once_with_a_hint(tls_origin: Origin, tmp_path: Path) -> None:
+    url = tls_origin.add("/sentiment.tar.gz", b"never sent")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert run.error.startswith(f"TLS certificate of {url} not trusted: ")
+    assert "SSL_CERT_FILE" in run.error
+    assert run.all("retrying") == []  # another try meets the same certificate
+    assert tls_origin.requests == []
+    assert tree(tmp_path) == {}
+
+
+def test_a_proxy_from_the_environment_is_used(origin: Origin, tmp_path: Path) -> None:
+    body = b"weights " * 4096
+    origin.add("http://models.invalid/w.bin", body)  # a proxy is asked for the whole URL
+    run = run_fetcher(
+        "--source",
+        "http://models.invalid/w.bin",
+        "--dest",
+        str(tmp_path),
+        "--sha256",
+        sha256(body),
+        env={"HTTP_PROXY": origin.url(""), "NO_PROXY": "", "no_proxy": ""},
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    assert len(origin.hits("http://models.invalid/w.bin")) == 1

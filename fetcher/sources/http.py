@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -94,6 +95,11 @@ class HttpSource:
         except _NOT_TRANSIENT as exc:
             raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from None
         except httpx.TransportError as exc:
+            if (refused := _certificate_refused(exc)) is not None:  # the same answer on every retry
+                raise FetchError(
+                    f"TLS certificate of {self.display} not trusted: {refused.verify_message}"
+                    " (for a private CA, set SSL_CERT_FILE to its PEM bundle)"
+                ) from None
             raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
@@ -182,6 +188,16 @@ def _int(value: str | None) -> int | None:
 def _proxied(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check under httpx's and httpcore's wrapping, if that is what failed."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a few layers deep; never round a cycle
+        if cause is None or isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _reason(exc: Exception) -> str:
