@@ -15,22 +15,19 @@ our own and do not lean on ``filter="data"``. Every member goes through
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import posixpath
 import re
 import stat
 import tarfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
+from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import ArchiveError, local_error
 
 COPY_CHUNK = 1024 * 1024
-FLUSH_EVERY = 8 * 1024 * 1024
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 
 
@@ -52,6 +49,7 @@ class SafeTree:
         self.written = 0
         self._dir_modes: dict[str, int] = {}
         self._symlinks: list[tuple[str, str]] = []  # (path, member name), checked again at the end
+        self._direct_buffer = DirectBuffer()
 
     # --- names ---------------------------------------------------------------
 
@@ -112,14 +110,17 @@ class SafeTree:
         self._clear(path, name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as out, _Flusher(fd) as flusher:
+            try:
+                out = FileWriter(fd, self._direct_buffer)
                 while chunk := data.read(COPY_CHUNK):
                     self.written += len(chunk)
                     if self.written > self._max_size:
                         raise ArchiveError(f"archive unpacks to more than {self._max_size} bytes (--max-unpacked-size)")
                     out.write(chunk)
-                    flusher.wrote(len(chunk))
-                os.fchmod(out.fileno(), stat.S_IMODE(mode) & 0o777)
+                out.close()
+                os.fchmod(fd, stat.S_IMODE(mode) & 0o777)
+            finally:
+                os.close(fd)
             self.files += 1
         except OSError as exc:
             raise local_error(exc, f"writing {relative}") from None
@@ -210,51 +211,6 @@ class SafeTree:
             if os.path.isdir(path) and not os.path.islink(path):
                 raise ArchiveError(f"refused member {original!r}: it would replace a directory")
             os.unlink(path)
-
-
-class _Flusher:
-    """Start writing a large file back to disk while it is still being written.
-
-    Publishing fsyncs every file before the marker claims it is there; left to
-    that fsync, writing back 800 MB costs ~0.2 s here, after everything else.
-    Every FLUSH_EVERY bytes, Linux's sync_file_range(SYNC_FILE_RANGE_WRITE)
-    queues what was written for writeback and returns: no waiting for the disk,
-    no thread, and none of the journal commits and cache flushes an fdatasync
-    forces. The final fsync then finds little left to do. Where the call is
-    missing (not Linux), nothing is started early and that fsync does it all.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._flushed = 0  # everything before this offset has been queued for writeback
-        self._pending = 0
-
-    def wrote(self, count: int) -> None:
-        self._pending += count
-        if self._pending >= FLUSH_EVERY and _SYNC_FILE_RANGE is not None:
-            # From the last offset to the end of the file (nbytes 0): whatever the writer buffered too.
-            _SYNC_FILE_RANGE(self._fd, self._flushed, 0, _SYNC_FILE_RANGE_WRITE)  # errors: the final fsync reports
-            self._flushed += self._pending
-            self._pending = 0
-
-    def __enter__(self) -> _Flusher:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        pass
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        function = ctypes.CDLL(None).sync_file_range
-        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        function.restype = ctypes.c_int
-        return cast("Callable[[int, int, int, int], int]", function)
-    return None
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
-_SYNC_FILE_RANGE = _sync_file_range()
 
 
 def _drain(data: Readable) -> None:

@@ -436,6 +436,19 @@ def run_fetcher(*args: str, env: dict[str, str] | None = None, timeout: float = 
     return Run(process.returncode, process.stdout, process.stderr, events)
 
 
+@contextlib.contextmanager
+def small_volume(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at path: a volume that fills up for real."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
 def tree(root: Path) -> dict[str, bytes]:
     """Every regular file under root except fetcher's state, by relative path."""
     found = {}

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import bz2
+import ctypes
 import gzip
 import lzma
+import mmap
+import os
 import random
 import stat
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Origin, make_tar, make_tar_zst, make_zip, published, run_fetcher, sha256, tree
+from tests.conftest import (
+    Origin,
+    make_tar,
+    make_tar_zst,
+    make_zip,
+    published,
+    run_fetcher,
+    sha256,
+    small_volume,
+    tree,
+)
 
 FILES = {"m/config.json": b'{"a": 1}\n', "m/weights.bin": b"\x00\x01" * 5000}
 
@@ -289,3 +302,70 @@ def test_a_connection_lost_while_finishing_the_hash_is_not_called_a_mismatch(ori
     run = run_fetcher("--source", url, "--dest", str(tmp_path / "dest"), "--sha256", sha256(hostile), "--retries", "0")
     assert run.code == 3, run.stderr
     assert "sha256 mismatch" not in run.error
+
+
+MiB = 1024 * 1024
+
+
+def test_large_files_of_any_size_arrive_intact(origin: Origin, tmp_path: Path) -> None:
+    """Large files are written around the page cache in whole blocks; their odd ends must still land."""
+    noise = random.Random(21).randbytes
+    files = {
+        "model/weights-1.safetensors": noise(20 * MiB + 4097),
+        "model/weights-2.safetensors": noise(8 * MiB - 1),
+        "model/weights-3.safetensors": noise(8 * MiB),
+        "model/config.json": b'{"hidden_size": 64}\n',
+    }
+    archive = make_tar(files)
+    run = run_fetcher("--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path / "a"))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "a") == files
+
+    raw = noise(12 * MiB + 513)
+    run = run_fetcher("--source", origin.add("/w.bin", raw), "--dest", str(tmp_path / "b"), "--sha256", sha256(raw))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "b") == {"w.bin": raw}
+
+
+def _cached_bytes(path: Path) -> int:
+    """How much of the file the page cache holds (mincore(2) over a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    resident = (ctypes.c_ubyte * pages)()
+    with path.open("rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+        start = ctypes.c_char.from_buffer(mapping)
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), resident)
+        del start  # the mapping cannot close while it is exported
+    assert failed == 0, os.strerror(ctypes.get_errno())
+    return sum(page & 1 for page in resident) * mmap.PAGESIZE
+
+
+def _filesystem(path: Path) -> str:
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return max((m for m in mounts if str(path).startswith(m[1].rstrip("/") + "/")), key=lambda m: len(m[1]))[2]
+
+
+def test_a_large_file_is_written_around_the_page_cache(origin: Origin, tmp_path: Path) -> None:
+    """Past its first 8 MiB, a file goes to disk with O_DIRECT: no CPU spent filling the cache, none charged."""
+    if _filesystem(tmp_path) == "tmpfs":
+        pytest.skip("on tmpfs the page cache is the storage")
+    body = random.Random(23).randbytes(40 * MiB + 100)
+    run = run_fetcher("--source", origin.add("/w.bin", body, ranges=False), "--dest", str(tmp_path))
+    assert run.code == 0, run.stderr
+    written = tmp_path / "w.bin"
+    assert _cached_bytes(written) <= 8 * MiB + 4096  # the buffered start and the last partial block
+    assert written.read_bytes() == body
+    assert _cached_bytes(written) > 39 * MiB  # once read it is cached: the measure can tell
+
+
+def test_a_full_volume_fails_with_exit_6_and_leaves_nothing(origin: Origin, tmp_path: Path) -> None:
+    body = random.Random(22).randbytes(16 * MiB)
+    url = origin.add("/w.bin", body, ranges=False)  # one stream, written as it comes
+    with small_volume(tmp_path / "volume", "10m") as volume:
+        run = run_fetcher("--source", url, "--dest", str(volume / "models"), "--sha256", sha256(body))
+        assert run.code == 6
+        assert "No space left on device" in run.error
+        assert tree(volume / "models") == {}
+        assert [p.name for p in (volume / "models").iterdir()] == [".fetcher"]  # no staging left behind
+        assert [p.name for p in (volume / "models" / ".fetcher").iterdir()] == ["lock"]

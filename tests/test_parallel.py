@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -10,12 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ROOT, S3, Origin, make_tar, run_fetcher, sha256, tree
+from tests.conftest import ROOT, S3, Origin, make_tar, run_fetcher, sha256, small_volume, tree
 
 BODY = random.Random(5).randbytes(1024 * 1024)
 KiB = 1024
@@ -224,22 +220,10 @@ def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin,
     assert tree(tmp_path) == {}
 
 
-@contextlib.contextmanager
-def _small_volume(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-
-
 def test_a_big_plain_file_is_moved_out_of_its_spool_not_copied(origin: Origin, tmp_path: Path) -> None:
     body = random.Random(12).randbytes(24 * 1024 * KiB)
     url = origin.add("/w.bin", body, etag='"abc"')
-    with _small_volume(tmp_path / "volume", "36m") as volume:  # room for it once and a half, not twice
+    with small_volume(tmp_path / "volume", "36m") as volume:  # room for it once and a half, not twice
         run = run_fetcher(
             "--source",
             url,
@@ -264,7 +248,7 @@ def test_a_disk_filled_by_a_parallel_run_gets_one_stream_on_the_restart(origin: 
     url = origin.add("/m.tar.gz", archive, etag='"v1"')
     # Unpacked files and spool together do not fit; the files alone do; the estimate (2x the archive) passes.
     size_kib = (len(weights) + len(archive) // 2) // KiB
-    with _small_volume(tmp_path / "volume", f"{size_kib}k") as volume:
+    with small_volume(tmp_path / "volume", f"{size_kib}k") as volume:
         args = ("--source", url, "--dest", str(volume), "--sha256", sha256(archive), *SPLIT)
         first = run_fetcher(*args)
         assert first.code == 6, first.stderr
@@ -299,7 +283,7 @@ def test_a_spool_left_by_an_earlier_run_goes_once_published(origin: Origin, tmp_
 
 
 def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin, tmp_path: Path) -> None:
-    with _small_volume(tmp_path / "volume", "3m") as volume:
+    with small_volume(tmp_path / "volume", "3m") as volume:
         # A plain file is moved out of its spool: 2 MiB fits on 3 MiB.
         body = random.Random(11).randbytes(2 * 1024 * KiB)
         url = origin.add("/w.bin", body, etag='"abc"', rate=4_000_000)
