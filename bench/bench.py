@@ -217,6 +217,13 @@ http {{
         root {root};
         location / {{ limit_rate {rate}; }}
     }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {tmp}/tls.pem;
+        ssl_certificate_key {tmp}/tls.key;
+        root {root};
+        location / {{ }}
+    }}
 }}
 """
 
@@ -228,8 +235,17 @@ class Nginx:
         self.tmp = CACHE / "nginx"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self.port, self.capped_port = free_port(), free_port()
-        conf = NGINX_CONF.format(tmp=self.tmp, root=root, port=self.port, capped_port=self.capped_port, rate=rate)
+        self.port, self.capped_port, self.tls_port = free_port(), free_port(), free_port()
+        # A self-signed certificate for 127.0.0.1: clients trust it as their CA (fetcher via SSL_CERT_FILE).
+        self.ca_file = self.tmp / "tls.pem"
+        sh(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+            + ["-keyout", str(self.tmp / "tls.key"), "-out", str(self.ca_file), "-days", "2"]
+            + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        )
+        conf = NGINX_CONF.format(
+            tmp=self.tmp, root=root, port=self.port, capped_port=self.capped_port, tls_port=self.tls_port, rate=rate
+        )
         (self.tmp / "nginx.conf").write_text(conf)
         (self.tmp / "access.log").touch()
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -251,8 +267,10 @@ class Nginx:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         wait_port(self.port)
         wait_port(self.capped_port)
+        wait_port(self.tls_port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.capped_url = f"http://127.0.0.1:{self.capped_port}"
+        self.tls_url = f"https://127.0.0.1:{self.tls_port}"
 
     @property
     def access_log(self) -> Path:
@@ -944,8 +962,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, help="rounds per case (default 3, 1 with --quick)")
     ap.add_argument(
         "--cases",
-        default="targz,raw,capped,s3,zst,kill",
-        help="comma-separated subset of targz,raw,capped,s3,zst,kill (default: all)",
+        default="targz,raw,https,capped,s3,zst,kill",
+        help="comma-separated subset of targz,raw,https,capped,s3,zst,kill (default: all)",
     )
     ap.add_argument("--no-kserve", action="store_true", help="leave kserve-storage out of the tar.gz case")
     ap.add_argument("--kill-runs", type=int, default=1, help="kill-and-restart repetitions (default 1)")
@@ -1052,6 +1070,34 @@ def main() -> int:
                                 raw,
                             ),
                             1.1,
+                        )
+                    ],
+                    args.pairs,
+                )
+            )
+        if "https" in cases:
+            tls_url, trust = f"{nginx.tls_url}/model.safetensors", {"SSL_CERT_FILE": str(nginx.ca_file)}
+            all_cases.append(
+                Case(
+                    "https",
+                    "raw file over HTTPS, sha256",
+                    bench.fetcher_tool(tls_url, S, raw, env=trust),
+                    [
+                        (
+                            Tool(
+                                "curl -o over HTTPS (no checksum)",
+                                lambda d: [
+                                    "curl",
+                                    "-sf",
+                                    "--cacert",
+                                    str(nginx.ca_file),
+                                    "-o",
+                                    str(d / "model.safetensors"),
+                                    tls_url,
+                                ],
+                                raw,
+                            ),
+                            None,
                         )
                     ],
                     args.pairs,
