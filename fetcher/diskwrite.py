@@ -73,14 +73,17 @@ class FileWriter:
             self._filled = 0
 
     def _write_direct(self, size: int) -> None:
+        view = self._buffer.view[:size]
         try:
-            _write_all(self._fd, self._buffer.view[:size])
+            done = os.write(self._fd, view)
         except OSError as exc:
-            if exc.errno != errno.EINVAL or self._offset % BLOCK or not self._buffer.usable:
+            if exc.errno != errno.EINVAL or self._offset % BLOCK:
                 raise
             # Accepted by fcntl, refused at the write: this filesystem does not do it after all.
+            # Nothing of this buffer was written, so all of it goes again, buffered.
             self._buffer.usable = self._direct = _set_direct(self._fd, False)
-            _write_all(self._fd, self._buffer.view[:size])
+            done = 0
+        _write_all(self._fd, view[done:])
         self._offset += size
         rest = self._filled - size
         if rest:

@@ -131,6 +131,7 @@ class Route:
     redirect: str | None = None  # answer 302 to this URL
     stall_after: tuple[int, float] | None = None  # (bytes, seconds): go silent mid-body, every response
     align_ranges: int = 0  # answer a range from its start rounded down to this: a 206 that is not what was asked
+    until_close: bool = False  # no Content-Length: the body ends when the connection closes
 
 
 @dataclass
@@ -197,7 +198,11 @@ class Origin:
                     headers["ETag"] = route.etag
                 self.send_response(status)
                 self.send_header("Content-Type", route.content_type)
-                self.send_header("Content-Length", str(len(body)))
+                if route.until_close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(body)))
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
@@ -408,7 +413,12 @@ class Run:
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHER_", "AWS_"))}
+    # Nothing of the caller's that would change what fetcher does: its own settings, AWS's, CA bundles, proxies.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FETCHER_", "AWS_", "SSL_CERT_")) and not k.lower().endswith("_proxy")
+    }
     env["AWS_CONFIG_FILE"] = "/nonexistent"
     env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent"
     env["AWS_EC2_METADATA_DISABLED"] = "true"
@@ -437,12 +447,12 @@ def run_fetcher(*args: str, env: dict[str, str] | None = None, timeout: float = 
 
 
 @contextlib.contextmanager
-def small_volume(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at path: a volume that fills up for real."""
+def small_volume(path: Path, size: str, kind: str = "tmpfs") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at path: a volume that fills up for real (ramfs: one without O_DIRECT)."""
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", kind, "-o", f"size={size}", kind, str(path)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a {kind} here: {mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:

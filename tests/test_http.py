@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+
+import certifi
 
 from tests.conftest import Origin, Tls, make_tar, model_files, run_fetcher, sha256, tree
 
@@ -277,10 +280,43 @@ def test_an_untrusted_certificate_fails_at_once_with_a_hint(tls_origin: Origin, 
     run = run_fetcher("--source", url, "--dest", str(tmp_path))
     assert run.code == 3
     assert run.error.startswith(f"TLS certificate of {url} not trusted: ")
-    assert "SSL_CERT_FILE" in run.error
+    assert run.error.endswith("(for a private CA, set SSL_CERT_FILE to its PEM bundle)")
     assert run.all("retrying") == []  # another try meets the same certificate
     assert tls_origin.requests == []
     assert tree(tmp_path) == {}
+
+    public = certifi.where()  # set, but not to the CA that signed this server
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), env={"SSL_CERT_FILE": public})
+    assert run.code == 3
+    assert run.error.endswith(f"(trusting only the CAs in SSL_CERT_FILE={public})")
+
+
+def test_a_redirect_to_an_untrusted_server_names_that_server(
+    origin: Origin, tls_origin: Origin, tmp_path: Path
+) -> None:
+    target = tls_origin.add("/m.bin", b"never sent")
+    url = origin.add("/m.bin", b"", redirect=target)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert run.error.startswith(f"TLS certificate of {target} not trusted: ")
+
+
+def test_a_ca_bundle_that_cannot_be_loaded_is_a_usage_error(tls_origin: Origin, tmp_path: Path) -> None:
+    url = tls_origin.add("/m.bin", b"never sent")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), env={"SSL_CERT_FILE": "/etc/nonexistent-ca.pem"})
+    assert run.code == 2
+    assert run.error.startswith("cannot load CA certificates from SSL_CERT_FILE=/etc/nonexistent-ca.pem: ")
+    assert "Traceback" not in run.stderr
+
+
+def test_an_https_body_that_ends_when_the_connection_closes_arrives_whole(
+    tls_origin: Origin, tls: Tls, tmp_path: Path
+) -> None:
+    body = random.Random(5).randbytes(3_000_000)
+    url = tls_origin.add("/w.bin", body, until_close=True, ranges=False)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), env={"SSL_CERT_FILE": str(tls.ca_file)})
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}  # no --sha256: only the bytes themselves can tell
 
 
 def test_a_proxy_from_the_environment_is_used(origin: Origin, tmp_path: Path) -> None:

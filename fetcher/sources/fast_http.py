@@ -17,12 +17,15 @@ small model spends before its first byte.
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpcore
 import httpx
+
+from fetcher.errors import UsageError
 
 READ_SIZE = 1024 * 1024
 
@@ -35,7 +38,11 @@ _UNLOADED = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """httpx's own: certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set."""
-    context = httpx.create_ssl_context()
+    try:
+        context = httpx.create_ssl_context()
+    except OSError as exc:  # ssl.SSLError too: a file that is not PEM
+        where = next((f"{k}={os.environ[k]}" for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if os.environ.get(k)), None)
+        raise UsageError(f"cannot load CA certificates from {where or 'certifi'}: {exc.strerror or exc}") from None
     context.set_alpn_protocols(["http/1.1"])
     return context
 

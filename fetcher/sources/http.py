@@ -9,6 +9,7 @@ presigned signature and all, so they are never passed on.
 from __future__ import annotations
 
 import email.utils
+import os
 import re
 import ssl
 import time
@@ -22,7 +23,7 @@ import httpx
 from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact
-from fetcher.redact import is_secret_header
+from fetcher.redact import is_secret_header, redact_url
 from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport
 
@@ -96,10 +97,8 @@ class HttpSource:
             raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from None
         except httpx.TransportError as exc:
             if (refused := _certificate_refused(exc)) is not None:  # the same answer on every retry
-                raise FetchError(
-                    f"TLS certificate of {self.display} not trusted: {refused.verify_message}"
-                    " (for a private CA, set SSL_CERT_FILE to its PEM bundle)"
-                ) from None
+                where, why = _failed_at(exc), refused.verify_message
+                raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from None
             raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
@@ -198,6 +197,21 @@ def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | N
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def _failed_at(exc: httpx.TransportError) -> str:
+    """The URL whose server failed: after a redirect, not the one configured."""
+    try:
+        return redact_url(str(exc.request.url))
+    except RuntimeError:  # no request attached
+        return "the server"
+
+
+def _ca_hint() -> str:
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        if value := os.environ.get(name):
+            return f" (trusting only the CAs in {name}={value})"
+    return " (for a private CA, set SSL_CERT_FILE to its PEM bundle)"
 
 
 def _reason(exc: Exception) -> str:
