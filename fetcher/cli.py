@@ -65,7 +65,7 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
-    memory.cap_arenas()  # before any thread starts
+    memory.tune()  # before any thread starts
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     argv = sys.argv[1:] if argv is None else argv
