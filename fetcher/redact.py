@@ -13,19 +13,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 
-# Query parameters that carry credentials in presigned or tokenised URLs
-# (S3 SigV2/SigV4, GCS, Azure SAS, generic tokens).
-_SECRET_PARAM = re.compile(
-    r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
-    r"signature|sig|token|access_token|api_key|apikey|key|secret|password|auth|awsaccesskeyid|googleaccessid)$"
-)
+# Query parameters that carry credentials in presigned or tokenised URLs: S3 SigV2/SigV4,
+# GCS, Azure SAS (sig), Backblaze (Authorization), Akamai (__token__, hdnts), CDN HMACs and
+# generic tokens. Matched by what the name contains: masking too much costs nothing.
+_SECRET_WORDS = r"signature|credential|token|secret|password|passwd|auth|key|hmac|session"
+_SECRET_PARAM = re.compile(rf"(?i)^(sig|hdnts|googleaccessid|.*({_SECRET_WORDS}).*)$")
 _SECRET_HEADER = re.compile(r"(?i)^(cookie|.*(key|token|secret|password|auth|session).*)$")
 
 # Shapes of secrets that must never be printed, whatever carried them.
 _SCRUB = (
     (re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + MASK),
     (
-        re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token)=)[^&\s\"']+"),
+        re.compile(rf"(?i)(\b(?:sig|hdnts|[\w-]*(?:{_SECRET_WORDS})[\w-]*)=)[^&\s\"']+"),
         r"\1" + MASK,
     ),
     (re.compile(r"(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"), MASK),

@@ -17,7 +17,7 @@ import pytest
 from fetcher.config import build_parser, resolve
 from fetcher.plan import build_plan
 from fetcher.sources import open_source
-from fetcher.sources.fast_http import READ_SIZE, _tls_context, fast_transport
+from fetcher.sources.fast_http import READ_SIZE, fast_transport, tls_context
 from tests.conftest import Origin, Tls
 
 BODY = random.Random(3).randbytes(8 * 1024 * 1024)
@@ -61,11 +61,11 @@ def test_over_https_records_that_have_arrived_are_handed_on_together(
     tls_origin: Origin, tls: Tls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca_file))
-    _tls_context.cache_clear()  # built at the first TLS connection, from the environment of then
+    tls_context.cache_clear()  # built at the first TLS connection, from the environment of then
     try:
         chunks = _chunk_sizes(tls_origin.add("/big.bin", BODY), tmp_path)
     finally:
-        _tls_context.cache_clear()
+        tls_context.cache_clear()
     assert sum(chunks) == len(BODY)
     assert max(chunks) > TLS_RECORD
     assert max(chunks) <= READ_SIZE

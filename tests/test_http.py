@@ -309,6 +309,15 @@ def test_a_ca_bundle_that_cannot_be_loaded_is_a_usage_error(tls_origin: Origin, 
     assert "Traceback" not in run.stderr
 
 
+def test_a_ca_bundle_that_cannot_load_is_a_usage_error_behind_a_proxy_too(origin: Origin, tmp_path: Path) -> None:
+    env = {"SSL_CERT_FILE": "/etc/nonexistent-ca.pem", "HTTPS_PROXY": origin.url(""), "NO_PROXY": "", "no_proxy": ""}
+    run = run_fetcher("--source", "https://models.invalid/m.bin", "--dest", str(tmp_path), env=env)
+    assert run.code == 2, run.stderr
+    assert run.error.startswith("cannot load CA certificates from SSL_CERT_FILE=/etc/nonexistent-ca.pem: ")
+    assert "Traceback" not in run.stderr
+    assert origin.requests == []
+
+
 def test_an_https_body_that_ends_when_the_connection_closes_arrives_whole(
     tls_origin: Origin, tls: Tls, tmp_path: Path
 ) -> None:

@@ -60,6 +60,23 @@ def test_redaction_helpers() -> None:
     assert mask_headers([("Authorization", "Bearer x"), ("X-Team", "ml")]) == ["Authorization: ***", "X-Team: ml"]
     assert scrub("failed: Authorization: Bearer eyJhbGciOi.abc.def") == "failed: Authorization: Bearer ***"
     assert scrub("key AKIAIOSFODNN7EXAMPLE used") == "key *** used"
+    assert (
+        redact_url("https://h/p?Policy=p&Key-Pair-Id=k&Signature=s")
+        == "https://h/p?Policy=p&Key-Pair-Id=***&Signature=***"
+    )
+
+
+def test_tokens_in_a_redirect_target_stay_out_of_the_error(origin: Origin, tls_origin: Origin, tmp_path: Path) -> None:
+    # The certificate error names the server that failed, i.e. the redirect's target, whose
+    # URL carries its own kinds of token: Backblaze, Akamai, CDN HMACs.
+    query = "?Authorization=b2-tok-1111&__token__=exp=9~hmac=ak-tok-2222&hdnts=ak-tok-3333&hmac=cdn-tok-4444&v=2"
+    target = tls_origin.add("/m.bin", b"never sent") + query
+    url = origin.add("/m.bin", b"", redirect=target)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 3
+    assert run.error.startswith(f"TLS certificate of {target.split('?')[0]}?Authorization=***&__token__=***&")
+    for secret in ("b2-tok-1111", "ak-tok-2222", "ak-tok-3333", "cdn-tok-4444"):
+        assert secret not in run.stderr + run.stdout
 
 
 def test_a_token_file_with_two_lines_is_refused_without_echoing_it(origin: Origin, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ _UNLOADED = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """httpx's own: certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set."""
     try:
         context = httpx.create_ssl_context()
@@ -48,7 +48,7 @@ def _tls_context() -> ssl.SSLContext:
 
 
 class LargeReadStream(httpcore.NetworkStream):
-    def __init__(self, stream: httpcore.NetworkStream, tls: Callable[[], ssl.SSLContext] = _tls_context) -> None:
+    def __init__(self, stream: httpcore.NetworkStream, tls: Callable[[], ssl.SSLContext] = tls_context) -> None:
         self._stream = stream
         self._tls = tls
         sock = stream.get_extra_info("socket")

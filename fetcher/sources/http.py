@@ -25,7 +25,7 @@ from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, 
 from fetcher.plan import Artifact
 from fetcher.redact import is_secret_header, redact_url
 from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
-from fetcher.sources.fast_http import fast_transport
+from fetcher.sources.fast_http import fast_transport, tls_context
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -68,13 +68,16 @@ class HttpSource:
         self.url = artifact.source
         self.display = artifact.display_source
         self._origin = _origin(self.url)
+        # A proxy from the environment needs httpx's own transport. httpx builds one per proxy
+        # and loads CAs for each at once, so give it ours: a bad bundle is then a usage error.
+        proxied = _proxied(self.url)
         self._client = httpx.Client(
             headers=_headers(artifact),
             event_hooks={"request": [self._drop_secrets_across_origins]},
             timeout=httpx.Timeout(artifact.timeout),
             follow_redirects=True,
-            # A proxy from the environment needs httpx's own transport; otherwise take the fast one.
-            transport=None if _proxied(self.url) else fast_transport(artifact.concurrency + 1),
+            verify=tls_context() if _proxies() else True,
+            transport=None if proxied else fast_transport(artifact.concurrency + 1),
         )
         self._etag: str | None = None
         self._size: int | None = None
@@ -182,6 +185,10 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
+
+
+def _proxies() -> bool:
+    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
 
 
 def _proxied(url: str) -> bool:
