@@ -1,7 +1,7 @@
 """fetcher's main job, on loopback: serve a model over HTTP and S3, fetch it both ways.
 
 Run through ``scripts/demo``. Everything it serves and fetches is under
-demo-out/, so the result can be looked at afterwards.
+demo-out/ (or $DEMO_OUT), so the result can be looked at afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "demo-out"
+OUT = Path(os.environ.get("DEMO_OUT") or ROOT / "demo-out")
 FETCHER = [sys.executable, "-m", "fetcher"]
 
 
@@ -65,7 +65,7 @@ def show_tree(root: Path) -> None:
 
 
 def fetch(title: str, *args: str, env: dict[str, str] | None = None) -> int:
-    print(f"\n$ fetcher {' '.join(args)}")
+    print(f"\n$ fetcher {' '.join(args)}", flush=True)  # before fetcher's own lines, when piped too
     process = subprocess.run([*FETCHER, *args, "--log-format", "console"], env=env, cwd=ROOT)
     print(f"  -> {title}: exit code {process.returncode}")
     return process.returncode
@@ -80,9 +80,11 @@ def main() -> int:
     (served / "sentiment-model.tar.gz").write_bytes(archive)
     print(f"Generated a {len(archive) / 1e6:.1f} MB model archive, sha256 {digest}")
 
+    requests: list[str] = []  # what the HTTP server was asked for
+
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
-            pass
+            requests.append(self.requestline)
 
     handler = functools.partial(Quiet, directory=str(served))
     http = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
@@ -114,27 +116,26 @@ def main() -> int:
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="sentiment/v1/sentiment-model.tar.gz", Body=archive)
     print(
-        f"Serving it at {url}\n        and s3://models/sentiment/v1/sentiment-model.tar.gz (moto, {s3_env['AWS_ENDPOINT_URL']})"
+        f"Serving it at {url}\n"
+        f"        and s3://models/sentiment/v1/sentiment-model.tar.gz (moto, {s3_env['AWS_ENDPOINT_URL']})"
     )
 
     codes = []
     http_dest, s3_dest = OUT / "models-http", OUT / "models-s3"
+    http_args = [
+        "--source",
+        url,
+        "--dest",
+        str(http_dest),
+        "--sha256",
+        digest,
+        "--file-mode",
+        "0444",
+        "--dir-mode",
+        "0555",
+    ]
     print("\n== 1. Over HTTP, verified, unpacked, modes fixed")
-    codes.append(
-        fetch(
-            "fetched",
-            "--source",
-            url,
-            "--dest",
-            str(http_dest),
-            "--sha256",
-            digest,
-            "--file-mode",
-            "0444",
-            "--dir-mode",
-            "0555",
-        )
-    )
+    codes.append(fetch("fetched", *http_args))
     print(f"\n  {http_dest}:")
     show_tree(http_dest)
 
@@ -155,7 +156,10 @@ def main() -> int:
     show_tree(s3_dest)
 
     print("\n== 3. The pod restarts: the model is already there, no request is made")
-    codes.append(fetch("skipped", "--source", url, "--dest", str(http_dest), "--sha256", digest))
+    asked = len(requests)
+    codes.append(fetch("skipped", *http_args))  # the same command, as the kubelet runs it again
+    print(f"  requests the HTTP server received: {len(requests) - asked}")
+    skipped = len(requests) == asked
 
     print("\n== 4. A wrong checksum: exit 4, and nothing unverified is published")
     wrong = fetch("refused", "--source", url, "--dest", str(OUT / "models-wrong"), "--sha256", "0" * 64)
@@ -166,7 +170,7 @@ def main() -> int:
 
     moto.stop()
     http.shutdown()
-    ok = codes == [0, 0, 0] and wrong == 4
+    ok = codes == [0, 0, 0] and skipped and wrong == 4
     print(f"\nDemo {'passed' if ok else 'FAILED'}: results are in {OUT}")
     return 0 if ok else 1
 
