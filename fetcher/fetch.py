@@ -10,7 +10,7 @@ import structlog
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
-from fetcher.publish import Marker, already_present, publish, spool_dir, workspace
+from fetcher.publish import Marker, already_present, previous, publish, spool_dir, stale, workspace
 
 log = structlog.get_logger("fetcher")
 
@@ -28,8 +28,10 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
     """``siblings``: keys of the other artifacts of this run that publish into the same dest."""
     started = time.monotonic()
     _ensure_dest(artifact)
-    if (present := already_present(artifact)) is not None:
-        return _skip(artifact, present, started)
+    if (earlier := previous(artifact)) is not None:
+        if (why := stale(artifact, earlier)) is None:
+            return _skip(artifact, earlier, started)
+        log.info("fetching again", source=artifact.display_source, dest=str(artifact.dest), reason=why)
     if artifact.sha256 is None:
         log.warning(
             "no sha256 given: the download will not be verified",

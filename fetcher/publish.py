@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -57,6 +58,11 @@ def _settings(artifact: Artifact) -> str:
     return f"owner={artifact.owner} file_mode={artifact.file_mode} dir_mode={artifact.dir_mode}"
 
 
+def _octal_modes(settings: str) -> str:
+    """Settings as a person writes them: the marker keeps modes in decimal, as it always has."""
+    return re.sub(r"(mode=)(\d+)", lambda m: f"{m[1]}{int(m[2]):04o}", settings)
+
+
 def read_marker(path: Path) -> Marker | None:
     try:
         return Marker(**json.loads(path.read_text(encoding="utf-8")))
@@ -65,25 +71,37 @@ def read_marker(path: Path) -> Marker | None:
 
 
 def already_present(artifact: Artifact) -> Marker | None:
-    """The marker, if it matches this artifact and every file it lists is as published.
+    """The marker, if it matches this artifact and every file it lists is as published."""
+    marker = read_marker(_marker_path(artifact))
+    return marker if marker is not None and stale(artifact, marker) is None else None
+
+
+def stale(artifact: Artifact, marker: Marker) -> str | None:
+    """Why this earlier publication cannot stand for the artifact asked for now, if it cannot.
 
     "As published" is each file's size and mtime: cheap enough for every pod
     start, and any ordinary write changes one of them. Re-hashing a 20 GB
     model on each restart would cost more than most downloads.
     """
-    marker = read_marker(_marker_path(artifact))
-    if marker is None or marker.source != artifact.display_source or marker.settings != _settings(artifact):
-        return None
+    if marker.source != artifact.display_source:
+        return f"published from {marker.source}"
     if artifact.sha256 is not None and marker.sha256 != artifact.sha256:
-        return None
+        return f"published with sha256 {marker.sha256}, now {artifact.sha256} is asked for"
+    if marker.settings != (settings := _settings(artifact)):
+        return f"published with {_octal_modes(marker.settings)}, now {_octal_modes(settings)}"
     for relative, (size, mtime_ns) in marker.stamps.items():
         try:
             info = (artifact.dest / relative).stat()
-        except OSError:
-            return None
+        except OSError as exc:
+            return f"{relative}: {exc.strerror}"
         if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
-            return None
-    return marker
+            return f"{relative} changed since it was published (size or mtime)"
+    return None
+
+
+def previous(artifact: Artifact) -> Marker | None:
+    """The marker of an earlier publication of this artifact, whether or not it still holds."""
+    return read_marker(_marker_path(artifact))
 
 
 @contextmanager

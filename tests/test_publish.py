@@ -55,6 +55,7 @@ def test_an_update_replaces_the_previous_model(origin: Origin, tmp_path: Path) -
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(v2))
     assert run.code == 0
     assert tree(tmp_path) == V2
+    assert run.event("fetching again")["reason"] == f"published with sha256 {sha256(v1)}, now {sha256(v2)} is asked for"
 
 
 def test_leftovers_of_a_crashed_run_are_cleaned_up(origin: Origin, tmp_path: Path) -> None:
@@ -183,8 +184,13 @@ def test_a_model_file_changed_in_place_is_fetched_again(origin: Origin, tmp_path
     weights = tmp_path / "model" / "w.bin"
     weights.write_bytes(b"X" * weights.stat().st_size)  # same size, other bytes
     os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1_000_000_000))
-    assert run_fetcher(*args).code == 0
+    again = run_fetcher(*args)
+    assert again.code == 0
+    assert again.event("fetching again")["reason"] == "model/w.bin changed since it was published (size or mtime)"
     assert len(origin.hits("/m.tar.gz")) == 2
+    assert tree(tmp_path) == V1
+    weights.unlink()
+    assert run_fetcher(*args).event("fetching again")["reason"] == "model/w.bin: No such file or directory"
     assert tree(tmp_path) == V1
 
 
@@ -192,7 +198,12 @@ def test_new_modes_are_applied_on_the_next_run(origin: Origin, tmp_path: Path) -
     archive = make_tar(V1)
     args = ("--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path))
     assert run_fetcher(*args).code == 0
-    assert run_fetcher(*args, "--file-mode", "0400").code == 0
+    assert run_fetcher(*args).all("fetching again") == []  # unchanged: skipped without a word
+    again = run_fetcher(*args, "--file-mode", "0400")
+    assert again.code == 0
+    assert again.event("fetching again")["reason"] == (
+        "published with owner=None file_mode=None dir_mode=None, now owner=None file_mode=0400 dir_mode=None"
+    )
     assert (tmp_path / "model" / "w.bin").stat().st_mode & 0o777 == 0o400
 
 
