@@ -9,11 +9,13 @@ leaves at most staging leftovers, removed by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -125,7 +127,7 @@ def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Ite
             staging.mkdir()
             yield staging
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
     finally:
         os.close(lock)
 
@@ -140,7 +142,7 @@ def _clean_leftovers(state: Path, keep: set[str]) -> None:
         if entry.name.startswith(("staging-", "trash-")) or (
             entry.name.startswith(SPOOL_PREFIX) and entry.name not in keep
         ):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)
 
 
 def publish(
@@ -203,9 +205,15 @@ def _claim(artifact: Artifact, entries: list[str], siblings: frozenset[str]) -> 
 
 
 def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None:
-    """Swap each top-level entry into dest; on failure, put the old ones back."""
+    """Swap each top-level entry into dest; on failure, put the old ones back.
+
+    A directory can only move to another parent while it is writable (its ".."
+    changes), so --dir-mode reaches top-level directories once they are in
+    place, and an old one made read-only by it is opened up to leave.
+    """
     trash = artifact.state_dir / f"trash-{uuid.uuid4().hex[:12]}"
     moved: list[str] = []
+    old_modes: dict[str, int] = {}
     try:
         # Without a marker, a crash in the middle of this loop means "fetch again".
         _marker_path(artifact).unlink(missing_ok=True)
@@ -214,8 +222,15 @@ def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None
             moved.append(name)  # first: a signal may land between the two renames
             target = artifact.dest / name
             if os.path.lexists(target):
+                if _is_dir(target) and not os.access(target, os.W_OK):
+                    old_modes[name] = stat.S_IMODE(target.lstat().st_mode)
+                    os.chmod(target, old_modes[name] | stat.S_IWUSR)
                 os.rename(target, trash / name)
             os.rename(tree / name, target)
+        if artifact.dir_mode is not None:
+            for name in entries:
+                if _is_dir(artifact.dest / name):
+                    os.chmod(artifact.dest / name, artifact.dir_mode)
     except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
         for name in reversed(moved):
             target, old = artifact.dest / name, trash / name
@@ -223,18 +238,40 @@ def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None
                 _remove(target)
             if os.path.lexists(old):
                 os.rename(old, target)
+                if name in old_modes:
+                    os.chmod(target, old_modes[name])
         if isinstance(exc, OSError):
             raise local_error(exc, f"moving files into {artifact.dest}") from None
         raise
     finally:
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash)
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+    if _is_dir(path):
+        remove_tree(path, ignore_errors=False)
     else:
         path.unlink(missing_ok=True)
+
+
+def remove_tree(path: Path, *, ignore_errors: bool = True) -> None:
+    """shutil.rmtree, after opening up directories that --dir-mode made read-only.
+
+    Without CAP_DAC_OVERRIDE, as in a pod, nothing can be removed from a 0555
+    directory; fetcher owns what it published, so it may make it writable again.
+    """
+    with contextlib.suppress(OSError):  # what stays shut, rmtree reports, or ignores as asked
+        if _is_dir(path):
+            os.chmod(path, stat.S_IRWXU)
+            for directory, dirs, _files in os.walk(path):  # top-down: opened before it is listed
+                for child in (os.path.join(directory, name) for name in dirs):
+                    if not os.path.islink(child):
+                        os.chmod(child, stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
@@ -248,7 +285,7 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
                 if os.path.islink(path):
                     continue
                 if name in dirs:
-                    if artifact.dir_mode is not None:
+                    if artifact.dir_mode is not None and directory != str(tree):  # top level: once moved
                         os.chmod(path, artifact.dir_mode)
                     continue
                 if artifact.file_mode is not None:

@@ -425,11 +425,19 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def run_fetcher(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Run:
-    """Run ``python -m fetcher`` as a user would; logs are JSON lines on stderr."""
+# Root without its capabilities: file permissions bind it as they bind the pod's user (who owns
+# what it writes), while it can still read this checkout and pytest's private tmp_path.
+WITHOUT_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+
+
+def run_fetcher(*args: str, env: dict[str, str] | None = None, timeout: float = 120, capabilities: bool = True) -> Run:
+    """Run ``python -m fetcher`` as a user would; logs are JSON lines on stderr.
+
+    ``capabilities=False``: as a pod's user runs it, with no CAP_DAC_OVERRIDE, CAP_FOWNER or CAP_CHOWN.
+    """
     full_env = _clean_env() | {"FETCHER_RETRY_BACKOFF": "0.05", "FETCHER_TERMINATION_LOG": "/dev/null"} | (env or {})
     process = subprocess.run(
-        [sys.executable, "-m", "fetcher", *args],
+        [*([] if capabilities else WITHOUT_CAPABILITIES), sys.executable, "-m", "fetcher", *args],
         capture_output=True,
         text=True,
         env=full_env,

@@ -111,6 +111,30 @@ def test_owner_and_modes_apply_to_everything_published(origin: Origin, tmp_path:
         assert info.st_mode & 0o777 == (0o555 if path.is_dir() else 0o444)
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+def test_read_only_modes_publish_update_and_clean_up_without_capabilities(origin: Origin, tmp_path: Path) -> None:
+    # A directory moves to another parent only while it is writable: 0555 must come after the move,
+    # and an old 0555 tree must be opened up to be replaced and removed, by a user without CAP_DAC_OVERRIDE.
+    v1, v2 = make_tar(V1), make_tar(V2)
+    url = origin.add("/m.tar.gz", v1)
+    modes = ("--dest", str(tmp_path), "--file-mode", "0444", "--dir-mode", "0555")
+    first = run_fetcher("--source", url, "--sha256", sha256(v1), *modes, capabilities=False)
+    assert first.code == 0, first.error
+    assert tree(tmp_path) == V1
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o555
+    assert (tmp_path / "model" / "w.bin").stat().st_mode & 0o777 == 0o444
+
+    origin.add("/m.tar.gz", v2)
+    wrong = run_fetcher("--source", url, "--sha256", "0" * 64, *modes, capabilities=False)
+    assert wrong.code == 4
+    update = run_fetcher("--source", url, "--sha256", sha256(v2), *modes, capabilities=False)
+    assert update.code == 0, update.error
+    assert tree(tmp_path) == V2
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o555
+    state = sorted(p.name for p in (tmp_path / ".fetcher").iterdir())
+    assert [name for name in state if not name.endswith(".json")] == ["lock"]  # no staging or trash left
+
+
 def test_a_dest_that_cannot_be_created_is_exit_6(origin: Origin, tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     run = run_fetcher("--source", origin.add("/w.bin", b"x"), "--dest", str(tmp_path / "a-file" / "models"))
