@@ -10,7 +10,7 @@ import structlog
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
-from fetcher.publish import Marker, already_present, previous, publish, spool_dir, stale, workspace
+from fetcher.publish import Marker, already_present, check_owner, previous, publish, spool_dir, stale, workspace
 
 log = structlog.get_logger("fetcher")
 
@@ -47,6 +47,7 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
     with workspace(artifact, siblings) as staging:
         if (present := already_present(artifact)) is not None:  # another pod sharing the volume just did it
             return _skip(artifact, present, started)
+        check_owner(artifact, staging)
         progress = Progress(artifact.display_source, None, artifact.progress_interval)
         download = Download(
             open_source(artifact),

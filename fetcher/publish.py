@@ -302,6 +302,19 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
     return stamps
 
 
+def check_owner(artifact: Artifact, staging: Path) -> None:
+    """Fail before the download, not after it, when --owner cannot be applied here."""
+    if artifact.owner is None:
+        return
+    probe = staging / "owner-probe"
+    try:
+        probe.touch()
+        _own(artifact, str(probe))
+        probe.unlink()
+    except OSError as exc:
+        raise local_error(exc, "checking --owner") from None
+
+
 def _own(artifact: Artifact, path: str) -> None:
     if artifact.owner is None:
         return

@@ -135,6 +135,16 @@ def test_read_only_modes_publish_update_and_clean_up_without_capabilities(origin
     assert [name for name in state if not name.endswith(".json")] == ["lock"]  # no staging or trash left
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+def test_an_owner_that_cannot_be_applied_fails_before_the_download(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/m.tar.gz", make_tar(V1))
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--owner", "1234:5678", capabilities=False)
+    assert run.code == 6
+    assert run.error.startswith("cannot chown to 1234:5678: permission denied (--owner needs root or CAP_CHOWN")
+    assert origin.hits("/m.tar.gz") == []  # a restart loop would otherwise download the model each time
+    assert tree(tmp_path) == {}
+
+
 def test_a_dest_that_cannot_be_created_is_exit_6(origin: Origin, tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     run = run_fetcher("--source", origin.add("/w.bin", b"x"), "--dest", str(tmp_path / "a-file" / "models"))
