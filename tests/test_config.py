@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from fetcher import __version__
-from tests.conftest import Origin, make_tar, run_fetcher, sha256, tree
+from tests.conftest import ROOT, Origin, make_tar, run_fetcher, sha256, tree
 
 
 def test_env_vars_alone_configure_a_run(origin: Origin, tmp_path: Path) -> None:
@@ -94,6 +95,26 @@ def test_dry_run_prints_the_plan_with_secrets_masked_and_fetches_nothing(origin:
     for secret in ("hunter2", "deadbeefsecret", "AKIAIOSFODNN7EXAMPLE"):
         assert secret not in run.stdout + run.stderr
     assert origin.requests == []
+
+
+def test_the_readme_config_file_is_accepted_as_written(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    (text,) = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S) if block.startswith("dest:")]
+    digests = {"9f2c...e1": "9f2c" + "0" * 58 + "e1", "4b1a...07": "4b1a" + "0" * 58 + "07"}  # placeholders
+    for placeholder, digest in digests.items():
+        text = text.replace(placeholder, digest)
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(text)
+    run = run_fetcher("--config", str(config), "--dry-run")
+    assert run.code == 0, run.stderr
+    model, vocab = json.loads(run.stdout)["artifacts"]
+    assert (model["dest"], model["owner"], model["dir_mode"], model["strip_components"]) == (
+        "/models",
+        "1000:1000",
+        "0755",
+        1,
+    )
+    assert (vocab["filename"], vocab["file_mode"], vocab["headers"]) == ("vocab.txt", "0444", ["X-Team: ml-platform"])
 
 
 def test_version() -> None:

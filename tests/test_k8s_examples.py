@@ -208,6 +208,25 @@ def test_env_names_are_fetchers_own(path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=ids(EXAMPLE_FILES))
 def test_fetcher_accepts_the_configuration(path: Path, tmp_path: Path) -> None:
+    check_fetcher_accepts(path, tmp_path)
+
+
+def test_the_readme_pod_is_valid_and_accepted(tmp_path: Path) -> None:
+    """The Pod in the README is the first one a reader copies: it is held to the examples' checks."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (manifest,) = [block for block in blocks if "kind: Pod" in block]
+    path = tmp_path / "readme-pod.yaml"
+    path.write_text(manifest)
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    quickstart = by_kind(documents(EXAMPLES / "quickstart.yaml"), "ConfigMap")["fetcher-config"]
+    assert by_kind(documents(path), "ConfigMap")["fetcher-config"]["data"] == quickstart["data"]
+    check_fetcher_accepts(path, tmp_path)
+
+
+def check_fetcher_accepts(path: Path, tmp_path: Path) -> None:
     """`fetcher --dry-run` with the example's env, args and mounted config files; dest is the shared volume."""
     docs = documents(path)
     for spec in pod_specs(docs):
