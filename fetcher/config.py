@@ -148,9 +148,9 @@ def parse_bool(text: str) -> bool:
 
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        if text not in choices:
+        if (value := text.strip().lower()) not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
-        return text
+        return value
 
     return parse
 
@@ -172,6 +172,14 @@ class Option:
     per_artifact: bool = True
     is_flag: bool = False  # a switch: --dry-run, not --dry-run VALUE
     metavar: str | None = None
+    shown_default: str | None = None  # the default as a person writes it, where str() would not
+
+    @property
+    def help_text(self) -> str:
+        shown = self.shown_default
+        if shown is None and self.default is not None and self.default is not False:
+            shown = f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+        return f"{self.help} (default: {shown})" if shown else self.help
 
     @property
     def flag(self) -> str:
@@ -218,26 +226,35 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "concurrency",
         parse_concurrency,
-        "connections for parallel ranged GETs of a large object (1: never split)",
+        "connections for parallel ranged GETs of a large object, 1-64 (1: never split)",
         8,
         metavar="N",
     ),
     Option(
         "part_size",
         parse_part_size,
-        "size of each ranged part; also the most a restart fetches twice per connection",
+        "size of each ranged part, 64Ki-64Mi; also the most a restart fetches twice per connection",
         8 * 2**20,
         metavar="SIZE",
+        shown_default="8Mi",
     ),
     Option(
         "split_below",
         parse_size,
-        "split into parallel ranges when the first part arrives slower than this many bytes/s (0: never)",
+        "split into parallel ranges when the first part arrives slower than this many bytes/s (0: never; 100G: always)",
         150 * 10**6,
         metavar="RATE",
+        shown_default="150M",
     ),
     Option("timeout", parse_seconds, "connect and read timeout", 30.0, metavar="SECONDS"),
-    Option("max_unpacked_size", parse_size, "refuse archives that unpack to more than this", 1024**4, metavar="SIZE"),
+    Option(
+        "max_unpacked_size",
+        parse_size,
+        "refuse archives that unpack to more than this",
+        1024**4,
+        metavar="SIZE",
+        shown_default="1Ti",
+    ),
     Option("max_members", parse_count, "refuse archives with more members than this", 1_000_000, metavar="N"),
     Option("progress_interval", parse_seconds, "seconds between progress log lines", 5.0, metavar="SECONDS"),
     Option("s3_anonymous", parse_bool, "unsigned S3 requests, for public buckets", False, is_flag=True),
@@ -275,7 +292,7 @@ OPTIONS: tuple[Option, ...] = (
         "log level",
         "info",
         per_artifact=False,
-        metavar="LEVEL",
+        metavar="debug|info|warning|error",
     ),
     Option(
         "dry_run", parse_bool, "validate and print the plan; fetch nothing", False, per_artifact=False, is_flag=True
@@ -324,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                 flag_of(option), dest=option.name, action="append", metavar=option.metavar, help=option.help
             )
         else:
-            parser.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=option.help)
+            parser.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=option.help_text)
     parser.add_argument("--version", action="version", version=f"fetcher {__version__}")
     return parser
 

@@ -117,6 +117,32 @@ def test_the_readme_config_file_is_accepted_as_written(tmp_path: Path) -> None:
     assert (vocab["filename"], vocab["file_mode"], vocab["headers"]) == ("vocab.txt", "0444", ["X-Team: ml-platform"])
 
 
+def test_help_shows_the_defaults_the_readme_table_gives(tmp_path: Path) -> None:
+    run = run_fetcher("--help")
+    assert run.code == 0
+    help_text = " ".join(run.stdout.split())  # argparse wraps lines
+    readme_defaults = {
+        row[0].split()[0]: row[2].replace("`", "")
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `--") and len(row := [cell.strip("` ") for cell in line.strip("|").split(" | ")]) == 4
+    }
+    entries = re.split(r" (?=--[a-z][a-z0-9-]+\b)", help_text.split("options:", 1)[1])
+    shown = {entry.split()[0]: found[1] for entry in entries if (found := re.search(r"\(default: ([^)]+)\)", entry))}
+    assert len(shown) == 13, shown
+    for flag, default in shown.items():
+        assert readme_defaults[flag] == default, flag
+
+
+def test_choices_are_not_case_sensitive(tmp_path: Path) -> None:
+    source = tmp_path / "m.tar.gz"
+    source.write_bytes(make_tar({"model/w.bin": b"w"}))
+    env = {"FETCHER_LOG_LEVEL": "INFO", "FETCHER_LOG_FORMAT": "JSON", "FETCHER_S3_ADDRESSING_STYLE": "Path"}
+    run = run_fetcher("--source", f"file://{source}", "--dest", str(tmp_path / "d"), "--extract", "TAR.GZ", env=env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "d") == {"model/w.bin": b"w"}
+    assert run.event("published")["format"] == "tar.gz"  # JSON lines, at info
+
+
 def test_version() -> None:
     run = run_fetcher("--version")
     assert run.code == 0
