@@ -7,6 +7,7 @@ failure becomes one line on the log and in the termination log (so
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -17,12 +18,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
 from fetcher import __version__, logs, memory
-from fetcher.config import build_parser, resolve
+from fetcher.config import BY_NAME, build_parser, resolve
 from fetcher.errors import (
     ArchiveError,
     FetcherError,
@@ -71,11 +72,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     termination_log: Path | None = None
-    logs.configure(None, "info")
     try:
-        # Until the options are parsed, errors are logged in the format the env asks for.
-        logs.configure(environ.get("FETCHER_LOG_FORMAT") or None, "info")
+        # Until the options are parsed, errors are logged in the format the env asks for;
+        # until the configuration is resolved, as the flags or env ask, if they ask well.
+        logs.configure(_early(None, environ, "log_format"), "info")
         namespace = parser.parse_args(list(argv))
+        logs.configure(_early(namespace, environ, "log_format"), "info")
+        termination_log = _early(namespace, environ, "termination_log")
         config = resolve(namespace, environ)
         termination_log = config.run["termination_log"]
         logs.configure(config.run["log_format"], config.run["log_level"])
@@ -126,6 +129,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.exception("internal error", error=scrub(f"{type(error).__name__}: {error}"), exit_code=EXIT_INTERNAL)
         _write_termination_log(termination_log, f"internal error: {type(error).__name__}: {scrub(str(error))}")
         return EXIT_INTERNAL
+
+
+def _early(namespace: argparse.Namespace | None, environ: Mapping[str, str], name: str) -> Any:
+    """One run-wide setting from the flag or env var alone, for reporting an error in the rest."""
+    text = getattr(namespace, name, None) or environ.get(BY_NAME[name].env)
+    try:
+        return BY_NAME[name].parse(text) if text else None
+    except ValueError:
+        return None
 
 
 def run() -> NoReturn:

@@ -190,6 +190,15 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+def test_a_bad_setting_is_reported_as_the_flags_ask(tmp_path: Path) -> None:
+    termination = tmp_path / "termination-log"
+    run = run_fetcher("--log-format", "console", "--termination-log", str(termination), "--retries", "many")
+    assert run.code == 2
+    (line,) = run.stderr.strip().splitlines()
+    assert "[error    ] failed error=" in line and "--retries" in line  # console, not JSON
+    assert termination.read_text().startswith("--retries: expected a whole number")
+
+
 def test_bad_env_value_names_the_env_var() -> None:
     run = run_fetcher(env={"FETCHER_SOURCE": "http://h/m", "FETCHER_DEST": "/tmp/x", "FETCHER_SHA256": "nothex"})
     assert run.code == 2
