@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,27 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
     )
 
 
+def read_bearer_token(path: Path) -> str:
+    """The token, checked; read when the plan is built too, so a dry run finds a bad file."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not readable text"
+        raise UsageError(f"--bearer-token-file {path}: {reason}") from None
+    if not token:
+        raise UsageError(f"--bearer-token-file {path}: the file is empty")
+    if not re.fullmatch(r"[\x21-\x7e]+", token):  # never echo it: a broken token is still a secret
+        raise UsageError(f"--bearer-token-file {path}: the token must be one line of printable ASCII")
+    return token
+
+
 def build_plan(config: RunConfig) -> list[Artifact]:
     many = len(config.artifacts) > 1
     plan = [_artifact(i, values, f"artifacts[{i}]: " if many else "") for i, values in enumerate(config.artifacts)]
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
+        if item.bearer_token_file is not None:
+            read_bearer_token(item.bearer_token_file)
         if item.extract == "none":  # with auto the name matters only if it is no archive
             spot = (item.dest.resolve(), item.filename)
             if spot in seen and plan[seen[spot]].source != item.source:

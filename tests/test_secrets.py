@@ -91,6 +91,18 @@ def test_a_token_file_with_two_lines_is_refused_without_echoing_it(origin: Origi
     assert origin.requests == []
 
 
+def test_a_dry_run_checks_the_token_file_as_a_real_run_would(tmp_path: Path) -> None:
+    args = ("--source", "https://models.example.com/m.bin", "--dest", str(tmp_path), "--dry-run")
+    missing = run_fetcher(*args, "--bearer-token-file", str(tmp_path / "absent"))
+    assert missing.code == 2
+    assert missing.error == f"--bearer-token-file {tmp_path / 'absent'}: No such file or directory"
+    token = tmp_path / "token"
+    token.write_text("tok-5e5e5e\n")
+    run = run_fetcher(*args, "--bearer-token-file", str(token))
+    assert run.code == 0, run.stderr
+    assert "tok-5e5e5e" not in run.stdout + run.stderr
+
+
 def test_sigv2_presigned_urls_are_masked_in_the_plan_and_the_marker(origin: Origin, tmp_path: Path) -> None:
     origin.add("/m.bin", b"model")
     url = origin.url("/m.bin?AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1900000000&Signature=c2lnbmF0dXJl")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import email.utils
 import os
-import re
 import ssl
 import time
 import urllib.request
@@ -21,8 +20,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from fetcher import __version__
-from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
-from fetcher.plan import Artifact
+from fetcher.errors import FetchError, SourceChangedError, TransientFetchError
+from fetcher.plan import Artifact, read_bearer_token
 from fetcher.redact import is_secret_header, redact_url
 from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport, tls_context
@@ -48,18 +47,7 @@ def _headers(artifact: Artifact) -> dict[str, str]:
     headers = {"User-Agent": f"fetcher/{__version__}", "Accept-Encoding": "identity"}
     headers.update(dict(artifact.headers))
     if artifact.bearer_token_file is not None:
-        try:
-            token = artifact.bearer_token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or "not readable text"
-            raise UsageError(f"--bearer-token-file {artifact.bearer_token_file}: {reason}") from None
-        if not token:
-            raise UsageError(f"--bearer-token-file {artifact.bearer_token_file}: the file is empty")
-        if not re.fullmatch(r"[\x21-\x7e]+", token):  # never echo it: a broken token is still a secret
-            raise UsageError(
-                f"--bearer-token-file {artifact.bearer_token_file}: the token must be one line of printable ASCII"
-            )
-        headers["Authorization"] = f"Bearer {token}"
+        headers["Authorization"] = f"Bearer {read_bearer_token(artifact.bearer_token_file)}"
     return headers
 
 
