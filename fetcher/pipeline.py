@@ -272,7 +272,11 @@ def detect_format(head: bytes, extract: str) -> str:
 
 def _check_declared(head: bytes, extract: str) -> None:
     """An explicit --extract must match the data; say what arrived instead."""
-    if extract in ("tar", "zip"):
+    if extract == "tar":
+        return
+    if extract == "zip":  # data may precede a zip (self-extracting): refuse only what is clearly another format
+        if (found := detect(head)) not in ("zip", "file"):
+            raise ArchiveError(f"--extract zip, but the data is not zip (it looks like: {found})")
         return
     kind = extract.removeprefix("tar.")
     if not head.startswith(MAGIC[kind]):

@@ -85,6 +85,16 @@ def test_extract_none_keeps_the_archive_as_a_file(origin: Origin, tmp_path: Path
     assert tree(dest) == {"bundle.tar.gz": body}
 
 
+@pytest.mark.parametrize(("declared", "kind"), [("tar.xz", "xz"), ("tar.zst", "zst"), ("zip", "zip")])
+def test_an_extract_that_does_not_match_the_data_says_what_arrived(
+    origin: Origin, tmp_path: Path, declared: str, kind: str
+) -> None:
+    code, dest, error = _fetch(origin, tmp_path, make_tar(FILES), "/model.tar.gz", "--extract", declared)
+    assert code == 5
+    assert error == f"--extract {declared}, but the data is not {kind} (it looks like: tar.gz)"
+    assert tree(dest) == {}
+
+
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
 def test_a_compressed_file_that_is_not_a_tar_is_saved_as_is(origin: Origin, tmp_path: Path, compress) -> None:
     body = compress(b"just some text, not a tar archive\n" * 50)
