@@ -105,7 +105,7 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
             )
     # Every option that is an Artifact field passes straight through; a few need shaping.
     same = {field.name: values[field.name] for field in fields(Artifact) if field.name in values}
-    return Artifact(
+    artifact = Artifact(
         **same
         | {
             "index": index,
@@ -114,6 +114,19 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
             "headers": tuple(values["headers"] or ()),
         }
     )
+    # One of them would silently replace the other on the wire (httpx sends the URL's as Basic).
+    credentials = [
+        what
+        for what, given in (
+            ("user:password@ in the URL", urlsplit(artifact.source).username is not None),
+            ("an Authorization header", any(name.lower() == "authorization" for name, _ in artifact.headers)),
+            ("--bearer-token-file", artifact.bearer_token_file is not None),
+        )
+        if given
+    ]
+    if len(credentials) > 1:
+        raise UsageError(f"{where}credentials given twice, as {' and as '.join(credentials)}: keep one")
+    return artifact
 
 
 def read_bearer_token(path: Path) -> str:

@@ -150,6 +150,23 @@ def test_version() -> None:
 
 
 BAD = [
+    (
+        ["--source", "http://u:p@h/m", "--dest", "/tmp/x", "--header", "authorization: Bearer t"],
+        "credentials given twice, as user:password@ in the URL and as an Authorization header: keep one",
+    ),
+    (
+        [
+            "--source",
+            "http://h/m",
+            "--dest",
+            "/tmp/x",
+            "--header",
+            "Authorization: Bearer t",
+            "--bearer-token-file",
+            "/t",
+        ],
+        "credentials given twice, as an Authorization header and as --bearer-token-file: keep one",
+    ),
     (["--source", "ftp://host/m.tar.gz", "--dest", "/tmp/x"], "--source: unsupported URL scheme 'ftp'"),
     (["--source", "s3://bucket-only", "--dest", "/tmp/x"], "--source: an S3 source looks like s3://bucket/key"),
     (["--source", "file://relative/path", "--dest", "/tmp/x"], "--source: a file source needs an absolute path"),
