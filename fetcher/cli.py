@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     termination_log: Path | None = None
+    logs.configure(None, "info")  # so that even a failure in reading the environment is logged
     try:
         # Until the options are parsed, errors are logged in the format the env asks for;
         # until the configuration is resolved, as the flags or env ask, if they ask well.
