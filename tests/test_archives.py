@@ -171,6 +171,17 @@ def test_hostile_tar_members_are_refused_and_nothing_is_published(origin: Origin
     assert not (tmp_path / "evil").exists()
 
 
+def test_a_member_name_made_to_stall_the_log_scrubber_is_refused_at_once(origin: Origin, tmp_path: Path) -> None:
+    # The refusal names the member, and every log line passes the secret scrubber: a regex that
+    # backtracked on long runs of name characters took minutes over this 64 KB name.
+    name = "/" + "a-" * 32_000
+    url = origin.add("/a", make_tar({name: b"x"}))
+    run = run_fetcher("--source", url, "--dest", str(tmp_path / "dest"), timeout=30)
+    assert run.code == 5
+    assert "absolute path" in run.error and name in run.error
+    assert published(tmp_path / "dest") == []
+
+
 def test_zip_slip_is_refused(origin: Origin, tmp_path: Path) -> None:
     code, dest, error = _fetch(origin, tmp_path, make_zip({"../../evil.txt": b"x"}))
     assert code == 5

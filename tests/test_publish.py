@@ -228,6 +228,18 @@ def test_a_model_file_changed_in_place_is_fetched_again(origin: Origin, tmp_path
     assert tree(tmp_path) == V1
 
 
+def test_urls_that_differ_in_a_parameter_are_different_artifacts(origin: Origin, tmp_path: Path) -> None:
+    # Masking is for secrets only: objectKey=v1 and objectKey=v2 name two objects, never one.
+    origin.add("/get", b"v1 weights")
+    assert run_fetcher("--source", origin.url("/get?objectKey=models/v1.bin"), "--dest", str(tmp_path)).code == 0
+    origin.add("/get", b"v2 weights")
+    run = run_fetcher("--source", origin.url("/get?objectKey=models/v2.bin"), "--dest", str(tmp_path))
+    assert run.code == 0
+    assert run.all("already present") == []
+    assert tree(tmp_path) == {"get": b"v2 weights"}
+    assert "objectKey=models/v2.bin" in run.event("published")["source"]
+
+
 def test_new_modes_are_applied_on_the_next_run(origin: Origin, tmp_path: Path) -> None:
     archive = make_tar(V1)
     args = ("--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path))
