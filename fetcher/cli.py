@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -32,7 +33,7 @@ from fetcher.errors import (
     LocalFilesystemError,
     UsageError,
 )
-from fetcher.plan import build_plan
+from fetcher.plan import build_plan, read_bearer_token
 from fetcher.redact import scrub
 
 EXIT_OK = 0
@@ -85,6 +86,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logs.configure(config.run["log_format"], config.run["log_level"])
         plan = build_plan(config)
         if config.run["dry_run"]:
+            for artifact in plan:  # a real run reads it only when it has something to download
+                if artifact.bearer_token_file is not None and urlsplit(artifact.source).scheme in ("http", "https"):
+                    read_bearer_token(artifact.bearer_token_file)
             print(json.dumps({"fetcher": __version__, "artifacts": [a.describe() for a in plan]}, indent=2))
             return EXIT_OK
         from fetcher.fetch import fetch

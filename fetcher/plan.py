@@ -130,7 +130,7 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
 
 
 def read_bearer_token(path: Path) -> str:
-    """The token, checked; read when the plan is built too, so a dry run finds a bad file."""
+    """The token, checked; a dry run reads it too, to find a bad file before a real run does."""
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -148,8 +148,6 @@ def build_plan(config: RunConfig) -> list[Artifact]:
     plan = [_artifact(i, values, f"artifacts[{i}]: " if many else "") for i, values in enumerate(config.artifacts)]
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
-        if item.bearer_token_file is not None:
-            read_bearer_token(item.bearer_token_file)
         if item.extract == "none":  # with auto the name matters only if it is no archive
             spot = (item.dest.resolve(), item.filename)
             if spot in seen and plan[seen[spot]].source != item.source:

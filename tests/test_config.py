@@ -151,6 +151,10 @@ def test_version() -> None:
 
 BAD = [
     (
+        ["--source", "http://u@h/m", "--dest", "/x", "--bearer-token-file", "/t"],
+        "credentials given twice, as user:password@ in the URL and as --bearer-token-file: keep one",
+    ),
+    (
         ["--source", "http://u:p@h/m", "--dest", "/tmp/x", "--header", "authorization: Bearer t"],
         "credentials given twice, as user:password@ in the URL and as an Authorization header: keep one",
     ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fetcher.redact import mask_headers, redact_url, scrub
-from tests.conftest import Origin, run_fetcher
+from tests.conftest import Origin, run_fetcher, sha256
 
 SIGNATURE = "f00dfacecafebabe0123456789abcdef"
 PRESIGNED = (
@@ -101,6 +101,18 @@ def test_a_dry_run_checks_the_token_file_as_a_real_run_would(tmp_path: Path) -> 
     run = run_fetcher(*args, "--bearer-token-file", str(token))
     assert run.code == 0, run.stderr
     assert "tok-5e5e5e" not in run.stdout + run.stderr
+
+
+def test_a_restart_with_the_model_present_does_not_need_the_token(origin: Origin, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("tok-6f6f6f\n")
+    url = origin.add("/w.bin", b"weights")
+    args = ("--source", url, "--dest", str(tmp_path / "d"), "--sha256", sha256(b"weights"))
+    assert run_fetcher(*args, "--bearer-token-file", str(token)).code == 0
+    token.unlink()  # the Secret was rotated away: nothing needs it while the model is in place
+    again = run_fetcher(*args, "--bearer-token-file", str(token))
+    assert again.code == 0, again.error
+    assert again.event("done")["already_present"] == 1
 
 
 def test_sigv2_presigned_urls_are_masked_in_the_plan_and_the_marker(origin: Origin, tmp_path: Path) -> None:
