@@ -275,7 +275,10 @@ def _check_declared(head: bytes, extract: str) -> None:
     if extract == "tar":
         return
     if extract == "zip":  # data may precede a zip (self-extracting): refuse only what is clearly another format
-        if (found := detect(head)) not in ("zip", "file"):
+        found = detect(head)
+        if found == "file":  # a compressed stream that holds no tar is still clearly no zip
+            found = next((kind for kind in ("gz", "bz2", "xz", "zst") if head.startswith(MAGIC[kind])), found)
+        if found not in ("zip", "file"):
             raise ArchiveError(f"--extract zip, but the data is not zip (it looks like: {found})")
         return
     kind = extract.removeprefix("tar.")

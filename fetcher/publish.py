@@ -18,7 +18,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,8 +60,11 @@ def _settings(artifact: Artifact) -> str:
     return f"owner={artifact.owner} file_mode={artifact.file_mode} dir_mode={artifact.dir_mode}"
 
 
-def _octal_modes(settings: str) -> str:
-    """Settings as a person writes them: the marker keeps modes in decimal, as it always has."""
+def _readable(settings: str) -> str:
+    """Settings as a person writes them: the marker keeps its own spelling, as it always has."""
+    settings = re.sub(
+        r"owner=\((\d+), (\d+|None)\)", lambda m: f"owner={m[1]}{'' if m[2] == 'None' else ':' + m[2]}", settings
+    )
     return re.sub(r"(mode=)(\d+)", lambda m: f"{m[1]}{int(m[2]):04o}", settings)
 
 
@@ -90,7 +93,7 @@ def stale(artifact: Artifact, marker: Marker) -> str | None:
     if artifact.sha256 is not None and marker.sha256 != artifact.sha256:
         return f"published with sha256 {marker.sha256}, now {artifact.sha256} is asked for"
     if marker.settings != (settings := _settings(artifact)):
-        return f"published with {_octal_modes(marker.settings)}, now {_octal_modes(settings)}"
+        return f"published with {_readable(marker.settings)}, now {_readable(settings)}"
     for relative, (size, mtime_ns) in marker.stamps.items():
         try:
             info = (artifact.dest / relative).stat()
@@ -207,13 +210,15 @@ def _claim(artifact: Artifact, entries: list[str], siblings: frozenset[str]) -> 
 def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None:
     """Swap each top-level entry into dest; on failure, put the old ones back.
 
-    A directory can only move to another parent while it is writable (its ".."
-    changes), so --dir-mode reaches top-level directories once they are in
-    place, and an old one made read-only by it is opened up to leave.
+    A directory moves to another parent only while its mover may write to it (its
+    ".." changes), which in a pod without CAP_DAC_OVERRIDE means owning it with the
+    write bit set. So top-level directories get --dir-mode and --owner once in
+    place, and an old one that --dir-mode or --owner closed is opened up to leave.
     """
     trash = artifact.state_dir / f"trash-{uuid.uuid4().hex[:12]}"
     moved: list[str] = []
-    old_modes: dict[str, int] = {}
+    closed: dict[str, os.stat_result] = {}  # old entries opened up to leave, as they were
+    clear_trash = False
     try:
         # Without a marker, a crash in the middle of this loop means "fetch again".
         _marker_path(artifact).unlink(missing_ok=True)
@@ -223,28 +228,44 @@ def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None
             target = artifact.dest / name
             if os.path.lexists(target):
                 if _is_dir(target) and not os.access(target, os.W_OK):
-                    old_modes[name] = stat.S_IMODE(target.lstat().st_mode)
-                    os.chmod(target, old_modes[name] | stat.S_IWUSR)
+                    closed[name] = target.lstat()
+                    _open_up(str(target))
                 os.rename(target, trash / name)
             os.rename(tree / name, target)
-        if artifact.dir_mode is not None:
-            for name in entries:
-                if _is_dir(artifact.dest / name):
-                    os.chmod(artifact.dest / name, artifact.dir_mode)
+        for name in entries:
+            if _is_dir(target := artifact.dest / name):
+                _settle(artifact, str(target), artifact.dir_mode)
     except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
-        for name in reversed(moved):
-            target, old = artifact.dest / name, trash / name
+        # What could not be put back stays in the trash, for a person to find; the next run clears it.
+        clear_trash = _roll_back(artifact, tree, trash, reversed(moved), closed)
+        if isinstance(exc, OSError):
+            raise local_error(exc, f"moving files into {artifact.dest}") from None
+        raise
+    else:
+        clear_trash = True
+    finally:
+        if clear_trash:
+            remove_tree(trash)
+
+
+def _roll_back(
+    artifact: Artifact, tree: Path, trash: Path, names: Iterable[str], closed: dict[str, os.stat_result]
+) -> bool:
+    """Put the old entries back, each as it was; whether every one of them made it."""
+    complete = True
+    for name in names:
+        target, old = artifact.dest / name, trash / name
+        try:
             if not os.path.lexists(tree / name):  # the new entry made it in: take it out
                 _remove(target)
             if os.path.lexists(old):
                 os.rename(old, target)
-                if name in old_modes:
-                    os.chmod(target, old_modes[name])
-        if isinstance(exc, OSError):
-            raise local_error(exc, f"moving files into {artifact.dest}") from None
-        raise
-    finally:
-        remove_tree(trash)
+            if name in closed:  # opened up, whether or not it then left
+                os.chmod(target, stat.S_IMODE(closed[name].st_mode))
+                os.chown(target, closed[name].st_uid, closed[name].st_gid, follow_symlinks=False)
+        except OSError:
+            complete = False
+    return complete
 
 
 def _is_dir(path: Path) -> bool:
@@ -258,48 +279,71 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _open_up(directory: str) -> None:
+    """Make a directory fetcher published writable again: as its owner, or by owning it first."""
+    try:
+        os.chmod(directory, stat.S_IRWXU)
+    except PermissionError:  # --owner gave it away; CAP_CHOWN, which that took, takes it back
+        os.chown(directory, os.geteuid(), -1, follow_symlinks=False)
+        os.chmod(directory, stat.S_IRWXU)
+
+
 def remove_tree(path: Path, *, ignore_errors: bool = True) -> None:
-    """shutil.rmtree, after opening up directories that --dir-mode made read-only.
+    """shutil.rmtree, after opening up directories that --dir-mode or --owner closed.
 
     Without CAP_DAC_OVERRIDE, as in a pod, nothing can be removed from a 0555
-    directory; fetcher owns what it published, so it may make it writable again.
+    directory, or from one --owner gave to another user.
     """
+    if not _is_dir(path):
+        return
     with contextlib.suppress(OSError):  # what stays shut, rmtree reports, or ignores as asked
-        if _is_dir(path):
-            os.chmod(path, stat.S_IRWXU)
-            for directory, dirs, _files in os.walk(path):  # top-down: opened before it is listed
-                for child in (os.path.join(directory, name) for name in dirs):
-                    if not os.path.islink(child):
-                        os.chmod(child, stat.S_IRWXU)
+        _open_up(str(path))
+    for directory, dirs, _files in os.walk(path):  # top-down: opened before it is listed
+        for child in (os.path.join(directory, name) for name in dirs):
+            if not os.path.islink(child):
+                with contextlib.suppress(OSError):
+                    _open_up(child)
     shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
-    """Apply --owner, --file-mode and --dir-mode, flush files, stamp them with size and mtime."""
+    """Flush and stamp files, then apply --file-mode, --dir-mode and --owner, in that order.
+
+    Modes before owner: once given away, a file's mode is no longer ours to change.
+    Bottom-up: a directory is closed only after everything under it is done.
+    Top-level directories are left to ``_settle`` once they are in dest.
+    """
     stamps: dict[str, list[int]] = {}
     try:
-        for directory, dirs, files in os.walk(tree):
-            for name in dirs + files:
+        for directory, dirs, files in os.walk(tree, topdown=False):
+            for name in files:
                 path = os.path.join(directory, name)
-                _own(artifact, path)
-                if os.path.islink(path):
-                    continue
-                if name in dirs:
-                    if artifact.dir_mode is not None and directory != str(tree):  # top level: once moved
-                        os.chmod(path, artifact.dir_mode)
-                    continue
-                if artifact.file_mode is not None:
-                    os.chmod(path, artifact.file_mode)
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    os.fsync(fd)
-                    info = os.fstat(fd)
-                    stamps[os.path.relpath(path, tree)] = [info.st_size, info.st_mtime_ns]
-                finally:
-                    os.close(fd)
+                if not os.path.islink(path):
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                    try:
+                        os.fsync(fd)
+                        info = os.fstat(fd)
+                        stamps[os.path.relpath(path, tree)] = [info.st_size, info.st_mtime_ns]
+                    finally:
+                        os.close(fd)
+                _settle(artifact, path, artifact.file_mode)
+            if directory != str(tree):
+                for name in dirs:
+                    _settle(artifact, os.path.join(directory, name), artifact.dir_mode)
+            else:  # top-level symlinks are never moved into: settle them now
+                for name in dirs:
+                    if os.path.islink(path := os.path.join(directory, name)):
+                        _settle(artifact, path, None)
     except OSError as exc:
         raise local_error(exc, "setting ownership and modes") from None
     return stamps
+
+
+def _settle(artifact: Artifact, path: str, mode: int | None) -> None:
+    """The mode asked for, then the owner: a symlink only gets the owner."""
+    if mode is not None and not os.path.islink(path):
+        os.chmod(path, mode)
+    _own(artifact, path)
 
 
 def check_owner(artifact: Artifact, staging: Path) -> None:

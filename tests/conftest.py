@@ -425,19 +425,26 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-# Root without its capabilities: file permissions bind it as they bind the pod's user (who owns
-# what it writes), while it can still read this checkout and pytest's private tmp_path.
-WITHOUT_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+def _capabilities(keep: bool | str) -> list[str]:
+    """Root without its capabilities (or with only ``keep``, e.g. "chown"): file permissions bind it
+    as they bind a pod's user, who owns what it writes, while it can still read this checkout and
+    pytest's private tmp_path."""
+    if keep is True or os.geteuid() != 0:
+        return []
+    return ["setpriv", "--inh-caps=-all", f"--bounding-set=-all{f',+{keep}' if keep else ''}", "--"]
 
 
-def run_fetcher(*args: str, env: dict[str, str] | None = None, timeout: float = 120, capabilities: bool = True) -> Run:
+def run_fetcher(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, capabilities: bool | str = True
+) -> Run:
     """Run ``python -m fetcher`` as a user would; logs are JSON lines on stderr.
 
-    ``capabilities=False``: as a pod's user runs it, with no CAP_DAC_OVERRIDE, CAP_FOWNER or CAP_CHOWN.
+    ``capabilities=False``: as a pod's user runs it, with no CAP_DAC_OVERRIDE, CAP_FOWNER or CAP_CHOWN;
+    ``capabilities="chown"``: as a locked-down init container that drops all but CAP_CHOWN.
     """
     full_env = _clean_env() | {"FETCHER_RETRY_BACKOFF": "0.05", "FETCHER_TERMINATION_LOG": "/dev/null"} | (env or {})
     process = subprocess.run(
-        [*([] if capabilities else WITHOUT_CAPABILITIES), sys.executable, "-m", "fetcher", *args],
+        [*_capabilities(capabilities), sys.executable, "-m", "fetcher", *args],
         capture_output=True,
         text=True,
         env=full_env,

@@ -95,6 +95,13 @@ def test_an_extract_that_does_not_match_the_data_says_what_arrived(
     assert tree(dest) == {}
 
 
+def test_extract_zip_on_a_gzipped_file_says_it_is_gzip(origin: Origin, tmp_path: Path) -> None:
+    code, dest, error = _fetch(origin, tmp_path, gzip.compress(b"notes\n" * 100), "/notes.gz", "--extract", "zip")
+    assert code == 5
+    assert error == "--extract zip, but the data is not zip (it looks like: gz)"
+    assert tree(dest) == {}
+
+
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
 def test_a_compressed_file_that_is_not_a_tar_is_saved_as_is(origin: Origin, tmp_path: Path, compress) -> None:
     body = compress(b"just some text, not a tar archive\n" * 50)

@@ -111,28 +111,56 @@ def test_owner_and_modes_apply_to_everything_published(origin: Origin, tmp_path:
         assert info.st_mode & 0o777 == (0o555 if path.is_dir() else 0o444)
 
 
+NESTED_V1 = {"model/config.json": b'{"v": 1}', "model/layers/0/w.bin": b"1" * 5000, "model/layers/1/w.bin": b"1"}
+NESTED_V2 = {"model/config.json": b'{"v": 2}', "model/layers/0/w.bin": b"2" * 5000, "model/layers/1/w.bin": b"2"}
+
+
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
-def test_read_only_modes_publish_update_and_clean_up_without_capabilities(origin: Origin, tmp_path: Path) -> None:
-    # A directory moves to another parent only while it is writable: 0555 must come after the move,
-    # and an old 0555 tree must be opened up to be replaced and removed, by a user without CAP_DAC_OVERRIDE.
-    v1, v2 = make_tar(V1), make_tar(V2)
+@pytest.mark.parametrize(
+    ("capabilities", "settings", "owner"),
+    [
+        (False, ("--file-mode", "0444", "--dir-mode", "0555"), None),
+        ("chown", ("--file-mode", "0440", "--dir-mode", "0550", "--owner", "1234:5678"), (1234, 5678)),
+    ],
+    ids=["no capabilities", "only CAP_CHOWN"],
+)
+def test_closed_modes_and_owners_publish_update_and_clean_up_in_a_locked_down_pod(
+    origin: Origin, tmp_path: Path, capabilities: bool | str, settings: tuple[str, ...], owner: tuple[int, int] | None
+) -> None:
+    # Without CAP_DAC_OVERRIDE and CAP_FOWNER, a directory moves to another parent only while its mover
+    # owns it with the write bit set, and nothing leaves a directory that is not writable: modes and
+    # owners must come after the move, and an old closed tree must be opened up to be replaced or removed.
+    dir_mode, file_mode = int(settings[3], 8), int(settings[1], 8)
+
+    def check(expected: dict[str, bytes]) -> None:
+        assert tree(tmp_path) == expected
+        for path in [tmp_path / "model", *(tmp_path / "model").rglob("*")]:
+            info = path.stat()
+            assert info.st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), path
+            if owner:
+                assert (info.st_uid, info.st_gid) == owner, path
+        state = [p.name for p in (tmp_path / ".fetcher").iterdir() if not p.name.endswith(".json")]
+        assert state == ["lock"]  # no staging or trash left behind
+
+    v1, v2 = make_tar(NESTED_V1), make_tar(NESTED_V2)
     url = origin.add("/m.tar.gz", v1)
-    modes = ("--dest", str(tmp_path), "--file-mode", "0444", "--dir-mode", "0555")
-    first = run_fetcher("--source", url, "--sha256", sha256(v1), *modes, capabilities=False)
+    args = ("--dest", str(tmp_path), *settings)
+    first = run_fetcher("--source", url, "--sha256", sha256(v1), *args, capabilities=capabilities)
     assert first.code == 0, first.error
-    assert tree(tmp_path) == V1
-    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o555
-    assert (tmp_path / "model" / "w.bin").stat().st_mode & 0o777 == 0o444
+    check(NESTED_V1)
+
+    # A failure after the modes and owner were applied in staging: another artifact publishing 'model'.
+    config = tmp_path.parent / f"{tmp_path.name}.yaml"
+    other = origin.add("/other.tar.gz", make_tar({"model/x.bin": b"x", "model/sub/y.bin": b"y"}))
+    config.write_text(f"artifacts:\n  - source: {url}\n    sha256: {sha256(v1)}\n  - source: {other}\n")
+    clash = run_fetcher("--config", str(config), *args, capabilities=capabilities)
+    assert clash.code == 2 and "both publish 'model'" in clash.error
+    check(NESTED_V1)
 
     origin.add("/m.tar.gz", v2)
-    wrong = run_fetcher("--source", url, "--sha256", "0" * 64, *modes, capabilities=False)
-    assert wrong.code == 4
-    update = run_fetcher("--source", url, "--sha256", sha256(v2), *modes, capabilities=False)
+    update = run_fetcher("--source", url, "--sha256", sha256(v2), *args, capabilities=capabilities)
     assert update.code == 0, update.error
-    assert tree(tmp_path) == V2
-    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o555
-    state = sorted(p.name for p in (tmp_path / ".fetcher").iterdir())
-    assert [name for name in state if not name.endswith(".json")] == ["lock"]  # no staging or trash left
+    check(NESTED_V2)
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from fetcher import __version__
-from fetcher.errors import FetchError, SourceChangedError, TransientFetchError
+from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact, read_bearer_token
 from fetcher.redact import is_secret_header, redact_url
 from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
@@ -64,7 +64,7 @@ class HttpSource:
             event_hooks={"request": [self._drop_secrets_across_origins]},
             timeout=httpx.Timeout(artifact.timeout),
             follow_redirects=True,
-            verify=tls_context() if _proxies() else True,
+            verify=_proxy_verify(self.url) if _proxies() else True,
             transport=None if proxied else fast_transport(artifact.concurrency + 1),
         )
         self._etag: str | None = None
@@ -173,6 +173,17 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
+
+
+def _proxy_verify(url: str) -> ssl.SSLContext:
+    """Our CAs for httpx's proxy transports; for a plain-http source, CAs that cannot load are
+    no error: an https redirect then fails closed, trusting nothing."""
+    try:
+        return tls_context()
+    except UsageError:
+        if urlsplit(url).scheme == "https":
+            raise
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 def _proxies() -> bool:
