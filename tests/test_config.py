@@ -218,6 +218,10 @@ def test_a_bad_setting_is_reported_as_the_flags_ask(tmp_path: Path) -> None:
     (line,) = run.stderr.strip().splitlines()
     assert "[error    ] failed error=" in line and "--retries" in line  # console, not JSON
     assert termination.read_text().startswith("--retries: expected a whole number")
+    unknown = run_fetcher("--log-format", "console", "--termination-log", str(termination), "--retires", "3")
+    assert unknown.code == 2
+    assert "[error    ] failed error=" in unknown.stderr
+    assert termination.read_text().startswith("unrecognized arguments: --retires 3")
 
 
 def test_bad_env_value_names_the_env_var() -> None:
