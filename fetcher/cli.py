@@ -77,11 +77,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         # Until the options are parsed, errors are logged in the format the env asks for;
         # until the configuration is resolved, as the flags or env ask, if they ask well.
-        logs.configure(_early(None, environ, "log_format"), "info")
+        early = None
         with contextlib.suppress(UsageError):  # the flags it can read, even beside one it cannot
             early = parser.parse_known_args(list(argv))[0]
-            logs.configure(_early(early, environ, "log_format"), "info")
-            termination_log = _early(early, environ, "termination_log")
+        logs.configure(_early(early, environ, "log_format"), "info")
+        termination_log = _early(early, environ, "termination_log")
         namespace = parser.parse_args(list(argv))
         config = resolve(namespace, environ)
         termination_log = config.run["termination_log"]

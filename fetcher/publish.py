@@ -77,7 +77,7 @@ def read_marker(path: Path) -> Marker | None:
 
 def already_present(artifact: Artifact) -> Marker | None:
     """The marker, if it matches this artifact and every file it lists is as published."""
-    marker = read_marker(_marker_path(artifact))
+    marker = previous(artifact)
     return marker if marker is not None and stale(artifact, marker) is None else None
 
 
@@ -88,8 +88,6 @@ def stale(artifact: Artifact, marker: Marker) -> str | None:
     start, and any ordinary write changes one of them. Re-hashing a 20 GB
     model on each restart would cost more than most downloads.
     """
-    if marker.source != artifact.display_source:
-        return f"published from {marker.source}"
     if artifact.sha256 is not None and marker.sha256 != artifact.sha256:
         return f"published with sha256 {marker.sha256}, now {artifact.sha256} is asked for"
     if marker.settings != (settings := _settings(artifact)):

@@ -117,7 +117,7 @@ def test_the_readme_config_file_is_accepted_as_written(tmp_path: Path) -> None:
     assert (vocab["filename"], vocab["file_mode"], vocab["headers"]) == ("vocab.txt", "0444", ["X-Team: ml-platform"])
 
 
-def test_help_shows_the_defaults_the_readme_table_gives(tmp_path: Path) -> None:
+def test_help_shows_the_defaults_the_readme_table_gives() -> None:
     run = run_fetcher("--help")
     assert run.code == 0
     help_text = " ".join(run.stdout.split())  # argparse wraps lines

@@ -57,7 +57,7 @@ class HttpSource:
         self.display = artifact.display_source
         self._origin = _origin(self.url)
         # A proxy from the environment needs httpx's own transport. httpx builds one per proxy
-        # and loads CAs for each at once, so give it ours: a bad bundle is then a usage error.
+        # and loads CAs for each at once, so it is handed ours (see _proxy_verify).
         proxied = _proxied(self.url)
         self._client = httpx.Client(
             headers=_headers(artifact),
