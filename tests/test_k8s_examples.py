@@ -42,8 +42,8 @@ EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswi
 KUBERNETES_VERSION = "1.34.0"  # pinned: the schemas kubernetes-validate checks against
 FETCHER_IMAGE = f"ghcr.io/example/fetcher:{__version__}"
 APP_IMAGE = "sentiment-agent:1.0"
-PLACEHOLDER_SHA256 = "9f2c0c5c3a7e0d4b8f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6fe1"
-VOCAB_SHA256 = "4b1a6f0e2d3c5b7a9e8f1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d0c1b07"
+PLACEHOLDER_SHA256 = "PUT-THE-SHA256-OF-YOUR-ARCHIVE-HERE"
+VOCAB_SHA256 = "PUT-THE-SHA256-OF-vocab.txt-HERE"
 ORIGIN = "https://models.example.com"
 MINIO = "http://minio.minio.svc.cluster.local:9000"
 
@@ -226,8 +226,30 @@ def test_the_readme_pod_is_valid_and_accepted(tmp_path: Path) -> None:
     check_fetcher_accepts(path, tmp_path)
 
 
-def check_fetcher_accepts(path: Path, tmp_path: Path) -> None:
-    """`fetcher --dry-run` with the example's env, args and mounted config files; dest is the shared volume."""
+def test_an_unedited_placeholder_is_an_obvious_usage_error(tmp_path: Path) -> None:
+    """A reader who applies an example without pinning their archive gets exit 2 naming the setting, not exit 4."""
+    run = run_fetcher(
+        "--dry-run",
+        env={
+            "FETCHER_SOURCE": ORIGIN + "/m.tar.gz",
+            "FETCHER_DEST": str(tmp_path),
+            "FETCHER_SHA256": PLACEHOLDER_SHA256,
+        },
+    )
+    assert run.code == 2, run.stderr
+    assert "FETCHER_SHA256" in run.stderr and "64 hex digits" in run.stderr
+
+
+def check_fetcher_accepts(path: Path, tmp_path: Path, *, pinned: bool = True) -> None:
+    """`fetcher --dry-run` with the example's env, args and mounted config files; dest is the shared volume.
+
+    The examples hold placeholders where the reader's digests go; ``pinned`` puts real-looking ones there.
+    """
+    text = path.read_text()
+    if pinned:
+        text = text.replace(PLACEHOLDER_SHA256, "9f" * 32).replace(VOCAB_SHA256, "4b" * 32)
+    path = tmp_path / path.name
+    path.write_text(text)
     docs = documents(path)
     for spec in pod_specs(docs):
         volumes = {v["name"]: v for v in spec["volumes"]}
