@@ -34,7 +34,6 @@ from fetcher.errors import (
     UsageError,
 )
 from fetcher.plan import build_plan, read_bearer_token
-from fetcher.redact import scrub
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -122,7 +121,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_OK
     except FetcherError as error:
         code = exit_code(error)
-        message = scrub(str(error))
+        message = logs.safe_message(str(error))
         log.error("failed", error=message, kind=type(error).__name__, exit_code=code)
         _write_termination_log(termination_log, message)
         return code
@@ -133,8 +132,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _write_termination_log(termination_log, message)
         return code
     except Exception as error:  # a bug: keep the traceback, but still one clear last line
-        log.exception("internal error", error=scrub(f"{type(error).__name__}: {error}"), exit_code=EXIT_INTERNAL)
-        _write_termination_log(termination_log, f"internal error: {type(error).__name__}: {scrub(str(error))}")
+        message = logs.safe_message(f"internal error: {type(error).__name__}: {error}")
+        log.exception("internal error", error=message, exit_code=EXIT_INTERNAL)
+        _write_termination_log(termination_log, message)
         return EXIT_INTERNAL
 
 
@@ -160,10 +160,14 @@ def run() -> NoReturn:
 
 
 def _write_termination_log(path: Path | None, message: str) -> None:
-    """Best effort: the reason must not be lost, but failing to record it is no new error."""
+    """Best effort: the reason must not be lost, but failing to record it is no new error.
+
+    The message is one line of UTF-8 whatever it names (the kubelet reads at most 4096 bytes).
+    """
     if path is None:
         if not (DEFAULT_TERMINATION_LOG.exists() and os.access(DEFAULT_TERMINATION_LOG, os.W_OK)):
             return
         path = DEFAULT_TERMINATION_LOG
-    with contextlib.suppress(OSError):
-        path.write_text(message[:4000] + "\n", encoding="utf-8")
+    data = logs.safe_message(message).encode("utf-8", "backslashreplace")[:4000]
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a path no file can have
+        path.write_bytes(data.decode("utf-8", "ignore").encode() + b"\n")

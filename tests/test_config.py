@@ -196,6 +196,7 @@ BAD = [
     ),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "1.5"], "--retries: expected a whole number"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--s=v"], "ambiguous option: --s could match --source, --sha256"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--part-size", "0"], "--part-size: must be between 64Ki and 64Mi"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--part-size", "1Gi"], "--part-size: must be between 64Ki"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--concurrency", "0"], "--concurrency: must be between 1 and 64"),
@@ -221,7 +222,7 @@ def test_a_bad_setting_is_reported_as_the_flags_ask(tmp_path: Path) -> None:
     unknown = run_fetcher("--log-format", "console", "--termination-log", str(termination), "--retires", "3")
     assert unknown.code == 2
     assert "[error    ] failed error=" in unknown.stderr
-    assert termination.read_text().startswith("unrecognized arguments: --retires 3")
+    assert termination.read_text().startswith("unrecognized arguments: --retires (did you mean --retries?), 1 value")
 
 
 def test_bad_env_value_names_the_env_var() -> None:
