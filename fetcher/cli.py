@@ -76,9 +76,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         # Until the options are parsed, errors are logged in the format the env asks for;
         # until the configuration is resolved, as the flags or env ask, if they ask well.
-        early = None
-        with contextlib.suppress(UsageError):  # the flags it can read, even beside one it cannot
-            early = parser.parse_known_args(list(argv))[0]
+        early = _early_flags(parser, argv)
         logs.configure(_early(early, environ, "log_format"), "info")
         termination_log = _early(early, environ, "termination_log")
         namespace = parser.parse_args(list(argv))
@@ -136,6 +134,29 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.exception("internal error", error=message, exit_code=EXIT_INTERNAL)
         _write_termination_log(termination_log, message)
         return EXIT_INTERNAL
+
+
+def _early_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | None:
+    """The flags that say how to report, read even beside ones that cannot be read.
+
+    When argparse gives up on the whole command line (an ambiguous or unfinished
+    option), a parser that knows only the reporting flags still finds them.
+    """
+    with contextlib.suppress(UsageError):
+        return parser.parse_known_args(list(argv))[0]
+    reporting = _QuietParser(add_help=False, allow_abbrev=False)
+    for name in ("log_format", "termination_log"):
+        reporting.add_argument(BY_NAME[name].flag, dest=name)
+    with contextlib.suppress(UsageError):
+        return reporting.parse_known_args(list(argv))[0]
+    return None
+
+
+class _QuietParser(argparse.ArgumentParser):
+    """Prints no usage and does not exit: its failure is reported as the full parser's."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def _early(namespace: argparse.Namespace | None, environ: Mapping[str, str], name: str) -> Any:
