@@ -238,9 +238,15 @@ def _check_path(text: str) -> None:
 
 
 def _shown(value: object) -> str:
-    """A value quoted in a message: short, one line, as repr shows it."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:50] + "..." + text[-7:]
+    """A value quoted in a message, when it is short and plain; otherwise only its length.
+
+    A value in the wrong place may still be a secret (a URL with a password given as
+    --timeout): what could carry one (``:``, ``@``, ``=``, ``%``) is not repeated.
+    """
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9 ._+/~-]{0,40}", text):
+        return repr(text)
+    return f"(a value of {len(text)} characters, not shown)"
 
 
 @dataclass(frozen=True)

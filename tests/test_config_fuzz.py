@@ -51,7 +51,8 @@ def secret_url(draw: st.DrawFn) -> str:
     junk = draw(st.text(st.characters(exclude_characters="/?#@\\", exclude_categories=("Cs", "Cc")), max_size=6))
     host = draw(st.sampled_from(["h", "h:80", "h:x", "[h", "b\u00fcck.et", "", "xn--zz", "h]"]))
     path = draw(st.sampled_from(["/m", "/m.tar.gz", "", "/a?x=1#f", "/%00"]))
-    return f"{scheme}://user:{MARKER}{junk}@{host}{path}"
+    user = draw(st.sampled_from(["user", "", "u%40x"]))
+    return f"{scheme}://{user}:{MARKER}{junk}@{host}{path}"
 
 
 @st.composite
@@ -79,7 +80,8 @@ def good_url(draw: st.DrawFn) -> str:
     junk = draw(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="/?#@\\"), max_size=6))
     port = draw(st.sampled_from(["", ":8080"]))
     tail = draw(st.sampled_from(["/m", "/m.tar.gz", "/a/b?x=1", "/a?token=" + MARKER]))
-    return draw(st.sampled_from([f"https://user:{MARKER}{junk}@h{port}{tail}", "s3://b/k/m.bin", "file:///m"]))
+    user = draw(st.sampled_from(["user", "", "u%40x"]))
+    return draw(st.sampled_from([f"https://{user}:{MARKER}{junk}@h{port}{tail}", "s3://b/k/m.bin", "file:///m"]))
 
 
 VALID: dict[str, st.SearchStrategy[Any]] = {
