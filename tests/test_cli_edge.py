@@ -273,17 +273,28 @@ def test_env_values_are_not_echoed_when_they_may_be_secret(tmp_path: Path) -> No
 @pytest.mark.fault(
     "disk full while unpacking a member whose name is not UTF-8: the reason is still written", exit=6, area="disk"
 )
-def test_a_non_utf8_member_name_in_a_disk_full_error_is_escaped(origin: Origin, tmp_path: Path) -> None:
-    name = b"model/w\xff\xfe.bin".decode("utf-8", "surrogateescape")
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_non_utf8_member_name_in_a_disk_full_error_is_escaped(
+    origin: Origin, tmp_path: Path, log_format: str
+) -> None:
+    name = b"model/w\xff\xfe\n.bin".decode("utf-8", "surrogateescape")  # not UTF-8, and a line break
     data = make_tar({name: bytes(3 * 2**20)}, compression="")
     url = origin.add("/m.tar", data)
     termination = tmp_path / "termination-log"
     with small_volume(tmp_path / "vol", "1m") as dest:
-        run = run_fetcher("--source", url, "--dest", str(dest), env={"FETCHER_TERMINATION_LOG": str(termination)})
+        run = run_fetcher(
+            "--source", url, "--dest", str(dest), "--log-format", log_format,
+            env={"FETCHER_TERMINATION_LOG": str(termination)},
+        )  # fmt: skip
         assert [p.name for p in dest.iterdir() if p.name != ".fetcher"] == []
     assert run.code == 6, run.stderr
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in run.stderr  # and run_fetcher decoded stderr as strict UTF-8
     reason = termination.read_bytes().decode("utf-8")  # strict: every byte is UTF-8
     assert reason.endswith("\n") and reason.count("\n") == 1
-    assert reason.strip() == run.error
-    assert "\\xff\\xfe" in reason or "space" in reason.lower(), reason
+    assert "w\\xff\\xfe\\n.bin" in reason and "space" in reason.lower(), reason  # escaped as Python shows them
+    failed = [line for line in run.stderr.splitlines() if "failed" in line]
+    assert len(failed) == 1
+    if log_format == "json":
+        assert reason.strip() == run.error
+    else:
+        assert "w\\xff\\xfe\\n.bin" in failed[0].replace("\\\\", "\\")
