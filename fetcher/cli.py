@@ -34,7 +34,6 @@ from fetcher.errors import (
     UsageError,
 )
 from fetcher.plan import build_plan, read_bearer_token
-from fetcher.redact import scrub
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -77,9 +76,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         # Until the options are parsed, errors are logged in the format the env asks for;
         # until the configuration is resolved, as the flags or env ask, if they ask well.
-        early = None
-        with contextlib.suppress(UsageError):  # the flags it can read, even beside one it cannot
-            early = parser.parse_known_args(list(argv))[0]
+        early = _early_flags(parser, argv)
         logs.configure(_early(early, environ, "log_format"), "info")
         termination_log = _early(early, environ, "termination_log")
         namespace = parser.parse_args(list(argv))
@@ -122,7 +119,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_OK
     except FetcherError as error:
         code = exit_code(error)
-        message = scrub(str(error))
+        message = logs.safe_message(str(error))
         log.error("failed", error=message, kind=type(error).__name__, exit_code=code)
         _write_termination_log(termination_log, message)
         return code
@@ -133,9 +130,33 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _write_termination_log(termination_log, message)
         return code
     except Exception as error:  # a bug: keep the traceback, but still one clear last line
-        log.exception("internal error", error=scrub(f"{type(error).__name__}: {error}"), exit_code=EXIT_INTERNAL)
-        _write_termination_log(termination_log, f"internal error: {type(error).__name__}: {scrub(str(error))}")
+        message = logs.safe_message(f"internal error: {type(error).__name__}: {error}")
+        log.exception("internal error", error=message, exit_code=EXIT_INTERNAL)
+        _write_termination_log(termination_log, message)
         return EXIT_INTERNAL
+
+
+def _early_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | None:
+    """The flags that say how to report, read even beside ones that cannot be read.
+
+    When argparse gives up on the whole command line (an ambiguous or unfinished
+    option), a parser that knows only the reporting flags still finds them.
+    """
+    with contextlib.suppress(UsageError):
+        return parser.parse_known_args(list(argv))[0]
+    reporting = _QuietParser(add_help=False, allow_abbrev=False)
+    for name in ("log_format", "termination_log"):
+        reporting.add_argument(BY_NAME[name].flag, dest=name)
+    with contextlib.suppress(UsageError):
+        return reporting.parse_known_args(list(argv))[0]
+    return None
+
+
+class _QuietParser(argparse.ArgumentParser):
+    """Prints no usage and does not exit: its failure is reported as the full parser's."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def _early(namespace: argparse.Namespace | None, environ: Mapping[str, str], name: str) -> Any:
@@ -160,10 +181,14 @@ def run() -> NoReturn:
 
 
 def _write_termination_log(path: Path | None, message: str) -> None:
-    """Best effort: the reason must not be lost, but failing to record it is no new error."""
+    """Best effort: the reason must not be lost, but failing to record it is no new error.
+
+    The message is one line of UTF-8 whatever it names (the kubelet reads at most 4096 bytes).
+    """
     if path is None:
         if not (DEFAULT_TERMINATION_LOG.exists() and os.access(DEFAULT_TERMINATION_LOG, os.W_OK)):
             return
         path = DEFAULT_TERMINATION_LOG
-    with contextlib.suppress(OSError):
-        path.write_text(message[:4000] + "\n", encoding="utf-8")
+    data = logs.safe_message(message).encode("utf-8", "backslashreplace")[:4000]
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a path no file can have
+        path.write_bytes(data.decode("utf-8", "ignore").encode() + b"\n")

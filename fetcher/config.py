@@ -11,12 +11,16 @@ parser, whichever layer it came from, and a bad one names that layer.
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
+import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from fetcher import __version__
 from fetcher.errors import UsageError
@@ -41,24 +45,84 @@ _SIZE_UNITS = {
 
 
 def parse_source(text: str) -> str:
+    """Checked here as every later step will read it, so that none of them can fail on it.
+
+    urllib and httpx quote the part they choke on, a password included: their
+    messages are never passed on, only what was wrong.
+    """
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     if scheme not in SCHEMES:
         raise ValueError(
-            f"unsupported URL scheme {scheme or '(none)'!r}; use http://, https://, s3://bucket/key or file:///path"
+            f"unsupported URL scheme {_shown(scheme) if re.fullmatch('[a-z][a-z0-9+.-]{0,15}', scheme) else '(none)'}; "
+            "use http://, https://, s3://bucket/key or file:///path"
         )
-    if scheme == "s3" and not re.match(r"(?i)^s3://[^/]+/.+", text):
-        raise ValueError("an S3 source looks like s3://bucket/key")
-    if scheme == "file" and not text[len("file://") :].startswith("/"):
-        raise ValueError("a file source needs an absolute path: file:///abs/path")
-    if scheme in ("http", "https"):
-        try:
-            parts = urlsplit(text)
-            _ = parts.port  # raises on a malformed port
-        except ValueError as exc:
-            raise ValueError(f"not a valid URL ({exc})") from None
-        if not parts.hostname:
-            raise ValueError("the URL has no host")
+    if _CONTROL.search(text):
+        raise ValueError("the URL holds a control character or a line break")
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises on a malformed port
+    except ValueError as exc:
+        raise ValueError(_url_problem(str(exc))) from None
+    if scheme == "file":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ValueError("a file source needs an absolute path: file:///abs/path")
+        _check_path(unquote(parts.path))
+        return text
+    if _LONE_SURROGATE.search(text):  # httpx and botocore send UTF-8, which these are not
+        raise ValueError("the URL holds characters that are not valid UTF-8")
+    if scheme == "s3":
+        bucket, slash, key = text[len("s3://") :].partition("/")
+        if not slash or not bucket or not key:
+            raise ValueError("an S3 source looks like s3://bucket/key")
+        if not _S3_BUCKET.fullmatch(bucket):
+            raise ValueError("the bucket name may hold only ASCII letters, digits, '.', '-' and '_'")
+        if len(key.encode()) > 1024:
+            raise ValueError("the S3 key is longer than 1024 bytes")
+        return text
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    _check_http_url(text, parts)
     return text
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_S3_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # botocore's own bound, legacy names included
+
+
+def _url_problem(urllib_message: str) -> str:
+    """What urllib found wrong, without the part of the URL it quotes."""
+    if "IPv6" in urllib_message:
+        return "not a valid URL (an unbalanced [ or ] in the host)"
+    if "NFKC" in urllib_message:
+        return "not a valid URL (the host holds characters that change under NFKC normalization)"
+    if "Port" in urllib_message:
+        return "not a valid URL (the port is not a number from 0 to 65535)"
+    return "not a valid URL"
+
+
+def _check_http_url(text: str, parts: SplitResult) -> None:
+    """The URL as httpx will read it: a run must not be the first to find out that it cannot.
+
+    The rest of the URL was checked above; the host is checked by httpx itself (IDNA,
+    address forms), once per host: a config of 87k artifacts has a handful.
+    """
+    if len(text) > 65_536:  # httpx's own bound
+        raise ValueError("not a valid URL (longer than 64 KiB)")
+    if not _httpx_accepts_host(parts.scheme, parts.netloc.rpartition("@")[2]):
+        what = "an internationalized host name that IDNA refuses" if not parts.netloc.isascii() else "a bad host"
+        raise ValueError(f"not a valid URL ({what})")
+
+
+@functools.lru_cache(maxsize=256)
+def _httpx_accepts_host(scheme: str, host_and_port: str) -> bool:
+    import httpx
+
+    try:
+        _ = httpx.URL(f"{scheme}://{host_and_port}/").host  # decoded (IDNA) when first read, as a request does
+    except Exception:  # InvalidURL, idna's IDNAError, UnicodeError: whichever, the host is wrong
+        return False
+    return True
 
 
 def parse_sha256(text: str) -> str:
@@ -69,14 +133,15 @@ def parse_sha256(text: str) -> str:
 
 
 def parse_filename(text: str) -> str:
-    if not text or "/" in text or "\\" in text or text in (".", "..", ".fetcher") or "\0" in text:
-        raise ValueError(f"{text!r} is not a plain file name")
+    if not text or "/" in text or "\\" in text or text in (".", "..", ".fetcher") or _CONTROL.search(text):
+        raise ValueError(f"{_shown(text)} is not a plain file name")
+    _check_path(text)
     return text
 
 
 def parse_count(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError(f"expected a whole number of 0 or more, got {text!r}")
+    if not re.fullmatch(r"\s*[0-9]{1,18}\s*", text):
+        raise ValueError(f"expected a whole number of 0 or more, got {_shown(text)}")
     return int(text)
 
 
@@ -84,14 +149,14 @@ def parse_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+        raise ValueError(f"expected a number of seconds, got {_shown(text)}") from None
     if not (0 < value <= 86_400):  # also refuses inf and nan
         raise ValueError("must be more than 0 and at most a day")
     return value
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", text.lower())
+    match = re.fullmatch(r"\s*([0-9]{1,18})\s*([kmgt]i?)?b?\s*", text.lower())
     if not match:
         raise ValueError("expected a size such as 500Gi, 20G or 1048576")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
@@ -122,8 +187,8 @@ def parse_mode(text: str) -> int:
 
 
 def parse_owner(text: str) -> tuple[int, int | None]:
-    match = re.fullmatch(r"(\d+)(?::(\d+))?", text.strip())
-    if not match:
+    match = re.fullmatch(r"([0-9]{1,10})(?::([0-9]{1,10}))?", text.strip())
+    if not match or any(int(n) >= 2**32 - 1 for n in match.groups() if n):  # (uid_t)-1 means "unchanged"
         raise ValueError("expected numeric UID or UID:GID, such as 1000:1000")
     return int(match.group(1)), int(match.group(2)) if match.group(2) else None
 
@@ -158,7 +223,30 @@ def _choice(*choices: str) -> Callable[[str], str]:
 def _path(text: str) -> Path:
     if not text:
         raise ValueError("empty path")
+    _check_path(text)
     return Path(text)
+
+
+def _check_path(text: str) -> None:
+    """A name the OS can take: no NUL, and surrogates only as os.fsdecode makes them from raw bytes."""
+    if "\0" in text:
+        raise ValueError("the path holds a NUL character")
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        raise ValueError("the path holds characters that are no file name's (a lone surrogate)") from None
+
+
+def _shown(value: object) -> str:
+    """A value quoted in a message, when it is short and plain; otherwise only its length.
+
+    A value in the wrong place may still be a secret (a URL with a password given as
+    --timeout): what could carry one (``:``, ``@``, ``=``, ``%``) is not repeated.
+    """
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9 ._+/~-]{0,40}", text):
+        return repr(text)
+    return f"(a value of {len(text)} characters, not shown)"
 
 
 @dataclass(frozen=True)
@@ -320,10 +408,43 @@ class RunConfig:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so the CLI's edge owns exit codes."""
+    """argparse that raises instead of exiting, so the CLI's edge owns exit codes.
+
+    argparse quotes what it could not place, values included, and a value may be a
+    secret (``--headers 'X-Api-Key: ...'``, one letter short of ``--header``): its
+    messages name options only.
+    """
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise UsageError(self._unrecognized(extras))
+        return namespace
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("ambiguous option: "):  # "ambiguous option: --s=VALUE could match --source, ..."
+            asked, _, matches = message.removeprefix("ambiguous option: ").rpartition(" could match ")
+            message = f"ambiguous option: {self._option_name(asked) or '(not shown)'} could match {matches}"
+        elif message.startswith("unrecognized arguments: "):
+            message = "unrecognized arguments (not shown: they may hold a value)"
         raise UsageError(message)
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        names = []
+        for token in extras:
+            if name := self._option_name(token):
+                close = difflib.get_close_matches(name, known, n=1)
+                names.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        values = len(extras) - len(names)
+        shown = f"{values} value{'s' if values > 1 else ''} not shown" if values else ""
+        return "unrecognized arguments: " + ", ".join([*names, shown] if shown else names)
+
+    @staticmethod
+    def _option_name(token: str) -> str | None:
+        """The option a token spells, without the value it may carry; None if it is no option name."""
+        name = token.split("=", 1)[0]
+        return name if re.fullmatch(r"--?[A-Za-z][A-Za-z0-9_-]{0,40}", name) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +479,8 @@ def _parse(option: Option, raw: Any, where: str) -> Any:
 def _scalar(raw: Any) -> str:
     if isinstance(raw, (dict, list)):
         raise ValueError("expected a single value, not a list or mapping")
+    if isinstance(raw, bool):  # JSON's true and false, as YAML would hand them over
+        return "true" if raw else "false"
     return str(raw)
 
 
@@ -371,41 +494,42 @@ def _header_items(raw: Any) -> list[Any]:
     raise ValueError("expected a list of 'Name: value' or a mapping")
 
 
-def _text_loader() -> type[Any]:
-    """YAML without implicit typing: every scalar stays text for our parsers.
+MAX_CONFIG_BYTES = 64 * 2**20  # ~700k artifacts; past it the file is not a config, and memory is bounded
+MAX_DEPTH = 16  # a config nests 4 deep; a bound keeps a hostile file from the parsers' recursion
+_YAML = "tag:yaml.org,2002:"
+# Explicit tags that only say how to read a scalar: the text goes to our parsers all the same,
+# so "retries: !!int abc" is the same mistake as "retries: abc" and is reported the same way.
+_TEXT_TAGS = frozenset({"!", *(_YAML + t for t in ("str", "int", "float", "bool", "timestamp", "binary"))})
+_NULL = re.compile(r"~|null|Null|NULL|")  # the one implicit YAML type kept: an unset value
 
-    This keeps ``file_mode: 0644`` octal and ``sha256: 1e5...`` a string, where
-    stock YAML would turn them into numbers.
-    """
-    import yaml
 
-    class TextLoader(yaml.SafeLoader):
-        pass
+class _Refused(Exception):
+    """Part of a config file that fetcher does not read, at a line."""
 
-    TextLoader.yaml_implicit_resolvers = {
-        key: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:null"]
-        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    return TextLoader
+    @classmethod
+    def at(cls, line: int, reason: str) -> _Refused:
+        return cls(f"line {line}: {reason}")
 
 
 def load_config_file(path: Path) -> tuple[Values, list[Values]]:
     """Read a ConfigMap-style file into top-level defaults and artifact entries."""
     where = f"--config {path}"
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{where}: not UTF-8 text") from None
-    import yaml  # only a run with --config pays for it
-
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{where}: larger than {MAX_CONFIG_BYTES // 2**20} MiB")
     try:
-        document = yaml.load(text, Loader=_text_loader()) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{where}: not valid YAML or JSON{line}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{where}: not UTF-8 text (line {line})") from None
+    try:
+        document = _read_document(text) if text.strip() else {}
+    except _Refused as exc:
+        raise UsageError(f"{where}: {exc}") from None
     if not isinstance(document, dict):
         raise UsageError(f"{where}: expected a mapping with an 'artifacts' list")
     top = dict(document)
@@ -419,12 +543,91 @@ def load_config_file(path: Path) -> tuple[Values, list[Values]]:
     return parsed_top, parsed
 
 
+def _read_document(text: str) -> Any:
+    """JSON through json (fast, numbers kept as written); anything else, or JSON that json refuses, as YAML."""
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+        except (ValueError, RecursionError):
+            pass  # YAML's flow style, or a mistake the YAML reader will place by line and column
+    return _read_yaml(text)
+
+
+def _read_yaml(text: str) -> Any:
+    """One YAML document as dicts, lists and text, built from the parser's events.
+
+    libyaml's parser where present (the pure-Python one is ~50x slower), and no
+    composer or constructor: those recurse with the nesting and expand aliases
+    without bound, and construct typed values our parsers would then see as text
+    that was never written. Anchors and aliases are refused: a config file does not
+    need them, and a few hundred bytes of them expand to gigabytes.
+    """
+    import yaml  # only a run with a YAML --config pays for it
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    stack: list[tuple[dict[Any, Any] | list[Any], list[Any]]] = []  # (container, [pending key]) per level
+    root: list[Any] = []
+    documents = 0
+
+    def place(value: Any, line: int) -> None:
+        if not stack:
+            root.append(value)
+            return
+        container, pending = stack[-1]
+        if isinstance(container, list):
+            container.append(value)
+        elif pending:
+            container[pending.pop()] = value
+        elif isinstance(value, (dict, list)):
+            raise _Refused.at(line, "a key must be a plain value, not a list or mapping")
+        else:
+            pending.append(value)
+
+    try:
+        for event in yaml.parse(text, Loader=loader):
+            line = event.start_mark.line + 1 if event.start_mark else 0
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise _Refused.at(line, "anchors and aliases (& and *) are not allowed in a config file")
+            tag = getattr(event, "tag", None)
+            shown_tag = str(tag).replace(_YAML, "!!")[:40]
+            if isinstance(event, yaml.ScalarEvent):
+                if tag == _YAML + "null" or (tag is None and event.implicit[0] and _NULL.fullmatch(event.value)):
+                    place(None, line)
+                elif tag is None or tag in _TEXT_TAGS:
+                    place(event.value, line)
+                else:
+                    raise _Refused.at(line, f"the tag {shown_tag} is not supported")
+            elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                mapping = isinstance(event, yaml.MappingStartEvent)
+                if tag not in (None, "!", _YAML + ("map" if mapping else "seq")):
+                    raise _Refused.at(line, f"the tag {shown_tag} is not supported")
+                if len(stack) >= MAX_DEPTH:
+                    raise _Refused.at(line, f"nested more than {MAX_DEPTH} levels deep")
+                container: dict[Any, Any] | list[Any] = {} if mapping else []
+                if stack and isinstance(stack[-1][0], dict) and not stack[-1][1]:
+                    raise _Refused.at(line, "a key must be a plain value, not a list or mapping")
+                stack.append((container, []))
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                place(stack.pop()[0], line)
+            elif isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise _Refused.at(line, "more than one YAML document (---)")
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise _Refused(f"not valid YAML or JSON{at}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise _Refused(f"not valid YAML or JSON: {exc}") from None
+    return root[0] if root else None
+
+
 def _parse_mapping(mapping: Mapping[str, Any], where: str, *, allow_run: bool) -> Values:
     values: Values = {}
     for key, raw in mapping.items():
         option = BY_NAME.get(str(key).replace("-", "_"))
         if option is None or option.name == "config" or (not option.per_artifact and not allow_run):
-            raise UsageError(f"{where}: unknown key {key!r}")
+            raise UsageError(f"{where}: unknown key {_shown(key)}")
         if raw is None:
             continue
         label = f"{where}.{key}" if where.endswith("]") else f"{where}: {key}"

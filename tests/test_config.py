@@ -196,6 +196,7 @@ BAD = [
     ),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "1.5"], "--retries: expected a whole number"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--s=v"], "ambiguous option: --s could match --source, --sha256"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--part-size", "0"], "--part-size: must be between 64Ki and 64Mi"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--part-size", "1Gi"], "--part-size: must be between 64Ki"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--concurrency", "0"], "--concurrency: must be between 1 and 64"),
@@ -221,7 +222,7 @@ def test_a_bad_setting_is_reported_as_the_flags_ask(tmp_path: Path) -> None:
     unknown = run_fetcher("--log-format", "console", "--termination-log", str(termination), "--retires", "3")
     assert unknown.code == 2
     assert "[error    ] failed error=" in unknown.stderr
-    assert termination.read_text().startswith("unrecognized arguments: --retires 3")
+    assert termination.read_text().startswith("unrecognized arguments: --retires (did you mean --retries?), 1 value")
 
 
 def test_bad_env_value_names_the_env_var() -> None:
@@ -261,3 +262,42 @@ def test_console_logs_are_key_value(origin: Origin, tmp_path: Path) -> None:
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--log-format", "console")
     assert run.code == 0
     assert any("published" in line and "sha256=" in line for line in run.stderr.splitlines())
+
+
+@pytest.mark.parametrize("libyaml", [True, False], ids=["libyaml", "pure-python"])
+def test_the_yaml_reader_reads_the_same_with_or_without_libyaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, libyaml: bool
+) -> None:
+    """Where libyaml is missing, PyYAML's own parser feeds the same reader: same values, same refusals."""
+    import yaml
+
+    from fetcher.config import load_config_file
+    from fetcher.errors import UsageError
+
+    if libyaml and not yaml.__with_libyaml__:
+        pytest.skip("PyYAML built without libyaml")
+    if not libyaml:
+        monkeypatch.delattr(yaml, "CSafeLoader")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "file_mode: 0640\ndir_mode: !!str 0750\nretries: !!int 3\nfilename: ~\n"
+        "artifacts:\n  - source: http://h/m\n    headers: {X-A: '1', X-B: \"2\"}\n    sha256: "
+        + "1e5"
+        + "0" * 61
+        + "\n"
+    )
+    top, (entry,) = load_config_file(config)
+    assert top == {"file_mode": 0o640, "dir_mode": 0o750, "retries": 3}
+    assert entry == {"source": "http://h/m", "headers": (("X-A", "1"), ("X-B", "2")), "sha256": "1e5" + "0" * 61}
+    for text, message in [
+        ("a: &x [1]\nb: *x\n", "line 1: anchors and aliases"),
+        ("retries: !!set {a}\n", "line 1: the tag !!set is not supported"),
+        ("deep: " + "[" * 40 + "]" * 40 + "\n", "line 1: nested more than"),
+        ("a: b\n---\nc: d\n", "line 2: more than one YAML document"),
+        ("? [a]\n: b\n", "line 1: a key must be a plain value"),
+        ("a: [b\n", "not valid YAML or JSON at line 2, column 1"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(UsageError) as refused:
+            load_config_file(config)
+        assert str(refused.value).startswith(f"--config {config}: {message}"), str(refused.value)
