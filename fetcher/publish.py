@@ -322,11 +322,12 @@ def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset
         for name in owned - set(entries) - kept
         if name != STATE_DIR and "/" not in name and os.path.lexists(dest / name)
     )
-    closed = {}
+    closed = {}  # what a mover without CAP_DAC_OVERRIDE must open up, whoever recovers: as it was
     for name in replaced + removed:
-        if _is_dir(target := dest / name) and not os.access(target, os.W_OK):
+        if _is_dir(target := dest / name):
             info = target.lstat()
-            closed[name] = [stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid]
+            if info.st_uid != os.geteuid() or not info.st_mode & stat.S_IWUSR:
+                closed[name] = [stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid]
     uid, gid = artifact.owner if artifact.owner is not None else (None, None)
     owner = None if uid is None else [uid, -1 if gid is None else gid]
     return Journal(
@@ -406,7 +407,7 @@ def _backward(dest: Path, state: Path, journal: Journal) -> None:
     for name in reversed(journal.entries):
         new, target, old = tree / name, dest / name, trash / name
         if not os.path.lexists(new) and os.path.lexists(target):  # the new entry made it in: back to staging
-            _leave(target, new, _is_dir(target) and not os.access(target, os.W_OK))
+            _leave(target, new, False)
         if os.path.lexists(old):
             os.rename(old, target)
     for name, (mode, uid, gid) in journal.closed.items():  # opened up, whether or not it then left
@@ -424,14 +425,25 @@ def _backward(dest: Path, state: Path, journal: Journal) -> None:
 
 
 def _leave(path: Path, to: Path, closed: bool) -> None:
-    """Move an entry out of dest. A directory moves to another parent only while its mover may write
-    to it (its ".." changes), which in a pod without CAP_DAC_OVERRIDE means owning it with the write bit
-    set: one that --dir-mode or --owner closed is opened up first."""
+    """Move an entry out of dest (or back out of it).
+
+    A directory moves to another parent only while its mover may write to it
+    (its ".." changes), which in a pod without CAP_DAC_OVERRIDE means owning it
+    with the write bit set: one that --dir-mode or --owner closed is opened up
+    first. Whether the mover needs that depends on its capabilities, which may
+    not be those of the run that wrote the journal: a refusal opens it up too.
+    """
     if not os.path.lexists(path):
         return
     if closed:
         _open_up(str(path))
-    os.rename(path, to)
+    try:
+        os.rename(path, to)
+    except PermissionError:
+        if closed or not _is_dir(path):
+            raise
+        _open_up(str(path))
+        os.rename(path, to)
 
 
 def _done(state: Path, journal: Journal) -> None:

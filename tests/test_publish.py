@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fetcher.cli import main
-from tests.conftest import Origin, make_tar, published, run_fetcher, sha256, tree
+from tests.conftest import Origin, make_tar, run_fetcher, sha256, tree
 
 V1 = {"model/config.json": b'{"v": 1}', "model/w.bin": b"1" * 5000}
 V2 = {"model/config.json": b'{"v": 2}', "model/w.bin": b"2" * 5000}
@@ -358,7 +358,9 @@ def test_what_fetcher_did_not_publish_is_never_replaced(origin: Origin, tmp_path
     url = origin.add("/m.tar.gz", make_tar(V1))
     run = run_fetcher("--source", url, "--dest", str(tmp_path))
     assert run.code == 6
-    assert run.error == f"'model' in --dest {tmp_path} was not published by fetcher: move it away, or choose another dest"
+    assert run.error == (
+        f"'model' in --dest {tmp_path} was not published by fetcher: move it away, or choose another dest"
+    )
     after = sorted((str(p), p.is_symlink() or p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
     assert after == before  # nothing changed, not even a state directory
 
