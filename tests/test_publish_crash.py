@@ -266,3 +266,36 @@ def test_a_kill_mid_publish_of_closed_modes_without_capabilities(origin: Origin,
         outcomes.add(scene.check_down(capabilities=False).code)
         scene.check_healthy(capabilities=False)
     assert outcomes == {0, 3}
+
+
+@pytest.mark.fault(
+    "after a kill mid-publish, a run for another artifact or with a bad --owner recovers first", exit=6, area="process"
+)
+def test_any_run_into_the_dest_recovers_first(scene: Scene) -> None:
+    other = make_tar({"tokenizer/t.json": b"{}"}, compression="")
+    other_url = scene.origin.add("/other.tar", other)
+    scene.reset()
+    assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
+    with_other = snapshot(scene.dest)
+    scene.strace("", *scene.args(V2))
+    total = scene.renames()
+    for n, rerun in [(total // 2, "other"), (total // 3, "owner")]:
+        scene.reset()
+        assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
+        killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
+        assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, killed.stderr[-2000:])
+        assert "journal.json" in state(scene.dest), state(scene.dest)
+        scene.serve(V2, down=True)
+        if rerun == "other":  # its own marker holds: still, the interrupted publish is finished first
+            run = run_fetcher("--source", other_url, "--dest", str(scene.dest))
+            assert run.code == 0 and run.event("already present")
+        else:  # a setting that fails under the lock, before the download
+            run = run_fetcher(*scene.args(V2, "--owner", "1234:5678"), capabilities=False)
+            assert run.code == 6 and run.error.startswith("cannot chown to 1234:5678"), run.stderr
+        assert run.event("interrupted publish finished")
+        now = snapshot(scene.dest)
+        assert {k: v for k, v in now.items() if not k.startswith("tokenizer")} == scene.new
+        assert {k: v for k, v in now.items() if k.startswith("tokenizer")} == {
+            k: v for k, v in with_other.items() if k.startswith("tokenizer")
+        }
+        assert sorted(m["sha256"] for m in markers(scene.dest)) == sorted([sha256(V2), sha256(other)])
