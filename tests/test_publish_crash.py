@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import ROOT, Origin, Run, _clean_env, make_tar, run_fetcher, sha256, small_volume
 
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/container-tools)")
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/container-tools)")
 
 RENAMES = "rename,renameat,renameat2"
 TOP = 400  # top-level entries: a rename or two each
@@ -83,7 +83,9 @@ class Scene:
         shutil.copytree(self.dest, self.pristine, symlinks=True)  # mtimes too: V1's marker still holds
         self.old = snapshot(self.dest)
         self.serve(V2)
-        assert run_fetcher(*self.args(V2)).code == 0
+        assert self.strace("", *self.args(V2)).returncode == 0
+        self.total = self.renames()  # of a healthy publish of the update
+        assert self.total > 2 * TOP
         self.new = snapshot(self.dest)
         assert self.old != self.new and "adapter-v1.bin" in self.old and "adapter-v1.bin" not in self.new
         self.reset()
@@ -156,26 +158,40 @@ def volume(tmp_path: Path) -> Iterator[Path]:
         yield path
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    """One V1 dest and its snapshots for the module: built once, reset for each test."""
+    origin = Origin()
+    try:
+        with small_volume(tmp_path_factory.mktemp("crash") / "volume", "512m") as path:
+            yield Scene(origin, path)
+    finally:
+        origin.close()
+
+
 @pytest.fixture
-def scene(origin: Origin, volume: Path) -> Scene:
-    return Scene(origin, volume)
+def scene(base: Scene) -> Scene:
+    base.reset()
+    return base
 
 
 def kill_points(total: int, count: int, seed: int) -> list[int]:
-    """The first and last renames, and a seeded sample of those between."""
-    chosen = {1, 2, 3, total - 2, total - 1, total}
-    chosen |= set(random.Random(seed).sample(range(4, total - 2), count))
-    return sorted(n for n in chosen if n >= 1)
+    """The first and last renames, and a seeded sample of those between.
+
+    FETCHER_CRASH_POINTS raises the sample for a longer soak (every rename: the number of renames).
+    """
+    count = min(int(os.environ.get("FETCHER_CRASH_POINTS", count)), total - 5)
+    chosen = {1, 2, 3, total - 1, total}
+    chosen |= set(random.Random(seed).sample(range(4, total - 1), count))
+    return sorted(chosen)
 
 
+@needs_strace
 @pytest.mark.fault("kill -9 at exact renames of a publish of thousands of entries", exit=3, area="process")
 @pytest.mark.parametrize("seed", [1])
 def test_a_kill_at_any_rename_leaves_the_old_or_the_new_version(scene: Scene, seed: int) -> None:
-    scene.strace("", *scene.args(V2))
-    total = scene.renames()
-    assert total > 2 * TOP  # the healthy publish: every rename counted
     outcomes = set()
-    for n in kill_points(total, 5, seed):
+    for n in kill_points(scene.total, 4, seed):
         scene.reset()
         killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
         assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, killed.stderr[-2000:])
@@ -187,11 +203,11 @@ def test_a_kill_at_any_rename_leaves_the_old_or_the_new_version(scene: Scene, se
     assert outcomes == {0, 3}  # kills before the journal and after it: both were hit
 
 
+@needs_strace
 @pytest.mark.fault("kill -9 during the recovery of an interrupted publish", exit=0, area="process")
 def test_a_kill_during_recovery_is_recovered_from(scene: Scene) -> None:
-    scene.strace("", *scene.args(V2))
-    total = scene.renames()
-    for n, m in [(total // 2, 1), (total // 2, 2), (total // 3, TOP // 2), (total - 1, 1)]:
+    total = scene.total
+    for n, m in [(total // 2, 1), (total // 3, TOP // 2), (total - 1, 1)]:
         scene.reset()
         scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
         scene.serve(V2, down=True)  # the recovering run is killed too, at its mth rename
@@ -208,7 +224,7 @@ def test_a_kill_at_a_random_instant_leaves_the_old_or_the_new_version(scene: Sce
     assert run_fetcher(*scene.args(V2)).code == 0
     healthy = time.monotonic() - started
     rng = random.Random(5)
-    for _ in range(5):
+    for _ in range(3):
         scene.reset()
         process = subprocess.Popen(
             [sys.executable, "-m", "fetcher", *scene.args(V2)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
@@ -220,12 +236,12 @@ def test_a_kill_at_a_random_instant_leaves_the_old_or_the_new_version(scene: Sce
         scene.check_healthy()
 
 
+@needs_strace
 @pytest.mark.fault(
     "a rename fails in the middle of a publish: rolled back to exactly the old tree", exit=6, area="publish"
 )
 def test_a_failed_rename_rolls_back_to_exactly_the_old_version(scene: Scene) -> None:
-    scene.strace("", *scene.args(V2))
-    total = scene.renames()
+    total = scene.total
     for n in (total // 2, total - 1):  # in the middle of the moves; the marker's own rename
         scene.reset()
         failed = scene.strace(f"error=EIO:when={n}", *scene.args(V2, "--log-format", "json"))
@@ -239,11 +255,10 @@ def test_a_failed_rename_rolls_back_to_exactly_the_old_version(scene: Scene) -> 
         scene.check_healthy()
 
 
+@needs_strace
 @pytest.mark.fault("the rollback itself fails: the next run finishes the publish", exit=6, area="publish")
 def test_a_publish_that_can_be_neither_finished_nor_undone_is_finished_by_the_next_run(scene: Scene) -> None:
-    scene.strace("", *scene.args(V2))
-    total = scene.renames()
-    scene.reset()
+    total = scene.total
     failed = scene.strace(f"error=EIO:when={total // 2}+", *scene.args(V2, "--log-format", "json"))
     assert failed.returncode == 6
     assert "publish left unfinished: the next run completes it" in failed.stderr
@@ -252,15 +267,15 @@ def test_a_publish_that_can_be_neither_finished_nor_undone_is_finished_by_the_ne
     scene.check_healthy()
 
 
+@needs_strace
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
 @pytest.mark.fault("kill -9 mid-publish of closed modes in a locked-down pod", exit=3, area="process")
 def test_a_kill_mid_publish_of_closed_modes_without_capabilities(origin: Origin, volume: Path) -> None:
     # The killed run has its capabilities (strace runs it); the runs that recover have none, as in a pod.
     scene = Scene(origin, volume, "--dir-mode", "0555", "--file-mode", "0444")
-    scene.strace("", *scene.args(V2))
-    total = scene.renames()
+    total = scene.total
     outcomes = set()
-    for n in kill_points(total, 2, 3):
+    for n in (1, total // 2, total - 1):
         scene.reset()
         scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
         outcomes.add(scene.check_down(capabilities=False).code)
@@ -268,6 +283,7 @@ def test_a_kill_mid_publish_of_closed_modes_without_capabilities(origin: Origin,
     assert outcomes == {0, 3}
 
 
+@needs_strace
 @pytest.mark.fault(
     "after a kill mid-publish, a run for another artifact or with a bad --owner recovers first", exit=6, area="process"
 )
@@ -277,8 +293,7 @@ def test_any_run_into_the_dest_recovers_first(scene: Scene) -> None:
     scene.reset()
     assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
     with_other = snapshot(scene.dest)
-    scene.strace("", *scene.args(V2))
-    total = scene.renames()
+    total = scene.total
     for n, rerun in [(total // 2, "other"), (total // 3, "owner")]:
         scene.reset()
         assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
