@@ -390,3 +390,29 @@ def test_members_without_read_permission_publish_in_a_locked_down_pod(
     secret = tmp_path / "model" / "secret.bin"
     assert secret.stat().st_mode & 0o777 == (int(file_mode, 8) if file_mode else member_mode)
     assert secret.stat().st_size == 100
+
+
+@pytest.mark.fault("fetchers failing at once on one dest: still one at a time, nothing left", exit=4, area="process")
+def test_fetchers_failing_together_on_one_dest_still_take_turns(origin: Origin, tmp_path: Path) -> None:
+    # Each failure removes the lock file with the state directory, while the others wait on it: a waiter
+    # that then holds a lock on a removed file must take the lock again, or two would download at once.
+    import sys
+
+    from tests.conftest import ROOT, _clean_env
+
+    dest = tmp_path / "models"
+    dest.mkdir()
+    args = ("--dest", str(dest), "--sha256", "0" * 64)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fetcher", "--source", origin.add(f"/m{i}.bin", b"x" * 100, stall=0.2), *args],
+            cwd=ROOT,
+            env=_clean_env() | {"FETCHER_TERMINATION_LOG": "/dev/null"},
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(6)
+    ]
+    assert [p.wait(timeout=60) for p in processes] == [4] * 6
+    assert len(origin.requests) == 6
+    assert origin.peak == 1  # never two downloads at once
+    assert os.listdir(dest) == []
