@@ -314,3 +314,15 @@ def test_any_run_into_the_dest_recovers_first(scene: Scene) -> None:
             k: v for k, v in with_other.items() if k.startswith("tokenizer")
         }
         assert sorted(m["sha256"] for m in markers(scene.dest)) == sorted([sha256(V2), sha256(other)])
+
+
+@needs_strace
+@pytest.mark.fault("SIGTERM in the middle of the moves into dest: the old version, exit 143", exit=143, area="process")
+def test_a_sigterm_mid_publish_puts_the_old_version_back(scene: Scene) -> None:
+    stopped = scene.strace(f"signal=TERM:when={scene.total // 2}", *scene.args(V2, "--log-format", "json"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert json.loads(stopped.stderr.splitlines()[-1])["error"] == "stopped by SIGTERM before the model was published"
+    assert snapshot(scene.dest) == scene.old
+    assert [m["sha256"] for m in markers(scene.dest)] == [sha256(V1)]
+    assert state(scene.dest) == sorted(["lock", f"{marker_key(scene.dest)}.json"])
+    scene.check_healthy()
