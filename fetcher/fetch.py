@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError
 from fetcher.plan import Artifact
 from fetcher.progress import Progress, human_bytes
-from fetcher.publish import Marker, already_present, check_owner, previous, publish, spool_dir, stale, workspace
+from fetcher.publish import (
+    Marker,
+    already_present,
+    check_owner,
+    interrupted,
+    previous,
+    publish,
+    spool_dir,
+    stale,
+    workspace,
+)
 
 log = structlog.get_logger("fetcher")
 
@@ -25,10 +36,28 @@ class Result:
 
 
 def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
-    """``siblings``: keys of the other artifacts of this run that publish into the same dest."""
+    """``siblings``: keys of the other artifacts of this run that publish into the same dest.
+
+    A dest that this call created is removed again when the call fails and
+    leaves it empty: a failed first run leaves the filesystem as it found it.
+    """
+    created = _ensure_dest(artifact)
+    try:
+        return _fetch(artifact, siblings)
+    except BaseException:
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (another fetcher, a resumable download): it stays
+                break
+        raise
+
+
+def _fetch(artifact: Artifact, siblings: frozenset[str]) -> Result:
     started = time.monotonic()
-    _ensure_dest(artifact)
-    if (earlier := previous(artifact)) is not None:
+    # A marker is trusted without the lock only when no publish is pending in dest: else the
+    # workspace finishes or undoes that one first, and looks again.
+    if (earlier := previous(artifact)) is not None and not interrupted(artifact):
         if (why := stale(artifact, earlier)) is None:
             return _skip(artifact, earlier, started)
         log.info("fetching again", source=artifact.display_source, dest=str(artifact.dest), reason=why)
@@ -129,10 +158,13 @@ def _skip(artifact: Artifact, present: Marker, started: float) -> Result:
     return Result(artifact, True, present.size, present.files, time.monotonic() - started)
 
 
-def _ensure_dest(artifact: Artifact) -> None:
+def _ensure_dest(artifact: Artifact) -> list[Path]:
+    """Create dest if need be; the directories this created, outermost first."""
+    missing = [path for path in (artifact.dest, *artifact.dest.parents) if not path.exists()][::-1]
     try:
         artifact.dest.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise LocalFilesystemError(f"--dest {artifact.dest} exists and is not a directory") from None
     except OSError as exc:
         raise LocalFilesystemError(f"cannot create --dest {artifact.dest}: {exc.strerror}") from None
+    return missing

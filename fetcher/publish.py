@@ -2,9 +2,19 @@
 
 Everything is staged under ``dest/.fetcher/``; ``publish`` moves it into
 dest only once the digest matched, after ownership and modes are set and
-the files are flushed to disk. The marker is written last, so a marker that
-exists describes files that are all there. A crash at any point before it
-leaves at most staging leftovers, removed by the next run.
+the files are flushed to disk.
+
+Moving a tree into dest takes a rename per top-level entry, and a kill -9
+can land between any two of them. So before the first rename a journal
+(``.fetcher/journal.json``, fsynced) lists every move, the markers that
+stop being true and the marker that will be. Each move is a rename, and
+where each entry stands (in staging, in dest, in the trash) tells which
+moves were made, so finishing or undoing a publish is idempotent: a kill
+during recovery is recovered from too. The next run, under the lock and
+before anything else, finishes an interrupted publish (its staged content
+was verified and finished before the journal was written), or undoes it
+when it cannot be finished. A marker is written only once dest holds what
+it describes, and the journal is removed after it.
 """
 
 from __future__ import annotations
@@ -18,10 +28,12 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import structlog
 
 from fetcher import __version__
 from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError, local_error
@@ -29,6 +41,10 @@ from fetcher.plan import Artifact
 
 STATE_DIR = ".fetcher"
 SPOOL_PREFIX = "download-"
+JOURNAL = "journal.json"
+LOCK = "lock"
+
+log = structlog.get_logger("fetcher")
 
 
 @dataclass(frozen=True)
@@ -107,30 +123,79 @@ def previous(artifact: Artifact) -> Marker | None:
     return read_marker(_marker_path(artifact))
 
 
+def interrupted(artifact: Artifact) -> bool:
+    """Whether a publish into this dest was interrupted: then no marker may be trusted before recovery."""
+    return os.path.lexists(artifact.state_dir / JOURNAL)
+
+
 @contextmanager
 def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Iterator[Path]:
     """A locked, fresh staging directory; removed on the way out, whatever happened.
+
+    Under the lock, first of all, an interrupted publish is finished or undone;
+    only then are leftovers cleaned. On the way out the state directory goes
+    too when nothing in it is worth keeping (no marker, no download to resume
+    from): a failed first run leaves dest as it found it.
 
     ``siblings``: keys of the other artifacts this run puts in the same dest,
     whose download spools are kept for them to resume from.
     """
     state = artifact.state_dir
+    lock = _lock(artifact)
     try:
-        state.mkdir(parents=True, exist_ok=True)
-        lock = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _recover(state)
         _clean_leftovers(state, keep={f"{SPOOL_PREFIX}{key}" for key in siblings | {artifact.key}})
         staging = state / f"staging-{uuid.uuid4().hex[:12]}"
         try:
             staging.mkdir()
             yield staging
         finally:
-            remove_tree(staging)
+            if not os.path.lexists(state / JOURNAL):  # else the next run needs staging to finish the publish
+                remove_tree(staging)
     finally:
-        os.close(lock)
+        _unlock(state, lock)
+
+
+def _lock(artifact: Artifact) -> int:
+    """Take dest's lock: one fetcher at a time in a dest.
+
+    The lock file is removed with an empty state directory (see ``_unlock``), so
+    a lock taken on a file that is no longer the one at the lock's path is no
+    lock at all: try again until the file locked is the one in place.
+    """
+    state = artifact.state_dir
+    while True:
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            fd = os.open(state / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:  # another fetcher removed the state directory in between
+            continue
+        except OSError as exc:
+            raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, current = os.fstat(fd), os.stat(state / LOCK, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _unlock(state: Path, fd: int) -> None:
+    """Release the lock; with it the state directory, when it holds nothing but the lock."""
+    try:
+        if os.listdir(state) == [LOCK]:
+            os.unlink(state / LOCK)  # still holding it: a waiter finds the path gone and starts over
+            with contextlib.suppress(OSError):  # another fetcher just created a new lock file: it stays
+                os.rmdir(state)
+    except OSError:
+        pass  # the lock file stays: harmless
+    finally:
+        os.close(fd)
 
 
 def _clean_leftovers(state: Path, keep: set[str]) -> None:
@@ -138,12 +203,32 @@ def _clean_leftovers(state: Path, keep: set[str]) -> None:
 
     That includes the download spools of objects no longer asked for (an
     older version of the model, say): they can be as large as the model.
+    Called only once no publish is pending, whose staging and trash these are.
     """
     for entry in state.iterdir():
-        if entry.name.startswith(("staging-", "trash-")) or (
+        if entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+        elif entry.name.startswith(("staging-", "trash-")) or (
             entry.name.startswith(SPOOL_PREFIX) and entry.name not in keep
         ):
             remove_tree(entry)
+
+
+@dataclass(frozen=True)
+class Journal:
+    """What a publish is about to do to dest: written and fsynced before its first rename."""
+
+    staging: str  # the staging directory's name in the state directory; the new entries are in its tree/
+    trash: str  # where the old entries go, in the state directory
+    entries: list[str]  # the new version's top-level entries, moved in in this order
+    replaced: list[str]  # those of them fetcher published before: the old one goes to the trash first
+    removed: list[str]  # entries fetcher published before that the new version does not have
+    closed: dict[str, list[int]]  # old directories opened up to leave: [mode, uid, gid] as they were
+    markers: dict[str, str]  # marker files that stop being true, by name: their text, to restore on undo
+    marker: str  # the new marker's file name
+    marker_text: str
+    owner: list[int] | None  # [uid, gid or -1], for the top-level directories once in dest
+    dir_mode: int | None
 
 
 def publish(
@@ -156,7 +241,7 @@ def publish(
     expected_size: int | None,
     siblings: frozenset[str] = frozenset(),
 ) -> Marker:
-    """Verify, set ownership and modes, move into dest, write the marker."""
+    """Verify, set ownership and modes, then move into dest under a journal, marker last."""
     if artifact.sha256 is not None and sha256 != artifact.sha256:
         raise IntegrityError(f"sha256 mismatch: expected {artifact.sha256}, got {sha256} ({size} bytes)")
     if expected_size is not None and size != expected_size:
@@ -165,8 +250,6 @@ def publish(
     tree.mkdir(exist_ok=True)
     stamps = _finish_tree(artifact, tree)
     entries = sorted(os.listdir(tree))
-    _claim(artifact, entries, siblings)
-    _move_into_place(artifact, tree, entries)
     marker = Marker(
         source=artifact.display_source,
         sha256=sha256,
@@ -179,102 +262,206 @@ def publish(
         published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         fetcher_version=__version__,
     )
-    _write_marker(artifact, marker)
+    journal = _plan(artifact, staging, marker, siblings)
+    state, dest = artifact.state_dir, artifact.dest
+    try:
+        _write_atomically(state / JOURNAL, json.dumps(asdict(journal), indent=1))
+    except OSError as exc:
+        (state / f"{JOURNAL}.tmp").unlink(missing_ok=True)
+        raise local_error(exc, f"moving files into {dest}") from None
+    try:
+        _forward(dest, state, journal)
+    except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
+        try:
+            _backward(dest, state, journal)
+        except OSError:  # the journal stays, with staging and trash: the next run finishes the publish
+            log.warning("publish left unfinished: the next run completes it", dest=str(dest))
+        if isinstance(exc, OSError):
+            raise local_error(exc, f"moving files into {dest}") from None
+        raise
     return marker
 
 
-def _claim(artifact: Artifact, entries: list[str], siblings: frozenset[str]) -> None:
-    """Refuse to replace what another artifact of this run published; retire stale markers.
+def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset[str]) -> Journal:
+    """The journal of this publish, after the checks that must fail before anything changes.
 
-    A marker of an artifact no longer configured (an older version of this
-    model, under another URL) stops being true once its files are replaced,
-    so it is removed with them.
+    Only what fetcher published (entries listed by this artifact's marker, or by
+    the marker of an artifact no longer configured, which this publish retires)
+    is replaced or removed. Anything else in dest of a new entry's name is the
+    user's: refused, as is an entry another artifact of this run publishes.
     """
-    for path in artifact.state_dir.glob("*.json"):
-        if path.stem == artifact.key:
+    state, dest, entries = artifact.state_dir, artifact.dest, marker.entries
+    retired: dict[str, str] = {}
+    owned: set[str] = set()
+    kept: set[str] = set()
+    for path in sorted(state.glob("*.json")):
+        if path.name == JOURNAL:
             continue
+        text = _read_text(path)
         other = read_marker(path)
         clash = sorted(set(other.entries) & set(entries)) if other is not None else []
-        if not clash:
+        if path.stem != artifact.key and not clash:
+            kept.update(other.entries if other is not None else [])
             continue
-        if path.stem in siblings:
+        if path.stem != artifact.key and path.stem in siblings:
             raise UsageError(
                 f"{artifact.display_source} and {other.source if other else '?'} both publish {clash[0]!r} into "
                 f"{artifact.dest}: give them different dests, or unpack one with --strip-components"
             )
-        path.unlink(missing_ok=True)
+        if text is not None:
+            retired[path.name] = text
+        owned.update(other.entries if other is not None else [])
+    for name in entries:
+        if os.path.lexists(dest / name) and name not in owned:
+            raise LocalFilesystemError(
+                f"{name!r} in --dest {dest} was not published by fetcher: move it away, or choose another dest"
+            )
+    replaced = [name for name in entries if os.path.lexists(dest / name)]
+    removed = sorted(
+        name
+        for name in owned - set(entries) - kept
+        if name != STATE_DIR and "/" not in name and os.path.lexists(dest / name)
+    )
+    closed = {}  # what a mover without CAP_DAC_OVERRIDE must open up, whoever recovers: as it was
+    for name in replaced + removed:
+        if _is_dir(target := dest / name):
+            info = target.lstat()
+            if info.st_uid != os.geteuid() or not info.st_mode & stat.S_IWUSR:
+                closed[name] = [stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid]
+    uid, gid = artifact.owner if artifact.owner is not None else (None, None)
+    owner = None if uid is None else [uid, -1 if gid is None else gid]
+    return Journal(
+        staging=staging.name,
+        trash=f"trash-{uuid.uuid4().hex[:12]}",
+        entries=entries,
+        replaced=replaced,
+        removed=removed,
+        closed=closed,
+        markers=retired,
+        marker=_marker_path(artifact).name,
+        marker_text=json.dumps(asdict(marker), indent=1, sort_keys=True),
+        owner=owner,
+        dir_mode=artifact.dir_mode,
+    )
 
 
-def _move_into_place(artifact: Artifact, tree: Path, entries: list[str]) -> None:
-    """Swap each top-level entry into dest; on failure, put the old ones back.
-
-    A directory moves to another parent only while its mover may write to it (its
-    ".." changes), which in a pod without CAP_DAC_OVERRIDE means owning it with the
-    write bit set. So top-level directories get --dir-mode and --owner once in
-    place, and an old one that --dir-mode or --owner closed is opened up to leave.
-    """
-    trash = artifact.state_dir / f"trash-{uuid.uuid4().hex[:12]}"
-    moved: list[str] = []
-    closed: dict[str, os.stat_result] = {}  # old entries opened up to leave, as they were
-    clear_trash = False
+def _recover(state: Path) -> None:
+    """Finish a publish a kill interrupted, or undo it when it cannot be finished."""
+    path = state / JOURNAL
+    if not os.path.lexists(path):
+        return
     try:
-        # Without a marker, a crash in the middle of this loop means "fetch again".
-        _marker_path(artifact).unlink(missing_ok=True)
-        trash.mkdir()
-        for name in entries:
-            moved.append(name)  # first: a signal may land between the two renames
-            target = artifact.dest / name
-            if os.path.lexists(target):
-                if _is_dir(target) and not os.access(target, os.W_OK):
-                    closed[name] = target.lstat()
-                    _open_up(str(target))
-                os.rename(target, trash / name)
-            os.rename(tree / name, target)
-        for name in entries:
-            if _is_dir(target := artifact.dest / name):
-                _settle(artifact, str(target), artifact.dir_mode)
-    except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
-        # What could not be put back stays in the trash, for a person to find; the next run clears it.
-        clear_trash = _roll_back(artifact, tree, trash, reversed(moved), closed)
-        if isinstance(exc, OSError):
-            raise local_error(exc, f"moving files into {artifact.dest}") from None
-        raise
-    else:
-        clear_trash = True
-    finally:
-        if clear_trash:
-            remove_tree(trash)
-
-
-def _roll_back(
-    artifact: Artifact, tree: Path, trash: Path, names: Iterable[str], closed: dict[str, os.stat_result]
-) -> bool:
-    """Put the old entries back, each as it was; whether every one of them made it."""
-    complete = True
-    for name in names:
-        target, old = artifact.dest / name, trash / name
+        journal = Journal(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise LocalFilesystemError(
+            f"{path}: the journal of an interrupted publish cannot be read ({exc}); "
+            f"compare {state.parent} with its staging-* directory, then remove the journal"
+        ) from None
+    dest = state.parent
+    try:
+        _forward(dest, state, journal)
+        log.info("interrupted publish finished", dest=str(dest), entries=journal.entries[:10])
+    except OSError as exc:
         try:
-            if not os.path.lexists(tree / name):  # the new entry made it in: take it out
-                _remove(target)
-            if os.path.lexists(old):
-                os.rename(old, target)
-            if name in closed:  # opened up, whether or not it then left
-                os.chmod(target, stat.S_IMODE(closed[name].st_mode))
-                os.chown(target, closed[name].st_uid, closed[name].st_gid, follow_symlinks=False)
+            _backward(dest, state, journal)
         except OSError:
-            complete = False
-    return complete
+            raise local_error(exc, f"finishing an interrupted publish into {dest}") from None
+        log.warning("interrupted publish undone", dest=str(dest), reason=exc.strerror or str(exc))
+
+
+def _forward(dest: Path, state: Path, journal: Journal) -> None:
+    """Do what the journal says, skipping what is done already (where each entry stands tells)."""
+    tree, trash = state / journal.staging / "tree", state / journal.trash
+    for name in journal.markers:  # untrue from the first rename on
+        (state / name).unlink(missing_ok=True)
+    _fsync_dir(state)
+    trash.mkdir(exist_ok=True)
+    for name in journal.entries:
+        new, target, old = tree / name, dest / name, trash / name
+        if name in journal.replaced and os.path.lexists(new) and not os.path.lexists(old):
+            _leave(target, old, name in journal.closed)
+        if os.path.lexists(new):
+            os.rename(new, target)
+    for name in journal.removed:
+        if not os.path.lexists(trash / name):
+            _leave(dest / name, trash / name, name in journal.closed)
+    owner = None if journal.owner is None else (journal.owner[0], journal.owner[1])
+    for name in journal.entries:
+        if _is_dir(target := dest / name):
+            if journal.dir_mode is not None:
+                os.chmod(target, journal.dir_mode)
+            _chown(str(target), owner)
+    _fsync_dir(dest)
+    _write_atomically(state / journal.marker, journal.marker_text)
+    _done(state, journal)
+
+
+def _backward(dest: Path, state: Path, journal: Journal) -> None:
+    """Undo what the journal says, as far as it was done: each old entry back as it was, with its marker."""
+    tree, trash = state / journal.staging / "tree", state / journal.trash
+    (state / journal.marker).unlink(missing_ok=True)
+    _fsync_dir(state)
+    for name in reversed(journal.removed):
+        if os.path.lexists(trash / name) and not os.path.lexists(dest / name):
+            os.rename(trash / name, dest / name)
+    for name in reversed(journal.entries):
+        new, target, old = tree / name, dest / name, trash / name
+        if not os.path.lexists(new) and os.path.lexists(target):  # the new entry made it in: back to staging
+            _leave(target, new, False)
+        if os.path.lexists(old):
+            os.rename(old, target)
+    for name, (mode, uid, gid) in journal.closed.items():  # opened up, whether or not it then left
+        if not _is_dir(target := dest / name):
+            continue
+        now = target.lstat()  # changed only where it differs: a chown to the same owner still needs CAP_CHOWN
+        if stat.S_IMODE(now.st_mode) != mode:
+            os.chmod(target, mode)  # before the owner: ours while we own it
+        if (now.st_uid, now.st_gid) != (uid, gid):
+            os.chown(target, uid, gid, follow_symlinks=False)
+    _fsync_dir(dest)
+    for name, text in journal.markers.items():
+        _write_atomically(state / name, text)
+    _done(state, journal)
+
+
+def _leave(path: Path, to: Path, closed: bool) -> None:
+    """Move an entry out of dest (or back out of it).
+
+    A directory moves to another parent only while its mover may write to it
+    (its ".." changes), which in a pod without CAP_DAC_OVERRIDE means owning it
+    with the write bit set: one that --dir-mode or --owner closed is opened up
+    first. Whether the mover needs that depends on its capabilities, which may
+    not be those of the run that wrote the journal: a refusal opens it up too.
+    """
+    if not os.path.lexists(path):
+        return
+    if closed:
+        _open_up(str(path))
+    try:
+        os.rename(path, to)
+    except PermissionError:
+        if closed or not _is_dir(path):
+            raise
+        _open_up(str(path))
+        os.rename(path, to)
+
+
+def _done(state: Path, journal: Journal) -> None:
+    """The publish is complete, one way or the other: the journal goes, then the trash."""
+    (state / JOURNAL).unlink(missing_ok=True)
+    _fsync_dir(state)
+    remove_tree(state / journal.trash)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
 
 
 def _is_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
-
-
-def _remove(path: Path) -> None:
-    if _is_dir(path):
-        remove_tree(path, ignore_errors=False)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _open_up(directory: str) -> None:
@@ -309,7 +496,7 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
 
     Modes before owner: once given away, a file's mode is no longer ours to change.
     Bottom-up: a directory is closed only after everything under it is done.
-    Top-level directories are left to ``_settle`` once they are in dest.
+    Top-level directories are settled by the publish once they are in dest.
     """
     stamps: dict[str, list[int]] = {}
     try:
@@ -317,13 +504,7 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
             for name in files:
                 path = os.path.join(directory, name)
                 if not os.path.islink(path):
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                    try:
-                        os.fsync(fd)
-                        info = os.fstat(fd)
-                        stamps[os.path.relpath(path, tree)] = [info.st_size, info.st_mtime_ns]
-                    finally:
-                        os.close(fd)
+                    stamps[os.path.relpath(path, tree)] = _flush(path, artifact.file_mode)
                 _settle(artifact, path, artifact.file_mode)
             if directory != str(tree):
                 for name in dirs:
@@ -337,11 +518,36 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
     return stamps
 
 
+def _flush(path: str, final_mode: int | None) -> list[int]:
+    """fsync a staged file; its [size, mtime_ns].
+
+    A file the archive gave no read permission (0000, 0200) cannot be opened
+    by its owner without CAP_DAC_OVERRIDE, as in a locked-down pod: it is
+    opened up to owner-read for the fsync, then given back its own mode
+    unless --file-mode sets another next. A mode change leaves mtime as it is.
+    """
+    restore = None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except PermissionError:
+        restore = stat.S_IMODE(os.lstat(path).st_mode)
+        os.chmod(path, restore | stat.S_IRUSR)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+        info = os.fstat(fd)
+        if restore is not None and final_mode is None:
+            os.fchmod(fd, restore)
+        return [info.st_size, info.st_mtime_ns]
+    finally:
+        os.close(fd)
+
+
 def _settle(artifact: Artifact, path: str, mode: int | None) -> None:
     """The mode asked for, then the owner: a symlink only gets the owner."""
     if mode is not None and not os.path.islink(path):
         os.chmod(path, mode)
-    _own(artifact, path)
+    _chown(path, artifact.owner)
 
 
 def check_owner(artifact: Artifact, staging: Path) -> None:
@@ -351,37 +557,34 @@ def check_owner(artifact: Artifact, staging: Path) -> None:
     probe = staging / "owner-probe"
     try:
         probe.touch()
-        _own(artifact, str(probe))
+        _chown(str(probe), artifact.owner)
         probe.unlink()
     except OSError as exc:
         raise local_error(exc, "checking --owner") from None
 
 
-def _own(artifact: Artifact, path: str) -> None:
-    if artifact.owner is None:
+def _chown(path: str, owner: tuple[int, int | None] | None) -> None:
+    if owner is None:
         return
-    uid, gid = artifact.owner
+    uid, gid = owner
     try:
-        os.chown(path, uid, -1 if gid is None else gid, follow_symlinks=False)
+        os.chown(path, uid, -1 if gid is None or gid < 0 else gid, follow_symlinks=False)
     except PermissionError:
         raise LocalFilesystemError(
-            f"cannot chown to {uid}{'' if gid is None else f':{gid}'}: permission denied "
+            f"cannot chown to {uid}{'' if gid is None or gid < 0 else f':{gid}'}: permission denied "
             "(--owner needs root or CAP_CHOWN; drop it or set fsGroup instead)"
         ) from None
 
 
-def _write_marker(artifact: Artifact, marker: Marker) -> None:
-    path = _marker_path(artifact)
-    temporary = path.with_suffix(".tmp")
-    try:
-        with temporary.open("w", encoding="utf-8") as out:
-            json.dump(asdict(marker), out, indent=1, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temporary, path)
-        _fsync_dir(artifact.state_dir)
-    except OSError as exc:
-        raise local_error(exc, "writing the marker") from None
+def _write_atomically(path: Path, text: str) -> None:
+    """A whole file or none: written aside, fsynced, renamed into place, the directory fsynced."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.rename(temporary, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fetcher.cli import main
-from tests.conftest import Origin, make_tar, published, run_fetcher, sha256, tree
+from tests.conftest import Origin, make_tar, run_fetcher, sha256, tree
 
 V1 = {"model/config.json": b'{"v": 1}', "model/w.bin": b"1" * 5000}
 V2 = {"model/config.json": b'{"v": 2}', "model/w.bin": b"2" * 5000}
@@ -32,8 +32,7 @@ def test_a_checksum_mismatch_is_exit_4_and_publishes_nothing(origin: Origin, tmp
     )
     assert run.code == 4
     assert run.error.startswith("sha256 mismatch: expected 000")
-    assert published(dest) == []
-    assert os.listdir(dest / ".fetcher") == ["lock"]  # no staging left behind
+    assert not dest.exists()  # no staging, no lock, not even the dest this run created
     assert termination.read_text().startswith("sha256 mismatch")
 
 
@@ -323,3 +322,97 @@ def test_two_archives_with_the_same_file_name_in_one_dest(origin: Origin, tmp_pa
     assert tree(tmp_path / "models") == {"tokenizer/t.json": b"{}", "weights/w.bin": b"w"}
     again = run_fetcher("--config", str(config))
     assert again.event("done")["already_present"] == 2
+
+
+@pytest.mark.fault("a new version drops an entry of the old one: the old entry leaves with it", exit=0, area="publish")
+def test_entries_the_new_version_no_longer_has_are_removed(origin: Origin, tmp_path: Path) -> None:
+    v1 = make_tar({"adapter-v1.bin": b"a1", "model/w.bin": b"1"}, compression="")
+    v2 = make_tar({"adapter-v2.bin": b"a2", "model/w.bin": b"2"}, compression="")
+    url = origin.add("/m.tar", v1)
+    (tmp_path / "user-notes.txt").write_bytes(b"mine")  # never published by fetcher: stays
+    assert run_fetcher("--source", url, "--dest", str(tmp_path)).code == 0
+    origin.add("/m.tar", v2)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(v2))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"adapter-v2.bin": b"a2", "model/w.bin": b"2", "user-notes.txt": b"mine"}
+    # a new version under another URL retires the old marker, and the old entries with it
+    v3 = make_tar({"adapter-v3.bin": b"a3", "model/w.bin": b"3"}, compression="")
+    run = run_fetcher("--source", origin.add("/v3/m.tar", v3), "--dest", str(tmp_path))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"adapter-v3.bin": b"a3", "model/w.bin": b"3", "user-notes.txt": b"mine"}
+    assert len(list((tmp_path / ".fetcher").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("kind", ["dir", "file", "symlink"])
+@pytest.mark.fault("an entry fetcher did not publish has the name of a new entry: refused", exit=6, area="publish")
+def test_what_fetcher_did_not_publish_is_never_replaced(origin: Origin, tmp_path: Path, kind: str) -> None:
+    mine = tmp_path / "model"
+    if kind == "dir":
+        mine.mkdir()
+        (mine / "notes.txt").write_bytes(b"mine")
+    elif kind == "file":
+        mine.write_bytes(b"mine")
+    else:
+        mine.symlink_to("elsewhere")
+    before = sorted((str(p), p.is_symlink() or p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    url = origin.add("/m.tar.gz", make_tar(V1))
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 6
+    assert run.error == (
+        f"'model' in --dest {tmp_path} was not published by fetcher: move it away, or choose another dest"
+    )
+    after = sorted((str(p), p.is_symlink() or p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing changed, not even a state directory
+
+
+@pytest.mark.fault("a failed first run into an empty dest leaves it as it was", exit=3, area="publish")
+def test_a_failed_first_run_leaves_no_state_behind(origin: Origin, tmp_path: Path) -> None:
+    empty, missing = tmp_path / "empty", tmp_path / "missing" / "models"
+    empty.mkdir()
+    for dest in (empty, missing):
+        run = run_fetcher("--source", origin.url("/nowhere.tar.gz"), "--dest", str(dest), "--retries", "0")
+        assert run.code == 3
+    assert os.listdir(empty) == []
+    assert os.listdir(tmp_path) == ["empty"]  # a dest fetcher created, it removes again
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+@pytest.mark.parametrize("file_mode", [None, "0444"])
+@pytest.mark.parametrize("member_mode", [0o000, 0o200])
+@pytest.mark.fault("members without read permission, capabilities dropped", exit=0, area="publish")
+def test_members_without_read_permission_publish_in_a_locked_down_pod(
+    origin: Origin, tmp_path: Path, member_mode: int, file_mode: str | None
+) -> None:
+    archive = make_tar({"model/secret.bin": ("file", (b"s" * 100, member_mode)), "model/w.bin": b"w"})
+    args = ["--source", origin.add("/m.tar.gz", archive), "--dest", str(tmp_path), "--sha256", sha256(archive)]
+    run = run_fetcher(*args, *(["--file-mode", file_mode] if file_mode else []), capabilities=False)
+    assert run.code == 0, run.stderr
+    secret = tmp_path / "model" / "secret.bin"
+    assert secret.stat().st_mode & 0o777 == (int(file_mode, 8) if file_mode else member_mode)
+    assert secret.stat().st_size == 100
+
+
+@pytest.mark.fault("fetchers failing at once on one dest: still one at a time, nothing left", exit=4, area="process")
+def test_fetchers_failing_together_on_one_dest_still_take_turns(origin: Origin, tmp_path: Path) -> None:
+    # Each failure removes the lock file with the state directory, while the others wait on it: a waiter
+    # that then holds a lock on a removed file must take the lock again, or two would download at once.
+    import sys
+
+    from tests.conftest import ROOT, _clean_env
+
+    dest = tmp_path / "models"
+    dest.mkdir()
+    args = ("--dest", str(dest), "--sha256", "0" * 64)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fetcher", "--source", origin.add(f"/m{i}.bin", b"x" * 100, stall=0.2), *args],
+            cwd=ROOT,
+            env=_clean_env() | {"FETCHER_TERMINATION_LOG": "/dev/null"},
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(6)
+    ]
+    assert [p.wait(timeout=60) for p in processes] == [4] * 6
+    assert len(origin.requests) == 6
+    assert origin.peak == 1  # never two downloads at once
+    assert os.listdir(dest) == []

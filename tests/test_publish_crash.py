@@ -1,0 +1,328 @@
+"""A publish killed or failing at any instant: the next run, healthy or not, finds the old version or the new.
+
+Kills land at exact points through strace's fault injection (``inject=rename:signal=KILL:when=N``: the
+process dies at its Nth rename, the syscall a publish is made of), at random instants with SIGKILL, and
+during the recovery itself. Failures land through ``inject=rename:error=EIO``. After each, a run whose
+origin is down (503, no retries) must find dest exactly as one version left it, with a marker that
+matches it and nothing of the interrupted publish left; then a healthy run publishes the new version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Origin, Run, _clean_env, make_tar, run_fetcher, sha256, small_volume
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/container-tools)")
+
+RENAMES = "rename,renameat,renameat2"
+TOP = 400  # top-level entries: a rename or two each
+
+
+def version(n: int) -> dict[str, bytes | tuple[str, Any]]:
+    """Many top-level files, a directory of many more, and entries only this version has."""
+    members: dict[str, bytes | tuple[str, Any]] = {f"f{i:04d}.bin": f"v{n} {i}".encode() for i in range(TOP)}
+    members |= {f"model/layer{i:04d}.bin": f"v{n} layer {i}".encode() for i in range(1600)}
+    members[f"adapter-v{n}.bin"] = f"adapter {n}".encode()
+    members["latest"] = ("symlink", "model")
+    return members
+
+
+V1, V2 = make_tar(version(1), compression=""), make_tar(version(2), compression="")
+
+
+def snapshot(dest: Path) -> dict[str, Any]:
+    """Everything in dest but fetcher's state: kind, content or target, mode."""
+    found: dict[str, Any] = {}
+    for directory, dirs, files in os.walk(dest):
+        dirs[:] = sorted(d for d in dirs if not (directory == str(dest) and d == ".fetcher"))
+        for name in [*dirs, *files]:
+            path = Path(directory, name)
+            info = path.lstat()
+            kind = (
+                ("link", os.readlink(path))
+                if path.is_symlink()
+                else ("dir", None)
+                if path.is_dir()
+                else ("file", path.read_bytes())
+            )
+            found[str(path.relative_to(dest))] = (*kind, info.st_mode & 0o7777)
+    return found
+
+
+def state(dest: Path) -> list[str]:
+    return sorted(os.listdir(dest / ".fetcher"))
+
+
+def markers(dest: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((dest / ".fetcher").glob("*.json"))]
+
+
+class Scene:
+    """A dest holding V1 (and a file of the user's), the origin serving V2 at the same URL."""
+
+    def __init__(self, origin: Origin, tmp_path: Path, *settings: str) -> None:
+        self.origin, self.dest, self.settings = origin, tmp_path / "dest", settings
+        self.url = origin.add("/m.tar", V1)
+        self.dest.mkdir()
+        (self.dest / "notes.txt").write_bytes(b"the user's")
+        assert run_fetcher(*self.args(V1)).code == 0
+        self.pristine = tmp_path / "pristine"
+        shutil.copytree(self.dest, self.pristine, symlinks=True)  # mtimes too: V1's marker still holds
+        self.old = snapshot(self.dest)
+        self.serve(V2)
+        assert self.strace("", *self.args(V2)).returncode == 0
+        self.total = self.renames()  # of a healthy publish of the update
+        assert self.total > 2 * TOP
+        self.new = snapshot(self.dest)
+        assert self.old != self.new and "adapter-v1.bin" in self.old and "adapter-v1.bin" not in self.new
+        self.reset()
+
+    def args(self, archive: bytes, *extra: str) -> list[str]:
+        return ["--source", self.url, "--dest", str(self.dest), "--sha256", sha256(archive), *self.settings, *extra]
+
+    def serve(self, archive: bytes, down: bool = False) -> None:
+        self.origin.add("/m.tar", archive, fail=[503] * 1000 if down else [])
+
+    def reset(self) -> None:
+        shutil.rmtree(self.dest)
+        shutil.copytree(self.pristine, self.dest, symlinks=True)
+        self.serve(V2)
+
+    def strace(self, inject: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """fetcher under strace, renames injected as asked; the strace log says how many renames ran."""
+        log = self.dest.parent / "strace.log"
+        command = ["strace", "-f", "-qq", "-o", str(log), "-e", f"trace={RENAMES}"]
+        if inject:
+            command += ["-e", f"inject={RENAMES}:{inject}"]
+        env = _clean_env() | {"FETCHER_RETRY_BACKOFF": "0.05", "FETCHER_TERMINATION_LOG": "/dev/null"}
+        return subprocess.run(
+            [*command, sys.executable, "-m", "fetcher", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=120,
+        )
+
+    def renames(self) -> int:
+        lines = (self.dest.parent / "strace.log").read_text().splitlines()
+        return sum(1 for line in lines if "rename" in line and "resumed>" not in line)
+
+    def check_down(self, capabilities: bool = True) -> Run:
+        """With the origin down: exactly one version, its marker, nothing of the interrupted publish."""
+        self.serve(V2, down=True)
+        run = run_fetcher(*self.args(V2), "--retries", "0", capabilities=capabilities)
+        now = snapshot(self.dest)
+        [marker] = markers(self.dest)
+        if now == self.new:
+            assert run.code == 0, run.stderr  # finished: already present
+            assert marker["sha256"] == sha256(V2)
+        else:
+            assert now == self.old, sorted(set(now.items()) ^ set(self.old.items()))[:5]
+            assert run.code == 3, run.stderr
+            assert run.error.startswith("HTTP 503"), run.error
+            assert marker["sha256"] == sha256(V1)
+        assert state(self.dest) == sorted(["lock", f"{marker_key(self.dest)}.json"])
+        return run
+
+    def check_healthy(self, capabilities: bool = True) -> None:
+        self.serve(V2)
+        run = run_fetcher(*self.args(V2), capabilities=capabilities)
+        assert run.code == 0, run.stderr
+        assert snapshot(self.dest) == self.new
+        assert [m["sha256"] for m in markers(self.dest)] == [sha256(V2)]
+
+
+def marker_key(dest: Path) -> str:
+    [path] = (dest / ".fetcher").glob("*.json")
+    return path.stem
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs: thousands of fsyncs and copies, many times over, at memory speed."""
+    with small_volume(tmp_path / "volume", "512m") as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    """One V1 dest and its snapshots for the module: built once, reset for each test."""
+    origin = Origin()
+    try:
+        with small_volume(tmp_path_factory.mktemp("crash") / "volume", "512m") as path:
+            yield Scene(origin, path)
+    finally:
+        origin.close()
+
+
+@pytest.fixture
+def scene(base: Scene) -> Scene:
+    base.reset()
+    return base
+
+
+def kill_points(total: int, count: int, seed: int) -> list[int]:
+    """The first and last renames, and a seeded sample of those between.
+
+    FETCHER_CRASH_POINTS raises the sample for a longer soak (every rename: the number of renames).
+    """
+    count = min(int(os.environ.get("FETCHER_CRASH_POINTS", count)), total - 5)
+    chosen = {1, 2, 3, total - 1, total}
+    chosen |= set(random.Random(seed).sample(range(4, total - 1), count))
+    return sorted(chosen)
+
+
+@needs_strace
+@pytest.mark.fault("kill -9 at exact renames of a publish of thousands of entries", exit=3, area="process")
+@pytest.mark.parametrize("seed", [1])
+def test_a_kill_at_any_rename_leaves_the_old_or_the_new_version(scene: Scene, seed: int) -> None:
+    outcomes = set()
+    for n in kill_points(scene.total, 4, seed):
+        scene.reset()
+        killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
+        assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, killed.stderr[-2000:])
+        run = scene.check_down()
+        outcomes.add(run.code)
+        if run.code == 0:
+            assert run.event("interrupted publish finished")["dest"] == str(scene.dest)
+        scene.check_healthy()
+    assert outcomes == {0, 3}  # kills before the journal and after it: both were hit
+
+
+@needs_strace
+@pytest.mark.fault("kill -9 during the recovery of an interrupted publish", exit=0, area="process")
+def test_a_kill_during_recovery_is_recovered_from(scene: Scene) -> None:
+    total = scene.total
+    for n, m in [(total // 2, 1), (total // 3, TOP // 2), (total - 1, 1)]:
+        scene.reset()
+        scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
+        scene.serve(V2, down=True)  # the recovering run is killed too, at its mth rename
+        killed = scene.strace(f"signal=KILL:when={m}", *scene.args(V2, "--retries", "0"))
+        assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, m, killed.stderr[-2000:])
+        assert scene.check_down().code == 0
+        scene.check_healthy()
+
+
+@pytest.mark.fault("SIGKILL at random instants of a run that publishes an update", exit=3, area="process")
+def test_a_kill_at_a_random_instant_leaves_the_old_or_the_new_version(scene: Scene) -> None:
+    env = _clean_env() | {"FETCHER_TERMINATION_LOG": "/dev/null"}
+    started = time.monotonic()
+    assert run_fetcher(*scene.args(V2)).code == 0
+    healthy = time.monotonic() - started
+    rng = random.Random(5)
+    for _ in range(3):
+        scene.reset()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fetcher", *scene.args(V2)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(0.2, 1.0) * healthy)  # a random instant, not a wait for something
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        scene.check_down()
+        scene.check_healthy()
+
+
+@needs_strace
+@pytest.mark.fault(
+    "a rename fails in the middle of a publish: rolled back to exactly the old tree", exit=6, area="publish"
+)
+def test_a_failed_rename_rolls_back_to_exactly_the_old_version(scene: Scene) -> None:
+    total = scene.total
+    for n in (total // 2, total - 1):  # in the middle of the moves; the marker's own rename
+        scene.reset()
+        failed = scene.strace(f"error=EIO:when={n}", *scene.args(V2, "--log-format", "json"))
+        assert failed.returncode == 6, failed.stderr[-2000:]
+        last = json.loads(failed.stderr.splitlines()[-1])
+        assert last["error"] == f"moving files into {scene.dest}: Input/output error"
+        assert snapshot(scene.dest) == scene.old
+        assert [m["sha256"] for m in markers(scene.dest)] == [sha256(V1)]
+        assert state(scene.dest) == sorted(["lock", f"{marker_key(scene.dest)}.json"])
+        assert scene.check_down().code == 3
+        scene.check_healthy()
+
+
+@needs_strace
+@pytest.mark.fault("the rollback itself fails: the next run finishes the publish", exit=6, area="publish")
+def test_a_publish_that_can_be_neither_finished_nor_undone_is_finished_by_the_next_run(scene: Scene) -> None:
+    total = scene.total
+    failed = scene.strace(f"error=EIO:when={total // 2}+", *scene.args(V2, "--log-format", "json"))
+    assert failed.returncode == 6
+    assert "publish left unfinished: the next run completes it" in failed.stderr
+    assert "journal.json" in state(scene.dest)
+    assert scene.check_down().code == 0  # finished before anything else, though the origin is down
+    scene.check_healthy()
+
+
+@needs_strace
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+@pytest.mark.fault("kill -9 mid-publish of closed modes in a locked-down pod", exit=3, area="process")
+def test_a_kill_mid_publish_of_closed_modes_without_capabilities(origin: Origin, volume: Path) -> None:
+    # The killed run has its capabilities (strace runs it); the runs that recover have none, as in a pod.
+    scene = Scene(origin, volume, "--dir-mode", "0555", "--file-mode", "0444")
+    total = scene.total
+    outcomes = set()
+    for n in (1, total // 2, total - 1):
+        scene.reset()
+        scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
+        outcomes.add(scene.check_down(capabilities=False).code)
+        scene.check_healthy(capabilities=False)
+    assert outcomes == {0, 3}
+
+
+@needs_strace
+@pytest.mark.fault(
+    "after a kill mid-publish, a run for another artifact or with a bad --owner recovers first", exit=6, area="process"
+)
+def test_any_run_into_the_dest_recovers_first(scene: Scene) -> None:
+    other = make_tar({"tokenizer/t.json": b"{}"}, compression="")
+    other_url = scene.origin.add("/other.tar", other)
+    scene.reset()
+    assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
+    with_other = snapshot(scene.dest)
+    total = scene.total
+    for n, rerun in [(total // 2, "other"), (total // 3, "owner")]:
+        scene.reset()
+        assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
+        killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
+        assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, killed.stderr[-2000:])
+        assert "journal.json" in state(scene.dest), state(scene.dest)
+        scene.serve(V2, down=True)
+        if rerun == "other":  # its own marker holds: still, the interrupted publish is finished first
+            run = run_fetcher("--source", other_url, "--dest", str(scene.dest))
+            assert run.code == 0 and run.event("already present")
+        else:  # a setting that fails under the lock, before the download
+            run = run_fetcher(*scene.args(V2, "--owner", "1234:5678"), capabilities=False)
+            assert run.code == 6 and run.error.startswith("cannot chown to 1234:5678"), run.stderr
+        assert run.event("interrupted publish finished")
+        now = snapshot(scene.dest)
+        assert {k: v for k, v in now.items() if not k.startswith("tokenizer")} == scene.new
+        assert {k: v for k, v in now.items() if k.startswith("tokenizer")} == {
+            k: v for k, v in with_other.items() if k.startswith("tokenizer")
+        }
+        assert sorted(m["sha256"] for m in markers(scene.dest)) == sorted([sha256(V2), sha256(other)])
+
+
+@needs_strace
+@pytest.mark.fault("SIGTERM in the middle of the moves into dest: the old version, exit 143", exit=143, area="process")
+def test_a_sigterm_mid_publish_puts_the_old_version_back(scene: Scene) -> None:
+    stopped = scene.strace(f"signal=TERM:when={scene.total // 2}", *scene.args(V2, "--log-format", "json"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert json.loads(stopped.stderr.splitlines()[-1])["error"] == "stopped by SIGTERM before the model was published"
+    assert snapshot(scene.dest) == scene.old
+    assert [m["sha256"] for m in markers(scene.dest)] == [sha256(V1)]
+    assert state(scene.dest) == sorted(["lock", f"{marker_key(scene.dest)}.json"])
+    scene.check_healthy()
