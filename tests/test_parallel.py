@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, S3, Origin, make_tar, run_fetcher, sha256, small_volume, tree
 
 BODY = random.Random(5).randbytes(1024 * 1024)
@@ -301,3 +303,52 @@ def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin,
         assert packed.event("published")["transfer"] == "stream"
         assert packed.event("one stream: too little free space to spool parallel parts")["needed"] == 2 * len(archive)
         assert tree(volume / "packed") == {"m/w.bin": body}
+
+
+def test_a_weak_etag_does_not_pin_parts_so_the_object_is_one_stream(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", BODY, etag='W/"abc"', rate=2_000_000)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "stream"
+    assert _ranges(origin, "/w.bin") == []
+
+
+LAST_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
+
+
+def test_parts_are_pinned_by_last_modified_without_a_strong_etag(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", BODY, etag='W/"abc"', last_modified=LAST_MODIFIED, rate=2_000_000)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "parallel"
+    ranged = [r.headers for r in origin.hits("/w.bin") if "Range" in r.headers]
+    assert len(ranged) == 15
+    assert {r["If-Unmodified-Since"] for r in ranged} == {LAST_MODIFIED}
+    assert not any("If-Match" in r for r in ranged)
+
+
+@pytest.mark.parametrize("conditionals", [True, False], ids=["412", "preconditions-ignored"])
+@pytest.mark.fault(
+    "an object pinned by Last-Modified changes between parallel parts: never stitched", exit=3, area="protocol"
+)
+def test_an_object_pinned_by_last_modified_that_changes_between_parts_is_never_stitched(
+    origin: Origin, tmp_path: Path, conditionals: bool
+) -> None:
+    other = random.Random(6).randbytes(len(BODY))
+    url = origin.add(
+        "/w.bin",
+        BODY,
+        etag='W/"v1"',
+        last_modified=LAST_MODIFIED,
+        rate=2_000_000,
+        then=(other, 'W/"v2"'),
+        then_modified="Thu, 02 Jan 2025 00:00:00 GMT",
+        conditionals=conditionals,
+    )
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), *SPLIT)
+    assert run.code == 3
+    assert "changed during the download" in run.error
+    assert tree(tmp_path) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fetcher"]

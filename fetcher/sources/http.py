@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -67,16 +68,13 @@ class HttpSource:
             verify=_proxy_verify(self.url) if _proxies() else True,
             transport=None if proxied else fast_transport(artifact.concurrency + 1),
         )
-        self._etag: str | None = None
-        self._size: int | None = None
+        self._seen: Validators | None = None  # what the first response said about the object
 
     @contextmanager
     def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
-        headers = {}
+        headers = self._seen.preconditions() if self._seen is not None else {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-            if self._etag:
-                headers["If-Match"] = self._etag
         try:
             with self._client.stream("GET", self.url, headers=headers) as response:
                 offset, exact = self._check(response, start, end)
@@ -101,8 +99,8 @@ class HttpSource:
     def _check(self, response: httpx.Response, start: int, end: int | None) -> tuple[int, bool]:
         """Where the body starts, and whether it is exactly the range asked for."""
         status = response.status_code
-        if status == 412 and "If-Match" in response.request.headers:
-            raise SourceChangedError(f"{self.display} changed during the download (ETag no longer matches)")
+        if status == 412 and _PRECONDITIONS & set(response.request.headers.keys()):
+            raise SourceChangedError(f"{self.display} changed during the download (its {self._seen} no longer matches)")
         if status in RETRYABLE_STATUS:
             raise TransientFetchError(
                 f"HTTP {status} {response.reason_phrase} from {self.display}",
@@ -122,19 +120,21 @@ class HttpSource:
         return 0, exact_range(None, None, start, end)
 
     def _pin(self, response: httpx.Response) -> None:
-        """Remember the object's ETag and size; a later response for another version is refused."""
-        etag = response.headers.get("ETag")
-        strong = etag if etag and not etag.startswith("W/") else None
+        """Remember what identifies the object; a later response for another version is refused.
+
+        The preconditions sent with later requests make the server refuse a changed object
+        (412); comparing each response's own validators catches a server that ignores them.
+        """
         size = (
             self._info(response, 0).size
             if response.status_code == 206
             else _int(response.headers.get("Content-Length"))
         )
-        if self._etag is None and self._size is None:
-            self._etag, self._size = strong, size
-            return
-        if (strong and self._etag and strong != self._etag) or (size is not None and self._size not in (None, size)):
-            raise SourceChangedError(f"{self.display} changed during the download (another ETag or size)")
+        seen = Validators.of(response.headers, size)
+        if self._seen is None:
+            self._seen = seen
+        elif (why := self._seen.differs(seen)) is not None:
+            raise SourceChangedError(f"{self.display} changed during the download (another {why})")
 
     def _info(self, response: httpx.Response, offset: int) -> ObjectInfo:
         size: int | None = None
@@ -143,11 +143,12 @@ class HttpSource:
         elif (length := response.headers.get("Content-Length", "")).isdigit():
             size = int(length) + offset
         ranges = response.status_code == 206 or response.headers.get("Accept-Ranges", "").lower() == "bytes"
+        version = self._seen.version if self._seen is not None else None
         return ObjectInfo(
             size=size,
             content_type=response.headers.get("Content-Type"),
-            ranges=ranges and self._etag is not None,  # parts must be pinned to one version
-            version=self._etag,
+            ranges=ranges and version is not None,  # parts must be pinned to one version
+            version=version,
             encoding=response.headers.get("Content-Encoding", "identity").lower() or None,
         )
 
@@ -161,6 +162,71 @@ class HttpSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+_PRECONDITIONS = frozenset({"if-match", "if-unmodified-since"})
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What identifies one version of an object (RFC 9110 8.8), and what of it can pin a range.
+
+    A strong ETag pins with If-Match. Without one, a Last-Modified pins with If-Unmodified-Since,
+    but only when it is strong: at least a second before the response's Date (8.8.2.2), else a
+    second change within the same second would go unseen. A weak ETag cannot pin byte ranges
+    (two versions may share it); with nothing to pin to, a cut transfer starts again from byte 0.
+    """
+
+    etag: str | None
+    last_modified: str | None
+    strong_date: bool
+    size: int | None
+
+    @classmethod
+    def of(cls, headers: httpx.Headers, size: int | None) -> Validators:
+        modified = _date(headers.get("Last-Modified"))
+        date = _date(headers.get("Date"))
+        strong_date = modified is not None and date is not None and date - modified >= 1
+        return cls(headers.get("ETag"), headers.get("Last-Modified"), strong_date, size)
+
+    @property
+    def strong_etag(self) -> str | None:
+        return self.etag if self.etag and not self.etag.startswith("W/") else None
+
+    @property
+    def version(self) -> str | None:
+        """The pin, as parts and the download spool name it; None: nothing pins a range."""
+        if self.strong_etag:
+            return self.strong_etag
+        return f"Last-Modified: {self.last_modified}" if self.strong_date else None
+
+    def preconditions(self) -> dict[str, str]:
+        if self.strong_etag:
+            return {"If-Match": self.strong_etag}
+        if self.strong_date and self.last_modified:
+            return {"If-Unmodified-Since": self.last_modified}
+        return {}
+
+    def differs(self, other: Validators) -> str | None:
+        """Which validator of a later response shows another version, if any does."""
+        for what, mine, theirs in (
+            ("ETag", self.etag, other.etag),
+            ("Last-Modified", self.last_modified, other.last_modified),
+            ("size", self.size, other.size),
+        ):
+            if mine is not None and theirs is not None and mine != theirs:
+                return what
+        return None
+
+    def __str__(self) -> str:
+        return "ETag" if self.strong_etag else "Last-Modified"
+
+
+def _date(value: str | None) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 _NOT_TRANSIENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.TooManyRedirects, httpx.InvalidURL)
