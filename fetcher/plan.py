@@ -41,6 +41,8 @@ class Artifact:
     part_size: int
     split_below: int
     timeout: float
+    low_speed_limit: int
+    low_speed_time: float
     max_unpacked_size: int
     max_members: int
     progress_interval: float

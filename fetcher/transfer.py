@@ -28,7 +28,7 @@ from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, SourceChangedError, TransientFetchError
 from fetcher.parts import Identity, PartedDownload, RangeNotHonoured, Spool
 from fetcher.pipeline import SNIFF_BYTES
-from fetcher.sources.base import Body, ObjectInfo, Source
+from fetcher.sources.base import Body, ObjectInfo, Source, TooSlow
 
 log = structlog.get_logger("fetcher")
 
@@ -350,7 +350,8 @@ class Download:
     def _out_of_retries(self, state: RetryCallState) -> bool:
         if self._channel is not None and self._channel.cancelled:
             return True
-        if self.received > self._offset_at_failure:
+        slow = state.outcome is not None and isinstance(state.outcome.exception(), TooSlow)
+        if self.received > self._offset_at_failure and not slow:
             self._failures = 0
         self._offset_at_failure = self.received
         self._failures += 1

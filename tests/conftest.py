@@ -135,6 +135,7 @@ class Route:
     until_close: bool = False  # no Content-Length: the body ends when the connection closes
     last_modified: str | None = None  # Last-Modified, an HTTP date
     then_modified: str | None = None  # the Last-Modified the object gets along with ``then``
+    trickle: list[int] = field(default_factory=list)  # bytes/s to send at, one per request (then ``rate``)
     conditionals: bool = True  # honour If-Match and If-Unmodified-Since (False: ignore them, as some servers do)
 
 
@@ -234,7 +235,8 @@ class Origin:
                     self._send(body[:head], route.rate, seen)
                     time.sleep(pause)
                     body = body[head:]
-                self._send(body if limit is None else body[:limit], route.rate, seen)
+                rate = route.trickle.pop(0) if route.trickle else route.rate
+                self._send(body if limit is None else body[:limit], rate, seen)
                 if limit is not None:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)

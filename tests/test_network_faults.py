@@ -152,3 +152,49 @@ def test_a_restart_from_zero_is_logged_as_such(origin: Origin, tmp_path: Path) -
     run = run_fetcher("--source", url, "--dest", str(tmp_path))
     assert run.code == 0, run.stderr
     assert run.event("retrying")["resume_at"] == 0
+
+
+LOW_SPEED = ("--low-speed-limit", "1Ki", "--low-speed-time", "1")
+
+
+@pytest.mark.fault(
+    "a server trickling bytes, each inside --timeout, is cut and the transfer resumed", exit=0, area="network"
+)
+def test_a_trickle_is_cut_and_resumed(origin: Origin, tmp_path: Path) -> None:
+    body = random.Random(4).randbytes(300_000)
+    url = origin.add("/w.bin", body, etag='"v1"', trickle=[100])  # 100 bytes/s, then full speed
+
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), *LOW_SPEED, timeout=60)
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    [retry] = run.all("retrying")
+    assert "below --low-speed-limit 1024 bytes/s" in retry["reason"]
+    second = origin.hits("/w.bin")[1].headers
+    assert second["Range"] == f"bytes={retry['resume_at']}-" and retry["resume_at"] > 0
+    assert second["If-Match"] == '"v1"'
+
+
+@pytest.mark.fault(
+    "a server that only ever trickles: exit 3 after the retries, naming the limit", exit=3, area="network"
+)
+def test_a_server_that_only_trickles_fails_after_the_retries(origin: Origin, tmp_path: Path) -> None:
+    # Every attempt makes a little progress: that must not refill the retry budget.
+    url = origin.add("/w.bin", b"x" * 300_000, etag='"v1"', trickle=[100] * 10)
+    dest = tmp_path / "d"
+
+    run = run_fetcher("--source", url, "--dest", str(dest), "--retries", "2", *LOW_SPEED, timeout=60)
+
+    assert run.code == 3
+    assert run.error.startswith(f"{url} sent ") and "--low-speed-time 1 s" in run.error
+    assert len(run.all("retrying")) == 2
+    assert len(origin.hits("/w.bin")) == 3
+    assert sorted(p.name for p in dest.iterdir()) == [".fetcher"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_trickle_is_left_alone_with_the_floor_off(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", b"y" * 300, trickle=[200])
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--low-speed-limit", "0", "--low-speed-time", "1")
+    assert run.code == 0, run.stderr
+    assert run.all("retrying") == []

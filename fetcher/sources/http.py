@@ -24,7 +24,7 @@ from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact, read_bearer_token
 from fetcher.redact import is_secret_header, redact_url
-from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
+from fetcher.sources.base import Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport, tls_context
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -69,6 +69,7 @@ class HttpSource:
             transport=None if proxied else fast_transport(artifact.concurrency + 1),
         )
         self._seen: Validators | None = None  # what the first response said about the object
+        self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
 
     @contextmanager
     def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
@@ -79,7 +80,7 @@ class HttpSource:
             with self._client.stream("GET", self.url, headers=headers) as response:
                 offset, exact = self._check(response, start, end)
                 info = self._info(response, offset)
-                yield Body(info, offset, self._chunks(response), partial=exact)
+                yield Body(info, offset, self._floor.watch(self._chunks(response), self.display), partial=exact)
         except httpx.TimeoutException as exc:
             raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
         except _NOT_TRANSIENT as exc:

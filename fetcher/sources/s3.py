@@ -19,7 +19,7 @@ from botocore.config import Config
 
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError
 from fetcher.plan import Artifact
-from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo, exact_range, parse_content_range
+from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -62,6 +62,7 @@ class S3Source:
         session = boto3.session.Session()
         self._client: S3Client = session.client("s3", config=config)
         self._version: str | None = None
+        self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
         self._etag: str | None = None
 
     @contextmanager
@@ -101,7 +102,7 @@ class S3Source:
                 ranges=True,
                 version=self._version or self._etag,
             )
-            yield Body(info, offset, self._chunks(stream), partial=partial)
+            yield Body(info, offset, self._floor.watch(self._chunks(stream), self.display), partial=partial)
         finally:
             stream.close()
 
