@@ -23,7 +23,7 @@ import httpx
 from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact, read_bearer_token
-from fetcher.redact import is_secret_header, redact_url
+from fetcher.redact import redact_url
 from fetcher.sources.base import Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport, tls_context
 
@@ -69,6 +69,7 @@ class HttpSource:
             transport=None if proxied else fast_transport(artifact.concurrency + 1),
         )
         self._seen: Validators | None = None  # what the first response said about the object
+        self._own_headers = {name for name, _ in artifact.headers} | {"Authorization"}
         self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
 
     @contextmanager
@@ -92,10 +93,13 @@ class HttpSource:
             raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
-        """httpx drops Authorization on a redirect to another origin; do the same for our secret headers."""
+        """No user header, and no Authorization, goes to another origin (scheme, host or port).
+
+        httpx itself drops only Authorization, and keeps it on an http-to-https redirect.
+        """
         if _origin(str(request.url)) != self._origin:
-            for name in [name for name in request.headers if is_secret_header(name)]:
-                del request.headers[name]
+            for name in self._own_headers:
+                request.headers.pop(name, None)
 
     def _check(self, response: httpx.Response, start: int, end: int | None) -> tuple[int, bool]:
         """Where the body starts, and whether it is exactly the range asked for."""
