@@ -83,14 +83,16 @@ class HttpSource:
                 info = self._info(response, offset)
                 yield Body(info, offset, self._floor.watch(self._chunks(response), self.display), partial=exact)
         except httpx.TimeoutException as exc:
-            raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
+            raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from exc
         except _NOT_TRANSIENT as exc:
-            raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from None
+            raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from exc
+        except httpx.ProxyError as exc:
+            raise _proxy_error(exc, self.display, urlsplit(self.url).scheme) from exc
         except httpx.TransportError as exc:
             if (refused := _certificate_refused(exc)) is not None:  # the same answer on every retry
                 where, why = _failed_at(exc), refused.verify_message
-                raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from None
-            raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
+                raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from exc
+            raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from exc
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
         """No user header, and no Authorization, goes to another origin (scheme, host or port).
@@ -160,10 +162,10 @@ class HttpSource:
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:
             yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
-        except httpx.TimeoutException:
-            raise TransientFetchError(f"read from {self.display} timed out") from None
+        except httpx.TimeoutException as exc:
+            raise TransientFetchError(f"read from {self.display} timed out") from exc
         except httpx.TransportError as exc:
-            raise TransientFetchError(f"connection to {self.display} dropped: {_reason(exc)}") from None
+            raise TransientFetchError(f"connection to {self.display} dropped: {_reason(exc)}") from exc
 
     def close(self) -> None:
         self._client.close()
@@ -264,6 +266,18 @@ def _proxies() -> bool:
 def _proxied(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+def _proxy_error(exc: httpx.ProxyError, display: str, scheme: str) -> FetchError:
+    """A proxy's refusal of a CONNECT is final unless its status says to retry (like an origin's)."""
+    text = _reason(exc)
+    status = int(text[:3]) if text[:3].isdigit() else None
+    message = f"the proxy for {display} refused to connect: {text}"
+    if status is None or status in RETRYABLE_STATUS:
+        return TransientFetchError(message)
+    if status == 407:
+        message += f" (check the credentials in {scheme.upper()}_PROXY)"
+    return FetchError(message)
 
 
 def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
