@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Origin, run_fetcher, tree
+from tests.conftest import Origin, make_tar, run_fetcher, sha256, tree
 
 OLD = b"A" * 200_000
 NEW = b"B" * 200_000
@@ -198,3 +198,138 @@ def test_a_trickle_is_left_alone_with_the_floor_off(origin: Origin, tmp_path: Pa
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--low-speed-limit", "0", "--low-speed-time", "1")
     assert run.code == 0, run.stderr
     assert run.all("retrying") == []
+
+
+# --- the whole promise, fault by fault: an earlier version in dest, the fault, then a healthy run ---
+
+OLD_FILES = {"model/config.json": b'{"v": 1}\n', "model/w.bin": random.Random(1).randbytes(200_000)}
+NEW_FILES = {"model/config.json": b'{"v": 2}\n', "model/w.bin": random.Random(2).randbytes(200_000)}
+OLD_ARCHIVE = make_tar(OLD_FILES)
+NEW_ARCHIVE = make_tar(NEW_FILES)
+
+
+def _fault(case: str, exit: int, area: str = "network") -> pytest.MarkDecorator:
+    return pytest.mark.fault(case, exit=exit, area=area)
+
+
+FAULTS = [
+    pytest.param(
+        {"cut_after": [20_000] * 10},
+        (),
+        3,
+        "dropped",
+        marks=_fault("a connection reset mid-body, every time", 3),
+        id="reset",
+    ),
+    pytest.param(
+        {"stall_after": (20_000, 5.0)},
+        ("--timeout", "0.5"),
+        3,
+        "timed out",
+        marks=_fault("a server that goes silent mid-body", 3),
+        id="stall",
+    ),
+    pytest.param(
+        {"stall": 5.0},
+        ("--timeout", "0.5"),
+        3,
+        "timed out",
+        marks=_fault("a server silent before the body", 3),
+        id="silent",
+    ),
+    pytest.param(
+        {"trickle": [100] * 10},
+        ("--low-speed-limit", "1Ki", "--low-speed-time", "1"),
+        3,
+        "below --low-speed-limit",
+        marks=_fault("a server that only ever trickles", 3),
+        id="trickle",
+    ),
+    pytest.param(
+        {"fail": [503] * 10}, (), 3, "HTTP 503", marks=_fault("503 on every request", 3, "protocol"), id="503"
+    ),
+    pytest.param({"fail": [404]}, (), 3, "HTTP 404 Not Found", marks=_fault("404 at once", 3, "protocol"), id="404"),
+    pytest.param(
+        {"fail": [403]},
+        (),
+        3,
+        "HTTP 403",
+        marks=_fault("403 at once, with a hint at credentials", 3, "protocol"),
+        id="403",
+    ),
+    pytest.param(
+        {"content_type": "text/html"},
+        (),
+        3,
+        "sent an HTML page",
+        marks=_fault("an HTML error page with 200 instead of the file", 3, "protocol"),
+        id="html",
+    ),
+    pytest.param(
+        {"redirect": "http://127.0.0.1:9/m.tar.gz"},
+        (),
+        3,
+        "connection to",
+        marks=_fault("a redirect to a host where nothing listens", 3),
+        id="redirect-refused",
+    ),
+    pytest.param(
+        {"redirect": "/m.tar.gz"},
+        (),
+        3,
+        "TooManyRedirects",
+        marks=_fault("a redirect loop", 3, "protocol"),
+        id="redirect-loop",
+    ),
+    pytest.param(
+        {"body": OLD_ARCHIVE + b"tampered"},
+        (),
+        4,
+        "sha256 mismatch",
+        marks=_fault("other bytes than the sha256 pins", 4, "protocol"),
+        id="wrong-bytes",
+    ),
+    pytest.param(
+        {"cut_after": [50_000], "ranges": False},
+        (),
+        0,
+        "",
+        marks=_fault("a cut transfer from a server that ignores Range", 0, "protocol"),
+        id="ranges-ignored",
+    ),
+    pytest.param(
+        {"cut_after": [50_000], "align_ranges": 4096, "etag": '"n"'},
+        (),
+        0,
+        "",
+        marks=_fault("a resume answered with another range than asked", 0, "protocol"),
+        id="wrong-range",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fault", "flags", "code", "says"), FAULTS)
+def test_a_fault_leaves_the_old_version_and_a_healthy_run_then_succeeds(
+    origin: Origin, tmp_path: Path, fault: dict[str, object], flags: tuple[str, ...], code: int, says: str
+) -> None:
+    dest = tmp_path / "d"
+    termination = tmp_path / "termination-log"
+    url = origin.add("/m.tar.gz", OLD_ARCHIVE)
+    assert run_fetcher("--source", url, "--dest", str(dest), "--sha256", sha256(OLD_ARCHIVE)).code == 0
+
+    body = fault.pop("body", NEW_ARCHIVE)
+    if fault.get("redirect") == "/m.tar.gz":
+        fault["redirect"] = url
+    origin.add("/m.tar.gz", body, **fault)  # type: ignore[arg-type]
+    new = ("--source", url, "--dest", str(dest), "--sha256", sha256(NEW_ARCHIVE), "--retries", "1")
+    run = run_fetcher(*new, *flags, "--termination-log", str(termination), timeout=60)
+
+    assert run.code == code, run.stderr
+    if code:
+        assert says in run.error and "\n" not in run.error
+        assert termination.read_text() == run.error + "\n"
+        assert tree(dest) == OLD_FILES  # exactly the old version
+        origin.add("/m.tar.gz", NEW_ARCHIVE)  # healthy again
+        assert run_fetcher(*new).code == 0
+    assert tree(dest) == NEW_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d"] + (["termination-log"] if code else []))

@@ -352,3 +352,16 @@ def test_an_object_pinned_by_last_modified_that_changes_between_parts_is_never_s
     assert "changed during the download" in run.error
     assert tree(tmp_path) == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".fetcher"]
+
+
+@pytest.mark.fault("a parallel part that trickles is cut and fetched again", exit=0, area="network")
+def test_a_trickling_part_is_cut_and_fetched_again(origin: Origin, tmp_path: Path) -> None:
+    # The first stream is slow enough to split; then one part request trickles at 100 bytes/s.
+    url = origin.add("/w.bin", BODY, etag='"abc"', rate=2_000_000, trickle=[2_000_000, 100])
+    low_speed = ("--low-speed-limit", "1Ki", "--low-speed-time", "1")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT, *low_speed)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "parallel"
+    [retry] = run.all("retrying")
+    assert "part" in retry and "below --low-speed-limit 1024 bytes/s" in retry["reason"]
