@@ -48,7 +48,9 @@ _SCRUB = (
     (re.compile(r"(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"), MASK),
     (re.compile(r"(://)[^/\s@]+@"), r"\1" + MASK + "@"),  # any userinfo, even where no URL could be parsed
 )
-_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+")
+# A scheme starts only where a run of scheme characters starts, and is short: a long run of
+# them without "://" (a hostile member name) then costs one pass, not one per position.
+_URL = re.compile(r"(?i)(?<![a-z0-9+.-])[a-z][a-z0-9+.-]{0,31}://[^\s\"'<>]+")
 
 
 def redact_url(url: str, *, guess: bool = True) -> str:
