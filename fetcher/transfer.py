@@ -222,19 +222,21 @@ class Download:
         hold another version, and its first bytes must not be the start of what it sends now.
         """
         check = hashlib.sha256() if self._prefix is not None else None
+        left = count
         for chunk in chunks:
-            if count:
-                head, chunk = chunk[:count], chunk[count:]
-                count -= len(head)
+            if left:
                 if check is not None:
-                    check.update(head)
-                    if not count and check.digest() != self._prefix.digest():
-                        raise SourceChangedError(
-                            f"{self.source.display} changed during the download (its first {len(head)} bytes differ "
-                            "from those received before; it has no strong ETag or Last-Modified to pin a resume)"
-                        )
-                if not chunk:
+                    check.update(memoryview(chunk)[:left])
+                taken = min(left, len(chunk))
+                left -= taken
+                if not left and check is not None and check.digest() != self._prefix.digest():
+                    raise SourceChangedError(
+                        f"{self.source.display} changed during the download (its first {count} bytes differ from "
+                        "those received before, and it has no strong ETag or Last-Modified to pin a resume to)"
+                    )
+                if taken == len(chunk):
                     continue
+                chunk = chunk[taken:]
             yield chunk
 
     def _split_worthwhile(self, info: ObjectInfo) -> bool:
