@@ -66,6 +66,7 @@ def test_a_server_without_ranges_gets_one_stream(origin: Origin, tmp_path: Path)
     assert len(origin.hits("/w.bin")) == 1
 
 
+@pytest.mark.fault("a server that advertises ranges, then answers parts with 200: one stream", exit=0, area="protocol")
 def test_a_server_that_answers_ranges_with_200_falls_back_to_one_stream(origin: Origin, tmp_path: Path) -> None:
     url = origin.add("/w.bin", BODY, etag='"abc"', lie_about_ranges=True, rate=8_000_000)
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
@@ -74,6 +75,9 @@ def test_a_server_that_answers_ranges_with_200_falls_back_to_one_stream(origin: 
     assert "did not honour a range request" in run.event("falling back to one stream")["reason"]
 
 
+@pytest.mark.fault(
+    "an object pinned by a strong ETag changes between parallel parts: never stitched", exit=3, area="protocol"
+)
 def test_an_object_that_changes_between_parts_is_never_stitched(origin: Origin, tmp_path: Path) -> None:
     other = random.Random(6).randbytes(len(BODY))
     url = origin.add("/w.bin", BODY, etag='"v1"', rate=2_000_000, then=(other, '"v2"'))
