@@ -156,8 +156,9 @@ def test_a_range_answered_with_other_bytes_falls_back_to_one_stream(origin: Orig
 
 
 def test_every_connection_asked_for_is_used(origin: Origin, tmp_path: Path) -> None:
-    body = random.Random(9).randbytes(32 * 64 * KiB)
-    url = origin.add("/w.bin", body, etag='"abc"', rate=500_000)
+    body = random.Random(9).randbytes(25 * 64 * KiB)  # the first part, then one for each connection
+    # Slow enough that every part lasts ~1.6 s: all 24 overlap even on a loaded machine.
+    url = origin.add("/w.bin", body, etag='"abc"', rate=40_000)
     run = run_fetcher(
         "--source", url, "--dest", str(tmp_path), "--part-size", "64Ki", "--concurrency", "24", "--split-below", "100G"
     )
