@@ -16,6 +16,7 @@ import http.client
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,6 +131,7 @@ class S3Front:
     target: str  # moto's host:port
     tls: ssl.SSLContext | None = None
     faults: list[tuple[int, str]] = field(default_factory=list)  # (status, S3 error code)
+    trickle: list[int] = field(default_factory=list)  # bytes/s to pass a GET's body on at, one per GET
     gets: int = 0  # GET requests seen (each fault answers one)
 
     def __post_init__(self) -> None:
@@ -161,9 +163,15 @@ class S3Front:
                         self.send_header("Connection", "close")
                         self.close_connection = True
                     self.end_headers()
+                    rate = front.trickle.pop(0) if self.command == "GET" and front.trickle else None
+                    step = 65536 if rate is None else max(1, rate // 20)
                     if self.command != "HEAD":
-                        while data := response.read(65536):
-                            self.wfile.write(data)
+                        with contextlib.suppress(OSError):  # the client gave up on a trickle
+                            while data := response.read(step):
+                                self.wfile.write(data)
+                                self.wfile.flush()
+                                if rate:
+                                    time.sleep(step / rate)
                 finally:
                     upstream.close()
 

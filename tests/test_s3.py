@@ -217,3 +217,19 @@ def test_s3_missing_objects_fail_at_once_naming_the_code(s3: S3, tmp_path: Path,
     assert run.code == 3
     assert run.error == f"{source} does not exist ({code})"
     assert run.all("retrying") == []
+
+
+@pytest.mark.fault("an S3 body that trickles is cut and resumed with a pinned range", exit=0, area="s3")
+def test_a_trickling_s3_body_is_cut_and_resumed(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    body = bytes(range(256)) * 1200
+    source = s3.put("errs", "trickle.bin", body)
+    s3_front.trickle = [100]  # the first GET at 100 bytes/s, then at full speed
+    low_speed = ("--low-speed-limit", "1Ki", "--low-speed-time", "1")
+    env = s3_front.env(s3)
+    run = run_fetcher(
+        "--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), *low_speed, env=env, timeout=60
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"trickle.bin": body}
+    [retry] = run.all("retrying")
+    assert "below --low-speed-limit 1024 bytes/s" in retry["reason"] and retry["resume_at"] > 0

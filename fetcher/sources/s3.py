@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import botocore.exceptions
 import botocore.session
+import urllib3.exceptions
 from botocore import UNSIGNED
 from botocore.config import Config
 
@@ -85,8 +86,12 @@ BOTOCORE_ERRORS: tuple[tuple[type[Exception], type[FetchError], str], ...] = (
     (botocore.exceptions.ConnectionClosedError, TransientFetchError, "S3 connection for {source} closed: {reason}"),
     (botocore.exceptions.HTTPClientError, TransientFetchError, "S3 request for {source} failed: {reason}"),
     (botocore.exceptions.BotoCoreError, FetchError, "S3 request for {source} failed: {reason}"),
+    (urllib3.exceptions.ReadTimeoutError, TransientFetchError, "S3 read of {source} timed out"),
+    (urllib3.exceptions.ProtocolError, TransientFetchError, "S3 read of {source} dropped: {reason}"),
+    (urllib3.exceptions.HTTPError, TransientFetchError, "S3 read of {source} failed: {reason}"),
 )
 _BOTOCORE = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_LIBRARY = (*_BOTOCORE, urllib3.exceptions.HTTPError)  # reading the body goes to urllib3 directly
 
 
 def s3_error(exc: Exception, source: str, ca_hint: str = "") -> FetchError:
@@ -214,9 +219,18 @@ class S3Source:
             stream.close()
 
     def _chunks(self, stream: Any) -> Iterator[bytes]:
+        """What has arrived, up to CHUNK_SIZE at a time.
+
+        Not ``iter_chunks``: its reads wait for a whole chunk, so a server trickling bytes would
+        be seen only once per MiB (days, at a few bytes a second), never by the low-speed limit.
+        A StreamingBody hands out its urllib3 response as a context manager, whose ``read1``
+        returns after one read of the socket. The size is checked by the caller (``ended early``).
+        """
         try:
-            yield from stream.iter_chunks(CHUNK_SIZE)
-        except _BOTOCORE as exc:
+            with stream as raw:
+                while chunk := raw.read1(CHUNK_SIZE):
+                    yield chunk
+        except _LIBRARY as exc:
             raise s3_error(exc, self.display, self._ca_hint) from exc
 
     def close(self) -> None:
