@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fetcher.redact import mask_headers, redact_url, scrub
+from fetcher.redact import looks_like_credential, mask_headers, redact_url, scrub
 from tests.conftest import Origin, run_fetcher, sha256, tree
 
 SIGNATURE = "f00dfacecafebabe0123456789abcdef"
@@ -295,3 +295,37 @@ def test_urls_in_free_text_are_redacted_as_urls() -> None:
     text = "failed: GET https://ghp_16C7e42F292c6912E7710c838347Ae178B4a@h/p?auth_key=1-0-0-abc&x=1 refused"
     assert scrub(text) == "failed: GET https://***@h/p?auth_key=***&x=1 refused"
     assert scrub("see http://:SECRET@h/m") == "see http://***@h/m"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "80cd3f2d1c3bc3a8bbd1e2e6b8b6d1f1",  # an md5
+        "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+        "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2ln",  # a JWT
+        "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo",
+        "550e8400-e29b-41d4-a716-446655440000",
+    ],
+)
+def test_long_random_values_look_like_credentials(value: str) -> None:
+    assert looks_like_credential(value)
+    assert redact_url(f"https://h/m?x={value}") == "https://h/m?x=***"
+    assert redact_url(f"https://h/m?x={value}", guess=False) == f"https://h/m?x={value}"  # the state key keeps it
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-01-01T00:00:00Z",
+        "20261128T000000Z",
+        "models/sentiment/v3/model.tar.gz",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "distilbert-base-uncased-finetuned-sst-2-english",
+        "model-00001-of-00004.safetensors",
+        "1900000000",
+        "tokenizer.json",
+    ],
+)
+def test_words_dates_and_names_do_not(value: str) -> None:
+    assert not looks_like_credential(value)
