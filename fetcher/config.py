@@ -336,6 +336,24 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("timeout", parse_seconds, "connect and read timeout", 30.0, metavar="SECONDS"),
     Option(
+        "low_speed_limit",
+        parse_size,
+        "a transfer slower than this many bytes/s over the low-speed time is cut and retried, resuming "
+        "(0: never): a server trickling bytes, each inside the timeout, would hold the pod in Init for days "
+        "instead of failing with a reason; below 1 KiB/s no model arrives in useful time",
+        1024,
+        metavar="RATE",
+        shown_default="1Ki",
+    ),
+    Option(
+        "low_speed_time",
+        parse_seconds,
+        "seconds a transfer may stay below the low-speed limit; twice the timeout, so that a pause is the "
+        "timeout's to judge and a congested link is not cut for one slow moment",
+        60.0,
+        metavar="SECONDS",
+    ),
+    Option(
         "max_unpacked_size",
         parse_size,
         "refuse archives that unpack to more than this",

@@ -77,7 +77,7 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise local_error(exc, f"preparing the download spool in {directory}") from None
+            raise local_error(exc, f"preparing the download spool in {directory}") from exc
         try:
             os.ftruncate(self._fd, identity.size)
             self._journal = journal.open("a", encoding="utf-8")
@@ -86,7 +86,7 @@ class Spool:
                 self._journal.flush()
         except OSError as exc:
             os.close(self._fd)
-            raise local_error(exc, f"preparing the download spool in {directory}") from None
+            raise local_error(exc, f"preparing the download spool in {directory}") from exc
 
     @contextmanager
     def _using(self) -> Iterator[int]:
@@ -97,7 +97,7 @@ class Spool:
         try:
             yield self._fd
         except OSError as exc:
-            raise local_error(exc, f"writing the download spool in {self.directory}") from None
+            raise local_error(exc, f"writing the download spool in {self.directory}") from exc
         finally:
             with self._idle:
                 self._busy -= 1

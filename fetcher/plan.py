@@ -41,6 +41,8 @@ class Artifact:
     part_size: int
     split_below: int
     timeout: float
+    low_speed_limit: int
+    low_speed_time: float
     max_unpacked_size: int
     max_members: int
     progress_interval: float
@@ -57,8 +59,14 @@ class Artifact:
 
     @property
     def key(self) -> str:
-        """Stable name of this artifact's state: same source and dest, same key."""
-        identity = f"{redact_url(self.source)}\n{self.filename}\n{self.strip_components}\n{self.extract}"
+        """Stable name of this artifact's state: same source and dest, same key.
+
+        The source counts with its named credentials masked (a rotated signature or token is
+        the same object) but with every other value as given, even one that the display masks
+        because it looks like a credential: two objects must never share one key. Only a hash
+        of it is kept.
+        """
+        identity = f"{redact_url(self.source, guess=False)}\n{self.filename}\n{self.strip_components}\n{self.extract}"
         return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     @property

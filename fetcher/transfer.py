@@ -11,6 +11,7 @@ flaky link is not failed by drops that are each recovered from.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import threading
 import time
@@ -24,10 +25,10 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Channel, produce_in_thread
-from fetcher.errors import FetchError, IntegrityError, TransientFetchError
+from fetcher.errors import FetchError, IntegrityError, SourceChangedError, TransientFetchError
 from fetcher.parts import Identity, PartedDownload, RangeNotHonoured, Spool
 from fetcher.pipeline import SNIFF_BYTES
-from fetcher.sources.base import Body, ObjectInfo, Source
+from fetcher.sources.base import Body, ObjectInfo, Source, TooSlow
 
 log = structlog.get_logger("fetcher")
 
@@ -88,6 +89,7 @@ class Download:
         self._answered = threading.Event()
         self._early_error: BaseException | None = None
         self._channel: Channel | None = None
+        self._prefix: Any = None  # sha256 of the bytes passed on, for an object nothing pins
 
     def start(self) -> ObjectInfo | None:
         """Start reading; wait until the source has answered, and return what it said."""
@@ -175,9 +177,11 @@ class Download:
             self._stream(channel, may_split=False)
 
     def _read_from(self, start: int, channel: Channel, *, may_split: bool) -> bool:
-        with self.source.open(start) as body:
+        with self.source.open(start if self._pinned else 0) as body:
             if self.info is None:
                 self.info = body.info
+                if not self._pinned:  # a retry must re-read from 0: keep what to compare it with
+                    self._prefix = hashlib.sha256()
                 self._refuse_html(body.info)
                 if body.info.encoding not in (None, "identity"):
                     log.warning(
@@ -197,16 +201,43 @@ class Download:
             skip = start - body.offset  # a server that ignored Range resends from 0
             if skip < 0:
                 raise FetchError(f"{self.source.display} answered from byte {body.offset}, not {start} as asked")
-            for chunk in body.chunks:
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk, skip = chunk[skip:], 0
+            chunks = iter(body.chunks)
+            if skip:
+                chunks = self._skip(chunks, skip)
+            for chunk in chunks:
                 self._deliver(chunk, channel)
         if self.info.size is not None and self.received < self.info.size:
             raise TransientFetchError(f"{self.source.display} ended early, at byte {self.received} of {self.info.size}")
         return False
+
+    @property
+    def _pinned(self) -> bool:
+        """Whether a later request can be pinned to the version first seen (see ``Source.open``)."""
+        return self.info is None or self.info.version is not None
+
+    def _skip(self, chunks: Iterator[bytes], count: int) -> Iterator[bytes]:
+        """The chunks past the first ``count`` bytes, which were passed on before.
+
+        Unpinned, those bytes are compared with the ones passed on: a server may since
+        hold another version, and its first bytes must not be the start of what it sends now.
+        """
+        check = hashlib.sha256() if self._prefix is not None else None
+        left = count
+        for chunk in chunks:
+            if left:
+                if check is not None:
+                    check.update(memoryview(chunk)[:left])
+                taken = min(left, len(chunk))
+                left -= taken
+                if not left and check is not None and check.digest() != self._prefix.digest():
+                    raise SourceChangedError(
+                        f"{self.source.display} changed during the download (its first {count} bytes differ from "
+                        "those received before, and it has no strong ETag or Last-Modified to pin a resume to)"
+                    )
+                if taken == len(chunk):
+                    continue
+                chunk = chunk[taken:]
+            yield chunk
 
     def _split_worthwhile(self, info: ObjectInfo) -> bool:
         settings = self._parallelism
@@ -299,6 +330,8 @@ class Download:
     def _deliver(self, chunk: bytes, channel: Channel) -> None:
         if self._fill_spool and self._spool is not None:
             self._spool.write(self.received, chunk)
+        if self._prefix is not None:
+            self._prefix.update(chunk)
         self.received += len(chunk)
         self._check_size()
         channel.put(chunk)
@@ -319,7 +352,8 @@ class Download:
     def _out_of_retries(self, state: RetryCallState) -> bool:
         if self._channel is not None and self._channel.cancelled:
             return True
-        if self.received > self._offset_at_failure:
+        slow = state.outcome is not None and isinstance(state.outcome.exception(), TooSlow)
+        if self.received > self._offset_at_failure and not slow:
             self._failures = 0
         self._offset_at_failure = self.received
         self._failures += 1
@@ -335,5 +369,5 @@ class Download:
             delay_s=round(delay, 2),
             attempt=self._failures,
             of=self._retries,
-            resume_at=self.received,
+            resume_at=self.received if self._pinned else 0,
         )

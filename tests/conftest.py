@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import email.utils
 import hashlib
 import io
 import ipaddress
@@ -130,8 +131,13 @@ class Route:
     then: tuple[bytes, str] | None = None  # (body, etag) the object becomes after the first request
     redirect: str | None = None  # answer 302 to this URL
     stall_after: tuple[int, float] | None = None  # (bytes, seconds): go silent mid-body, every response
+    stall_ranged_only: bool = False  # stall_after only answers to Range requests (parallel parts)
     align_ranges: int = 0  # answer a range from its start rounded down to this: a 206 that is not what was asked
     until_close: bool = False  # no Content-Length: the body ends when the connection closes
+    last_modified: str | None = None  # Last-Modified, an HTTP date
+    then_modified: str | None = None  # the Last-Modified the object gets along with ``then``
+    trickle: list[int] = field(default_factory=list)  # bytes/s to send at, one per request (then ``rate``)
+    conditionals: bool = True  # honour If-Match and If-Unmodified-Since (False: ignore them, as some servers do)
 
 
 @dataclass
@@ -140,6 +146,16 @@ class Seen:
     path: str
     headers: dict[str, str]
     sent: int = 0  # body bytes written back
+
+
+def _precondition_fails(route: Route, headers: Any) -> bool:
+    """RFC 9110 13.1.1, 13.1.4: If-Match compares strongly (a weak ETag never matches), If-Unmodified-Since by date."""
+    if (match := headers.get("If-Match")) is not None:
+        return not route.etag or route.etag.startswith("W/") or match != route.etag
+    since = headers.get("If-Unmodified-Since")
+    if since is not None and route.last_modified:
+        return email.utils.parsedate_to_datetime(route.last_modified) > email.utils.parsedate_to_datetime(since)
+    return False
 
 
 class Origin:
@@ -185,9 +201,9 @@ class Origin:
                 advertised = route.ranges or route.lie_about_ranges
                 body, status, headers = route.body, 200, {"Accept-Ranges": "bytes"} if advertised else {}
                 wanted = self.headers.get("Range")
+                if route.conditionals and _precondition_fails(route, self.headers):
+                    return self._simple(412, b"precondition failed", "text/plain")
                 if wanted and route.ranges and not route.lie_about_ranges:
-                    if route.etag and self.headers.get("If-Match") not in (None, route.etag):
-                        return self._simple(412, b"precondition failed", "text/plain")
                     start_text, _, end_text = wanted.removeprefix("bytes=").partition("-")
                     start = int(start_text)
                     start -= start % route.align_ranges if route.align_ranges else 0
@@ -196,6 +212,8 @@ class Origin:
                     headers["Content-Range"] = f"bytes {start}-{end}/{len(route.body)}"
                 if route.etag:
                     headers["ETag"] = route.etag
+                if route.last_modified:
+                    headers["Last-Modified"] = route.last_modified
                 self.send_response(status)
                 self.send_header("Content-Type", route.content_type)
                 if route.until_close:
@@ -211,13 +229,15 @@ class Origin:
                 limit = route.cut_after.pop(0) if route.cut_after else None
                 if route.then:  # re-uploaded while we were reading
                     route.body, route.etag = route.then
+                    route.last_modified = route.then_modified or route.last_modified
                     route.then = None
-                if route.stall_after:
+                if route.stall_after and (wanted or not route.stall_ranged_only):
                     head, pause = route.stall_after
                     self._send(body[:head], route.rate, seen)
                     time.sleep(pause)
                     body = body[head:]
-                self._send(body if limit is None else body[:limit], route.rate, seen)
+                rate = route.trickle.pop(0) if route.trickle else route.rate
+                self._send(body if limit is None else body[:limit], rate, seen)
                 if limit is not None:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import certifi
+import pytest
 
 from tests.conftest import Origin, Tls, make_tar, model_files, run_fetcher, sha256, tree
 
@@ -200,6 +201,9 @@ def test_401_hints_at_credentials(origin: Origin, tmp_path: Path) -> None:
     assert "HTTP 401" in run.error and "--bearer-token-file" in run.error
 
 
+@pytest.mark.fault(
+    "a retry answered whole (200, Range ignored) by another version: never stitched", exit=3, area="protocol"
+)
 def test_a_retry_answered_whole_by_another_version_is_not_stitched(origin: Origin, tmp_path: Path) -> None:
     # the origin ignores Range and If-Match, and the object was replaced in between
     url = origin.add(
@@ -275,6 +279,7 @@ def test_https_from_a_private_ca_named_by_ssl_cert_file(tls_origin: Origin, tls:
     assert url.startswith("https://")
 
 
+@pytest.mark.fault("an untrusted HTTPS certificate: exit 3 at once, naming the server", exit=3, area="network")
 def test_an_untrusted_certificate_fails_at_once_with_a_hint(tls_origin: Origin, tmp_path: Path) -> None:
     url = tls_origin.add("/sentiment.tar.gz", b"never sent")
     run = run_fetcher("--source", url, "--dest", str(tmp_path))
@@ -291,6 +296,7 @@ def test_an_untrusted_certificate_fails_at_once_with_a_hint(tls_origin: Origin, 
     assert run.error.endswith(f"(trusting only the CAs in SSL_CERT_FILE={public})")
 
 
+@pytest.mark.fault("a redirect across hosts and schemes to an untrusted server", exit=3, area="network")
 def test_a_redirect_to_an_untrusted_server_names_that_server(
     origin: Origin, tls_origin: Origin, tmp_path: Path
 ) -> None:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, S3, Origin, make_tar, run_fetcher, sha256, small_volume, tree
 
 BODY = random.Random(5).randbytes(1024 * 1024)
@@ -64,6 +66,7 @@ def test_a_server_without_ranges_gets_one_stream(origin: Origin, tmp_path: Path)
     assert len(origin.hits("/w.bin")) == 1
 
 
+@pytest.mark.fault("a server that advertises ranges, then answers parts with 200: one stream", exit=0, area="protocol")
 def test_a_server_that_answers_ranges_with_200_falls_back_to_one_stream(origin: Origin, tmp_path: Path) -> None:
     url = origin.add("/w.bin", BODY, etag='"abc"', lie_about_ranges=True, rate=8_000_000)
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
@@ -72,6 +75,9 @@ def test_a_server_that_answers_ranges_with_200_falls_back_to_one_stream(origin: 
     assert "did not honour a range request" in run.event("falling back to one stream")["reason"]
 
 
+@pytest.mark.fault(
+    "an object pinned by a strong ETag changes between parallel parts: never stitched", exit=3, area="protocol"
+)
 def test_an_object_that_changes_between_parts_is_never_stitched(origin: Origin, tmp_path: Path) -> None:
     other = random.Random(6).randbytes(len(BODY))
     url = origin.add("/w.bin", BODY, etag='"v1"', rate=2_000_000, then=(other, '"v2"'))
@@ -150,8 +156,9 @@ def test_a_range_answered_with_other_bytes_falls_back_to_one_stream(origin: Orig
 
 
 def test_every_connection_asked_for_is_used(origin: Origin, tmp_path: Path) -> None:
-    body = random.Random(9).randbytes(32 * 64 * KiB)
-    url = origin.add("/w.bin", body, etag='"abc"', rate=500_000)
+    body = random.Random(9).randbytes(25 * 64 * KiB)  # the first part, then one for each connection
+    # Slow enough that every part lasts ~1.6 s: all 24 overlap even on a loaded machine.
+    url = origin.add("/w.bin", body, etag='"abc"', rate=40_000)
     run = run_fetcher(
         "--source", url, "--dest", str(tmp_path), "--part-size", "64Ki", "--concurrency", "24", "--split-below", "100G"
     )
@@ -196,7 +203,7 @@ def test_spools_of_objects_no_longer_asked_for_are_removed(origin: Origin, tmp_p
 
 def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin, tmp_path: Path) -> None:
     body = random.Random(10).randbytes(2 * 1024 * KiB)
-    url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000, stall_after=(32 * KiB, 60))
+    url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000, stall_after=(32 * KiB, 60), stall_ranged_only=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")} | {"FETCHER_LOG_FORMAT": "json"}
     process = subprocess.Popen(
         [sys.executable, "-m", "fetcher", "--source", url, "--dest", str(tmp_path), *SPLIT, "--timeout", "120"],
@@ -207,7 +214,7 @@ def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin,
         text=True,
     )
     assert process.stderr is not None
-    for line in process.stderr:  # the first part arrives, then every part request stalls
+    for line in process.stderr:  # the first part arrives at once, then every part request stalls
         if '"splitting"' in line:
             break
     time.sleep(1)
@@ -301,3 +308,65 @@ def test_the_spool_is_used_only_where_the_volume_has_room_for_it(origin: Origin,
         assert packed.event("published")["transfer"] == "stream"
         assert packed.event("one stream: too little free space to spool parallel parts")["needed"] == 2 * len(archive)
         assert tree(volume / "packed") == {"m/w.bin": body}
+
+
+def test_a_weak_etag_does_not_pin_parts_so_the_object_is_one_stream(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", BODY, etag='W/"abc"', rate=2_000_000)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "stream"
+    assert _ranges(origin, "/w.bin") == []
+
+
+LAST_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
+
+
+def test_parts_are_pinned_by_last_modified_without_a_strong_etag(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("/w.bin", BODY, etag='W/"abc"', last_modified=LAST_MODIFIED, rate=2_000_000)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "parallel"
+    ranged = [r.headers for r in origin.hits("/w.bin") if "Range" in r.headers]
+    assert len(ranged) == 15
+    assert {r["If-Unmodified-Since"] for r in ranged} == {LAST_MODIFIED}
+    assert not any("If-Match" in r for r in ranged)
+
+
+@pytest.mark.parametrize("conditionals", [True, False], ids=["412", "preconditions-ignored"])
+@pytest.mark.fault(
+    "an object pinned by Last-Modified changes between parallel parts: never stitched", exit=3, area="protocol"
+)
+def test_an_object_pinned_by_last_modified_that_changes_between_parts_is_never_stitched(
+    origin: Origin, tmp_path: Path, conditionals: bool
+) -> None:
+    other = random.Random(6).randbytes(len(BODY))
+    url = origin.add(
+        "/w.bin",
+        BODY,
+        etag='W/"v1"',
+        last_modified=LAST_MODIFIED,
+        rate=2_000_000,
+        then=(other, 'W/"v2"'),
+        then_modified="Thu, 02 Jan 2025 00:00:00 GMT",
+        conditionals=conditionals,
+    )
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), *SPLIT)
+    assert run.code == 3
+    assert "changed during the download" in run.error
+    assert tree(tmp_path) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fetcher"]
+
+
+@pytest.mark.fault("a parallel part that trickles is cut and fetched again", exit=0, area="network")
+def test_a_trickling_part_is_cut_and_fetched_again(origin: Origin, tmp_path: Path) -> None:
+    # The first stream is slow enough to split; then one part request trickles at 100 bytes/s.
+    url = origin.add("/w.bin", BODY, etag='"abc"', rate=2_000_000, trickle=[2_000_000, 100])
+    low_speed = ("--low-speed-limit", "1Ki", "--low-speed-time", "1")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *SPLIT, *low_speed)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "parallel"
+    [retry] = run.all("retrying")
+    assert "part" in retry and "below --low-speed-limit 1024 bytes/s" in retry["reason"]

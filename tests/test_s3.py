@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.conftest import S3, make_tar, model_files, run_fetcher, sha256, tree
+import pytest
+
+from tests.conftest import S3, Tls, make_tar, model_files, run_fetcher, sha256, tree
+
+if TYPE_CHECKING:
+    from tests.proxy import S3Front
+
+pytest_plugins = ("tests.proxy",)  # its fixtures: s3_front, s3_tls
 
 
 def test_fetches_a_tar_gz_from_s3(s3: S3, tmp_path: Path) -> None:
@@ -58,3 +67,169 @@ def test_the_aws_secret_never_reaches_the_logs(s3: S3, tmp_path: Path) -> None:
     assert run.code == 3
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in run.stderr
     assert s3.env["AWS_ACCESS_KEY_ID"] not in run.stderr
+
+
+# --- TLS, and the errors S3 answers: moto behind a front that terminates TLS or injects errors --------
+
+
+def test_an_https_endpoint_trusted_through_aws_ca_bundle(s3: S3, s3_tls: S3Front, tls: Tls, tmp_path: Path) -> None:
+    body = b"weights" * 1000
+    source = s3.put("tls", "w.bin", body)
+    env = s3_tls.env(s3) | {"AWS_CA_BUNDLE": str(tls.ca_file)}
+    run = run_fetcher("--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), env=env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    assert s3_tls.gets == 1
+
+
+@pytest.mark.parametrize("bundle", ["missing", "not-pem"])
+@pytest.mark.fault(
+    "AWS_CA_BUNDLE that cannot be loaded, https S3 endpoint: exit 2 at once, naming the variable and path",
+    exit=2,
+    area="s3",
+)
+def test_a_ca_bundle_that_cannot_be_loaded_is_a_usage_error(
+    s3: S3, s3_tls: S3Front, tmp_path: Path, bundle: str
+) -> None:
+    source = s3.put("tls", "w.bin", b"w")
+    path = tmp_path / "ca.pem"
+    if bundle == "not-pem":
+        path.write_text("not a certificate\n")
+    dest = tmp_path / "d"
+    started = time.monotonic()
+    run = run_fetcher("--source", source, "--dest", str(dest), env=s3_tls.env(s3) | {"AWS_CA_BUNDLE": str(path)})
+    assert run.code == 2, run.stderr
+    assert run.error.startswith(f"cannot load CA certificates from AWS_CA_BUNDLE={path}: ")
+    assert "\n" not in run.error
+    assert run.all("retrying") == []
+    assert time.monotonic() - started < 10
+    assert s3_tls.gets == 0
+    assert not dest.exists() or sorted(p.name for p in dest.iterdir()) in ([], [".fetcher"])
+
+
+@pytest.mark.fault(
+    "an untrusted certificate on an https S3 endpoint: exit 3 at once, naming the server", exit=3, area="s3"
+)
+def test_an_untrusted_certificate_fails_at_once_naming_the_server(s3: S3, s3_tls: S3Front, tmp_path: Path) -> None:
+    source = s3.put("tls", "w.bin", b"w")
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), env=s3_tls.env(s3))
+    assert run.code == 3, run.stderr
+    assert run.error.startswith(f"TLS certificate of {s3_tls.endpoint}/tls/w.bin not trusted: ")
+    assert "AWS_CA_BUNDLE" in run.error  # the hint: how to trust a private CA
+    assert run.all("retrying") == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "says"),
+    [
+        pytest.param(
+            403,
+            "AccessDenied",
+            "S3 refused access to s3://errs/w.bin (AccessDenied)",
+            marks=pytest.mark.fault("S3 AccessDenied: exit 3 at once", exit=3, area="s3"),
+            id="AccessDenied",
+        ),
+        pytest.param(
+            403,
+            "InvalidAccessKeyId",
+            "S3 refused access to s3://errs/w.bin (InvalidAccessKeyId)",
+            marks=pytest.mark.fault("S3 InvalidAccessKeyId (bad credentials): exit 3 at once", exit=3, area="s3"),
+            id="InvalidAccessKeyId",
+        ),
+        pytest.param(
+            403,
+            "SignatureDoesNotMatch",
+            "S3 refused access to s3://errs/w.bin (SignatureDoesNotMatch)",
+            marks=pytest.mark.fault("S3 SignatureDoesNotMatch (bad secret key): exit 3 at once", exit=3, area="s3"),
+            id="SignatureDoesNotMatch",
+        ),
+        pytest.param(
+            400,
+            "ExpiredToken",
+            "S3 refused access to s3://errs/w.bin (ExpiredToken)",
+            marks=pytest.mark.fault("S3 ExpiredToken: exit 3 at once", exit=3, area="s3"),
+            id="ExpiredToken",
+        ),
+    ],
+)
+def test_s3_refusals_fail_at_once(s3: S3, s3_front: S3Front, tmp_path: Path, status: int, code: str, says: str) -> None:
+    source = s3.put("errs", "w.bin", b"w")
+    s3_front.faults = [(status, code)] * 10
+    dest = tmp_path / "d"
+    run = run_fetcher("--source", source, "--dest", str(dest), env=s3_front.env(s3))
+    assert run.code == 3, run.stderr
+    assert run.error.startswith(says)
+    assert run.all("retrying") == []
+    assert s3_front.gets == 1
+    assert sorted(p.name for p in dest.iterdir()) == [".fetcher"]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        pytest.param(503, "SlowDown", marks=pytest.mark.fault("S3 SlowDown: retried, then fetched", exit=0, area="s3")),
+        pytest.param(500, "InternalError", marks=pytest.mark.fault("S3 500 InternalError: retried", exit=0, area="s3")),
+        pytest.param(
+            503, "ServiceUnavailable", marks=pytest.mark.fault("S3 503 ServiceUnavailable: retried", exit=0, area="s3")
+        ),
+    ],
+)
+def test_s3_throttling_and_5xx_are_retried(s3: S3, s3_front: S3Front, tmp_path: Path, status: int, code: str) -> None:
+    body = b"weights" * 1000
+    source = s3.put("errs", "w.bin", body)
+    s3_front.faults = [(status, code)] * 2
+    run = run_fetcher("--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), env=s3_front.env(s3))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    retries = run.all("retrying")
+    assert len(retries) == 2 and f"S3 {code}" in retries[0]["reason"]
+    assert s3_front.gets == 3
+
+
+@pytest.mark.fault("S3 SlowDown on every request: exit 3 after the retries", exit=3, area="s3")
+def test_s3_throttling_that_never_ends_is_exit_3_after_the_retries(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    source = s3.put("errs", "w.bin", b"w")
+    s3_front.faults = [(503, "SlowDown")] * 10
+    run = run_fetcher("--source", source, "--dest", str(tmp_path), "--retries", "2", env=s3_front.env(s3))
+    assert run.code == 3
+    assert run.error == "S3 SlowDown for s3://errs/w.bin"
+    assert len(run.all("retrying")) == 2
+
+
+@pytest.mark.parametrize(
+    ("source", "code"),
+    [
+        pytest.param(
+            "s3://no-such-bucket-x/w.bin",
+            "NoSuchBucket",
+            marks=pytest.mark.fault("S3 NoSuchBucket: exit 3 at once", exit=3, area="s3"),
+        ),
+        pytest.param(
+            "s3://errs/absent.bin",
+            "NoSuchKey",
+            marks=pytest.mark.fault("S3 NoSuchKey: exit 3 at once", exit=3, area="s3"),
+        ),
+    ],
+)
+def test_s3_missing_objects_fail_at_once_naming_the_code(s3: S3, tmp_path: Path, source: str, code: str) -> None:
+    s3.put("errs", "w.bin", b"w")
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), env=s3.env)
+    assert run.code == 3
+    assert run.error == f"{source} does not exist ({code})"
+    assert run.all("retrying") == []
+
+
+@pytest.mark.fault("an S3 body that trickles is cut and resumed with a pinned range", exit=0, area="s3")
+def test_a_trickling_s3_body_is_cut_and_resumed(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    body = bytes(range(256)) * 1200
+    source = s3.put("errs", "trickle.bin", body)
+    s3_front.trickle = [100]  # the first GET at 100 bytes/s, then at full speed
+    low_speed = ("--low-speed-limit", "1Ki", "--low-speed-time", "1")
+    env = s3_front.env(s3)
+    run = run_fetcher(
+        "--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), *low_speed, env=env, timeout=60
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"trickle.bin": body}
+    [retry] = run.all("retrying")
+    assert "below --low-speed-limit 1024 bytes/s" in retry["reason"] and retry["resume_at"] > 0

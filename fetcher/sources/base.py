@@ -8,12 +8,55 @@ being stitched onto bytes of the old one.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from fetcher.errors import TransientFetchError
+
 CHUNK_SIZE = 1024 * 1024
+
+
+class TooSlow(TransientFetchError):
+    """Bytes arrive, but slower than the low-speed limit: retried, yet never counted as progress
+    that refills the retry budget, or a trickle would be retried for ever."""
+
+
+@dataclass(frozen=True)
+class SpeedFloor:
+    """curl's --low-speed-limit / --low-speed-time: the least a transfer must sustain.
+
+    Only the time spent waiting for the network counts (a generator is paused while the
+    pipeline takes a chunk), so a slow disk is never blamed on the server. The rate is
+    judged over consecutive windows of ``period`` seconds of waiting.
+    """
+
+    limit: int  # bytes/s; 0: no floor
+    period: float  # seconds
+
+    def watch(self, chunks: Iterable[bytes], display: str) -> Iterator[bytes]:
+        if self.limit <= 0:
+            yield from chunks
+            return
+        source = iter(chunks)
+        got, waited = 0, 0.0
+        while True:
+            began = time.monotonic()
+            chunk = next(source, None)
+            waited += time.monotonic() - began
+            if chunk is None:
+                return
+            got += len(chunk)
+            if waited >= self.period:
+                if got < self.limit * waited:
+                    raise TooSlow(
+                        f"{display} sent {got} bytes in {waited:.1f} s, below --low-speed-limit {self.limit} bytes/s "
+                        f"sustained over --low-speed-time {self.period:g} s"
+                    )
+                got, waited = 0, 0.0
+            yield chunk
 
 
 @dataclass(frozen=True)

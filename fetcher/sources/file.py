@@ -24,10 +24,10 @@ class FileSource:
     def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
         try:
             handle = self.path.open("rb")
-        except FileNotFoundError:
-            raise FetchError(f"{self.display} does not exist") from None
+        except FileNotFoundError as exc:
+            raise FetchError(f"{self.display} does not exist") from exc
         except OSError as exc:
-            raise FetchError(f"cannot read {self.display}: {exc.strerror}") from None
+            raise FetchError(f"cannot read {self.display}: {exc.strerror}") from exc
         with handle:
             stat = os.fstat(handle.fileno())
             pin = (stat.st_size, stat.st_mtime_ns)
@@ -45,7 +45,7 @@ class FileSource:
                 limit -= len(chunk)
                 yield chunk
         except OSError as exc:
-            raise FetchError(f"cannot read {self.display}: {exc.strerror}") from None
+            raise FetchError(f"cannot read {self.display}: {exc.strerror}") from exc
 
     def close(self) -> None:
         pass

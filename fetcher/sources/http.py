@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,8 +23,8 @@ import httpx
 from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact, read_bearer_token
-from fetcher.redact import is_secret_header, redact_url
-from fetcher.sources.base import Body, ObjectInfo, exact_range, parse_content_range
+from fetcher.redact import redact_url
+from fetcher.sources.base import Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport, tls_context
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -67,42 +68,46 @@ class HttpSource:
             verify=_proxy_verify(self.url) if _proxies() else True,
             transport=None if proxied else fast_transport(artifact.concurrency + 1),
         )
-        self._etag: str | None = None
-        self._size: int | None = None
+        self._seen: Validators | None = None  # what the first response said about the object
+        self._own_headers = {name for name, _ in artifact.headers} | {"Authorization"}
+        self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
 
     @contextmanager
     def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
-        headers = {}
+        headers = self._seen.preconditions() if self._seen is not None else {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-            if self._etag:
-                headers["If-Match"] = self._etag
         try:
             with self._client.stream("GET", self.url, headers=headers) as response:
                 offset, exact = self._check(response, start, end)
                 info = self._info(response, offset)
-                yield Body(info, offset, self._chunks(response), partial=exact)
+                yield Body(info, offset, self._floor.watch(self._chunks(response), self.display), partial=exact)
         except httpx.TimeoutException as exc:
-            raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from None
+            raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from exc
         except _NOT_TRANSIENT as exc:
-            raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from None
+            raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from exc
+        except httpx.ProxyError as exc:
+            raise _proxy_error(exc, self.display, urlsplit(self.url).scheme) from exc
         except httpx.TransportError as exc:
             if (refused := _certificate_refused(exc)) is not None:  # the same answer on every retry
                 where, why = _failed_at(exc), refused.verify_message
-                raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from None
-            raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from None
+                raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from exc
+            raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from exc
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
-        """httpx drops Authorization on a redirect to another origin; do the same for our secret headers."""
+        """No user header, and no Authorization, goes to another origin (scheme, host or port).
+
+        httpx itself drops only Authorization, and keeps it on an http-to-https redirect.
+        """
         if _origin(str(request.url)) != self._origin:
-            for name in [name for name in request.headers if is_secret_header(name)]:
-                del request.headers[name]
+            for name in self._own_headers:
+                request.headers.pop(name, None)
 
     def _check(self, response: httpx.Response, start: int, end: int | None) -> tuple[int, bool]:
         """Where the body starts, and whether it is exactly the range asked for."""
         status = response.status_code
-        if status == 412 and "If-Match" in response.request.headers:
-            raise SourceChangedError(f"{self.display} changed during the download (ETag no longer matches)")
+        if status == 412 and _PRECONDITIONS & set(response.request.headers.keys()):
+            raise SourceChangedError(f"{self.display} changed during the download (its {self._seen} no longer matches)")
         if status in RETRYABLE_STATUS:
             raise TransientFetchError(
                 f"HTTP {status} {response.reason_phrase} from {self.display}",
@@ -122,19 +127,21 @@ class HttpSource:
         return 0, exact_range(None, None, start, end)
 
     def _pin(self, response: httpx.Response) -> None:
-        """Remember the object's ETag and size; a later response for another version is refused."""
-        etag = response.headers.get("ETag")
-        strong = etag if etag and not etag.startswith("W/") else None
+        """Remember what identifies the object; a later response for another version is refused.
+
+        The preconditions sent with later requests make the server refuse a changed object
+        (412); comparing each response's own validators catches a server that ignores them.
+        """
         size = (
             self._info(response, 0).size
             if response.status_code == 206
             else _int(response.headers.get("Content-Length"))
         )
-        if self._etag is None and self._size is None:
-            self._etag, self._size = strong, size
-            return
-        if (strong and self._etag and strong != self._etag) or (size is not None and self._size not in (None, size)):
-            raise SourceChangedError(f"{self.display} changed during the download (another ETag or size)")
+        seen = Validators.of(response.headers, size)
+        if self._seen is None:
+            self._seen = seen
+        elif (why := self._seen.differs(seen)) is not None:
+            raise SourceChangedError(f"{self.display} changed during the download (another {why})")
 
     def _info(self, response: httpx.Response, offset: int) -> ObjectInfo:
         size: int | None = None
@@ -143,24 +150,90 @@ class HttpSource:
         elif (length := response.headers.get("Content-Length", "")).isdigit():
             size = int(length) + offset
         ranges = response.status_code == 206 or response.headers.get("Accept-Ranges", "").lower() == "bytes"
+        version = self._seen.version if self._seen is not None else None
         return ObjectInfo(
             size=size,
             content_type=response.headers.get("Content-Type"),
-            ranges=ranges and self._etag is not None,  # parts must be pinned to one version
-            version=self._etag,
+            ranges=ranges and version is not None,  # parts must be pinned to one version
+            version=version,
             encoding=response.headers.get("Content-Encoding", "identity").lower() or None,
         )
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:
             yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
-        except httpx.TimeoutException:
-            raise TransientFetchError(f"read from {self.display} timed out") from None
+        except httpx.TimeoutException as exc:
+            raise TransientFetchError(f"read from {self.display} timed out") from exc
         except httpx.TransportError as exc:
-            raise TransientFetchError(f"connection to {self.display} dropped: {_reason(exc)}") from None
+            raise TransientFetchError(f"connection to {self.display} dropped: {_reason(exc)}") from exc
 
     def close(self) -> None:
         self._client.close()
+
+
+_PRECONDITIONS = frozenset({"if-match", "if-unmodified-since"})
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What identifies one version of an object (RFC 9110 8.8), and what of it can pin a range.
+
+    A strong ETag pins with If-Match. Without one, a Last-Modified pins with If-Unmodified-Since,
+    but only when it is strong: at least a second before the response's Date (8.8.2.2), else a
+    second change within the same second would go unseen. A weak ETag cannot pin byte ranges
+    (two versions may share it); with nothing to pin to, a cut transfer starts again from byte 0.
+    """
+
+    etag: str | None
+    last_modified: str | None
+    strong_date: bool
+    size: int | None
+
+    @classmethod
+    def of(cls, headers: httpx.Headers, size: int | None) -> Validators:
+        modified = _date(headers.get("Last-Modified"))
+        date = _date(headers.get("Date"))
+        strong_date = modified is not None and date is not None and date - modified >= 1
+        return cls(headers.get("ETag"), headers.get("Last-Modified"), strong_date, size)
+
+    @property
+    def strong_etag(self) -> str | None:
+        return self.etag if self.etag and not self.etag.startswith("W/") else None
+
+    @property
+    def version(self) -> str | None:
+        """The pin, as parts and the download spool name it; None: nothing pins a range."""
+        if self.strong_etag:
+            return self.strong_etag
+        return f"Last-Modified: {self.last_modified}" if self.strong_date else None
+
+    def preconditions(self) -> dict[str, str]:
+        if self.strong_etag:
+            return {"If-Match": self.strong_etag}
+        if self.strong_date and self.last_modified:
+            return {"If-Unmodified-Since": self.last_modified}
+        return {}
+
+    def differs(self, other: Validators) -> str | None:
+        """Which validator of a later response shows another version, if any does."""
+        for what, mine, theirs in (
+            ("ETag", self.etag, other.etag),
+            ("Last-Modified", self.last_modified, other.last_modified),
+            ("size", self.size, other.size),
+        ):
+            if mine is not None and theirs is not None and mine != theirs:
+                return what
+        return None
+
+    def __str__(self) -> str:
+        return "ETag" if self.strong_etag else "Last-Modified"
+
+
+def _date(value: str | None) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 _NOT_TRANSIENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.TooManyRedirects, httpx.InvalidURL)
@@ -193,6 +266,18 @@ def _proxies() -> bool:
 def _proxied(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+def _proxy_error(exc: httpx.ProxyError, display: str, scheme: str) -> FetchError:
+    """A proxy's refusal of a CONNECT is final unless its status says to retry (like an origin's)."""
+    text = _reason(exc)
+    status = int(text[:3]) if text[:3].isdigit() else None
+    message = f"the proxy for {display} refused to connect: {text}"
+    if status is None or status in RETRYABLE_STATUS:
+        return TransientFetchError(message)
+    if status == 407:
+        message += f" (check the credentials in {scheme.upper()}_PROXY)"
+    return FetchError(message)
 
 
 def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:

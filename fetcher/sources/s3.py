@@ -8,42 +8,153 @@ are read by botocore itself.
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.exceptions
+import botocore.session
+import urllib3.exceptions
 from botocore import UNSIGNED
 from botocore.config import Config
 
-from fetcher.errors import FetchError, SourceChangedError, TransientFetchError
+from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
 from fetcher.plan import Artifact
-from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo, exact_range, parse_content_range
+from fetcher.redact import redact_url
+from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-_THROTTLING = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-    }
+# What each S3 error code means for fetcher: one table, as httpx's HTTPCORE_EXC_MAP is for
+# httpcore. Codes not listed are judged by their status (see _by_status).
+_CHANGED = "{source} changed during the download"
+_MISSING = "{source} does not exist ({code})"
+_REFUSED = "S3 refused access to {source} ({code}): check the credentials and bucket policy"
+_BUSY = "S3 {code} for {source}"
+S3_ERRORS: dict[str, tuple[type[FetchError], str]] = {
+    **dict.fromkeys(("NoSuchKey", "NoSuchBucket", "NoSuchVersion", "404", "NotFound"), (FetchError, _MISSING)),
+    **dict.fromkeys(
+        (
+            "AccessDenied",
+            "403",
+            "Forbidden",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "InvalidToken",
+            "TokenRefreshRequired",
+            "AllAccessDisabled",
+            "AccountProblem",
+            "InvalidObjectState",  # archived (Glacier): no retry brings it back
+        ),
+        (FetchError, _REFUSED),
+    ),
+    **dict.fromkeys(("PreconditionFailed", "412"), (SourceChangedError, _CHANGED)),
+    **dict.fromkeys(
+        (
+            "SlowDown",
+            "Throttling",
+            "ThrottlingException",
+            "RequestTimeout",
+            "RequestTimeoutException",
+            "InternalError",
+            "ServiceUnavailable",
+            "RequestLimitExceeded",
+            "TooManyRequestsException",
+        ),
+        (TransientFetchError, _BUSY),
+    ),
+}
+
+# botocore's own exceptions, most specific first (SSLError is a ConnectionError, but only a
+# handshake that failed for another reason than the certificate is worth retrying: see _tls_error).
+BOTOCORE_ERRORS: tuple[tuple[type[Exception], type[FetchError], str], ...] = (
+    (
+        botocore.exceptions.NoCredentialsError,
+        FetchError,
+        "no AWS credentials for {source}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        "a profile or IRSA, or FETCHER_S3_ANONYMOUS=true for a public bucket",
+    ),
+    (botocore.exceptions.ConnectionError, TransientFetchError, "S3 request for {source} failed: {reason}"),
+    (botocore.exceptions.ReadTimeoutError, TransientFetchError, "S3 read of {source} timed out"),
+    (botocore.exceptions.ResponseStreamingError, TransientFetchError, "S3 read of {source} dropped: {reason}"),
+    (botocore.exceptions.IncompleteReadError, TransientFetchError, "S3 read of {source} dropped: {reason}"),
+    (botocore.exceptions.ConnectionClosedError, TransientFetchError, "S3 connection for {source} closed: {reason}"),
+    (botocore.exceptions.HTTPClientError, TransientFetchError, "S3 request for {source} failed: {reason}"),
+    (botocore.exceptions.BotoCoreError, FetchError, "S3 request for {source} failed: {reason}"),
+    (urllib3.exceptions.ReadTimeoutError, TransientFetchError, "S3 read of {source} timed out"),
+    (urllib3.exceptions.ProtocolError, TransientFetchError, "S3 read of {source} dropped: {reason}"),
+    (urllib3.exceptions.HTTPError, TransientFetchError, "S3 read of {source} failed: {reason}"),
 )
-_MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "404", "NotFound"})
-_TRANSIENT_EXC = (
-    botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ...
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-)
+_BOTOCORE = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_LIBRARY = (*_BOTOCORE, urllib3.exceptions.HTTPError)  # reading the body goes to urllib3 directly
+
+
+def s3_error(exc: Exception, source: str, ca_hint: str = "") -> FetchError:
+    """The fetcher error a botocore exception stands for; raise it ``from exc``."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        kind, template = S3_ERRORS.get(code) or _by_status(status)
+        return kind(template.format(source=source, code=code or status))
+    if isinstance(exc, botocore.exceptions.SSLError):
+        return _tls_error(exc, source, ca_hint)
+    for exc_type, kind, template in BOTOCORE_ERRORS:
+        if isinstance(exc, exc_type):
+            return kind(template.format(source=source, reason=_reason(exc)))
+    return FetchError(f"S3 request for {source} failed: {_reason(exc)}")
+
+
+def _by_status(status: int) -> tuple[type[FetchError], str]:
+    if status == 412:
+        return SourceChangedError, _CHANGED
+    if status in (408, 429) or status >= 500:
+        return TransientFetchError, _BUSY
+    if status in (401, 403):
+        return FetchError, _REFUSED
+    return FetchError, "S3 error {code} for {source}"
+
+
+def _tls_error(exc: botocore.exceptions.SSLError, source: str, ca_hint: str) -> FetchError:
+    """The README's HTTPS policy: an untrusted certificate fails at once, naming the server; any
+    other handshake failure is retried. (A CA bundle that cannot be loaded is found before.)"""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a few layers of urllib3's wrapping; never round a cycle
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            where = redact_url(str(exc.kwargs.get("endpoint_url") or source))
+            return FetchError(f"TLS certificate of {where} not trusted: {cause.verify_message}{ca_hint}")
+        cause = cause.__cause__ or cause.__context__
+    return TransientFetchError(f"TLS handshake with S3 for {source} failed: {_reason(exc)}")
+
+
+def _ca_bundle_setting(session: botocore.session.Session) -> tuple[str, str] | None:
+    """Where botocore takes its CA bundle from, when it is not its default one: (what names it, path)."""
+    try:
+        path = session.get_config_variable("ca_bundle")
+    except botocore.exceptions.BotoCoreError:  # a broken profile: botocore reports it on the first request
+        return None
+    if not path:
+        return None
+    named = "AWS_CA_BUNDLE" if os.environ.get("AWS_CA_BUNDLE") == path else "ca_bundle in the AWS config"
+    return named, str(path)
+
+
+def _unloadable(path: str) -> str | None:
+    """Why the CA bundle at ``path`` cannot be loaded, or None if it can."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        return f"no PEM certificates in it ({exc.reason or exc})"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 class S3Source:
@@ -59,9 +170,20 @@ class S3Source:
             signature_version=UNSIGNED if artifact.s3_anonymous else None,
             max_pool_connections=max(10, artifact.concurrency + 1),
         )
-        session = boto3.session.Session()
-        self._client: S3Client = session.client("s3", config=config)
+        core = botocore.session.Session()
+        self._client: S3Client = boto3.session.Session(botocore_session=core).client("s3", config=config)
+        bundle = _ca_bundle_setting(core)
+        https = self._client.meta.endpoint_url.lower().startswith("https:")
+        if https and bundle is not None and (why := _unloadable(bundle[1])) is not None:
+            # Found here, not on the first request: botocore reports it as a connection error.
+            raise UsageError(f"cannot load CA certificates from {bundle[0]}={bundle[1]}: {why}")
+        self._ca_hint = (
+            f" (trusting only the CAs in {bundle[0]}={bundle[1]})"
+            if bundle
+            else " (for a private CA, set AWS_CA_BUNDLE to its PEM bundle)"
+        )
         self._version: str | None = None
+        self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
         self._etag: str | None = None
 
     @contextmanager
@@ -75,17 +197,8 @@ class S3Source:
             request["IfMatch"] = self._etag
         try:
             response = self._client.get_object(**request)
-        except botocore.exceptions.ClientError as exc:
-            raise self._client_error(exc) from None
-        except _TRANSIENT_EXC as exc:
-            raise TransientFetchError(f"S3 request for {self.display} failed: {_reason(exc)}") from None
-        except botocore.exceptions.NoCredentialsError:
-            raise FetchError(
-                f"no AWS credentials for {self.display}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                "a profile or IRSA, or FETCHER_S3_ANONYMOUS=true for a public bucket"
-            ) from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise FetchError(f"S3 request for {self.display} failed: {_reason(exc)}") from None
+        except _BOTOCORE as exc:
+            raise s3_error(exc, self.display, self._ca_hint) from exc
         self._version = self._version or response.get("VersionId")
         self._etag = self._etag or response.get("ETag")
         stream = response["Body"]
@@ -101,29 +214,24 @@ class S3Source:
                 ranges=True,
                 version=self._version or self._etag,
             )
-            yield Body(info, offset, self._chunks(stream), partial=partial)
+            yield Body(info, offset, self._floor.watch(self._chunks(stream), self.display), partial=partial)
         finally:
             stream.close()
 
     def _chunks(self, stream: Any) -> Iterator[bytes]:
-        try:
-            yield from stream.iter_chunks(CHUNK_SIZE)
-        except _TRANSIENT_EXC as exc:
-            raise TransientFetchError(f"S3 read of {self.display} dropped: {_reason(exc)}") from None
+        """What has arrived, up to CHUNK_SIZE at a time.
 
-    def _client_error(self, exc: botocore.exceptions.ClientError) -> FetchError:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _MISSING:
-            return FetchError(f"{self.display} does not exist ({code})")
-        if code == "PreconditionFailed" or status == 412:
-            return SourceChangedError(f"{self.display} changed during the download")
-        if code in _THROTTLING or status in (408, 429) or status >= 500:
-            return TransientFetchError(f"S3 {code or status} for {self.display}")
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return FetchError(f"S3 refused access to {self.display} ({code}): check the credentials and bucket policy")
-        return FetchError(f"S3 error {code or status} for {self.display}")
+        Not ``iter_chunks``: its reads wait for a whole chunk, so a server trickling bytes would
+        be seen only once per MiB (days, at a few bytes a second), never by the low-speed limit.
+        A StreamingBody hands out its urllib3 response as a context manager, whose ``read1``
+        returns after one read of the socket. The size is checked by the caller (``ended early``).
+        """
+        try:
+            with stream as raw:
+                while chunk := raw.read1(CHUNK_SIZE):
+                    yield chunk
+        except _LIBRARY as exc:
+            raise s3_error(exc, self.display, self._ca_hint) from exc
 
     def close(self) -> None:
         self._client.close()
