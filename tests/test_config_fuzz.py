@@ -28,7 +28,7 @@ MARKER = "Zq9SECRETmarker"
 
 NAMES = [option.name for option in OPTIONS if option.name not in ("config", "dry_run", "termination_log")]
 CONFIG_NAMES = [option.name for option in OPTIONS if option.name not in ("config", "dry_run")]
-SECRET_HEADERS = ["Authorization", "X-Api-Key", "Cookie", "X-Auth-Token", "Private-Token"]
+SECRET_HEADERS = ["Authorization", "X-Api-Key", "Cookie", "X-Auth-Token", "Private-Token", "X-JFrog-Art-Api", "X-Team"]
 
 # Any code point, lone surrogates and NUL included.
 ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
