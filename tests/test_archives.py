@@ -185,7 +185,7 @@ def test_a_member_name_made_to_stall_the_log_scrubber_is_refused_at_once(origin:
     url = origin.add("/a", make_tar({name: b"x"}))
     run = run_fetcher("--source", url, "--dest", str(tmp_path / "dest"), timeout=30)
     assert run.code == 5
-    assert "absolute path" in run.error and name in run.error
+    assert "absolute path" in run.error and name[:50] in run.error and f"({len(name)} bytes)" in run.error
     assert published(tmp_path / "dest") == []
 
 
@@ -259,7 +259,7 @@ def test_a_symlink_chain_that_ends_outside_is_refused(origin: Origin, tmp_path: 
 def test_a_file_cannot_be_written_through_a_symlink_chain(origin: Origin, tmp_path: Path) -> None:
     code, _dest, error = _fetch(origin, tmp_path, make_tar({**CHAIN, "x/evil.txt": b"evil"}))
     assert code == 5, error
-    assert "written through a symlink leading outside" in error
+    assert "written through the symlink 'x'" in error
     assert not (tmp_path / "evil.txt").exists()
 
 
@@ -272,8 +272,8 @@ def test_a_zip_symlink_target_is_read_no_further_than_a_path_can_be(origin: Orig
 @pytest.mark.parametrize(
     ("members", "args", "message"),
     [
-        ({"release/model/config.json": b"{}"}, ("--strip-components", "5"), "no files after --strip-components 5"),
-        ({"empty-dir": ("dir", 0o755)}, (), "the archive has no files"),
+        ({"release/model/config.json": b"{}"}, ("--strip-components", "5"), "nothing to unpack after --strip-components 5"),
+        ({"./": ("dir", 0o755)}, (), "the archive has nothing to unpack"),
     ],
 )
 def test_an_archive_that_yields_no_files_is_refused(origin: Origin, tmp_path: Path, members, args, message) -> None:
