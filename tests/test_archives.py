@@ -272,7 +272,11 @@ def test_a_zip_symlink_target_is_read_no_further_than_a_path_can_be(origin: Orig
 @pytest.mark.parametrize(
     ("members", "args", "message"),
     [
-        ({"release/model/config.json": b"{}"}, ("--strip-components", "5"), "nothing to unpack after --strip-components 5"),
+        (
+            {"release/model/config.json": b"{}"},
+            ("--strip-components", "5"),
+            "nothing to unpack after --strip-components 5",
+        ),
         ({"./": ("dir", 0o755)}, (), "the archive has nothing to unpack"),
     ],
 )

@@ -24,6 +24,16 @@ needs_gnu_tar = pytest.mark.skipif(not os.access(GNU_TAR, os.X_OK), reason="GNU 
 Entry = tuple[str, ...]
 
 
+def refusal(case: str) -> pytest.MarkDecorator:
+    """A case of the fault suite that fetcher must refuse: exit 5."""
+    return pytest.mark.fault(case, exit=5, area="archive")
+
+
+def parity(case: str) -> pytest.MarkDecorator:
+    """A case of the fault suite where the right outcome is GNU tar's: exit 0."""
+    return pytest.mark.fault(case, exit=0, area="archive")
+
+
 def snapshot(root: Path, skip: Path | None = None) -> dict[str, Entry]:
     """Every entry under root (but ``skip``), by relative path: its type and content or target."""
     found: dict[str, Entry] = {}
@@ -134,22 +144,22 @@ ESCAPE = {
     [
         pytest.param(
             {"x/evil/deeper/f.txt": b"evil"},
-            marks=pytest.mark.fault("a file written through a chain of links leading outside", exit=5, area="archive"),
+            marks=refusal("a file written through a chain of links leading outside"),
             id="file",
         ),
         pytest.param(
             {"x/evil/deeper": ("dir", 0o755)},
-            marks=pytest.mark.fault("a directory made through a chain of links", exit=5, area="archive"),
+            marks=refusal("a directory made through a chain of links"),
             id="dir",
         ),
         pytest.param(
             {"x/evil/link": ("symlink", "target")},
-            marks=pytest.mark.fault("a symlink made through a chain of links", exit=5, area="archive"),
+            marks=refusal("a symlink made through a chain of links"),
             id="symlink",
         ),
         pytest.param(
             {"ok.txt": b"ok", "x/evil/hard": ("hardlink", "ok.txt")},
-            marks=pytest.mark.fault("a hardlink made through a chain of links", exit=5, area="archive"),
+            marks=refusal("a hardlink made through a chain of links"),
             id="hardlink",
         ),
     ],
@@ -159,7 +169,7 @@ def test_nothing_is_created_outside_through_a_chain_of_links(sandbox: Sandbox, m
     refused(sandbox, make_tar({**ESCAPE, **member}), name, "symlink")
 
 
-@pytest.mark.fault("a link whose way out appears once the link it was written through is replaced", exit=5, area="archive")
+@refusal("a link whose way out appears once the link it was written through is replaced")
 def test_a_link_is_checked_where_it_finally_stands(sandbox: Sandbox) -> None:
     body = make_tar(
         {
@@ -174,7 +184,7 @@ def test_a_link_is_checked_where_it_finally_stands(sandbox: Sandbox) -> None:
     refused(sandbox, _renamed(body, {"d ": "d"}), "d/x", "symlink")
 
 
-@pytest.mark.fault("a symlink chain written before the link that opens it leads outside", exit=5, area="archive")
+@refusal("a symlink chain written before the link that opens it leads outside")
 def test_every_link_is_resolved_in_the_finished_tree(sandbox: Sandbox) -> None:
     refused(sandbox, make_tar({**ESCAPE, "ok.txt": b"ok"}), "'x'", "leads outside")
 
@@ -188,25 +198,25 @@ def test_every_link_is_resolved_in_the_finished_tree(sandbox: Sandbox) -> None:
         pytest.param(
             {"l": ("symlink", "."), "l/.fetcher/evil.json": b"{}"},
             "l/.fetcher/evil.json",
-            marks=pytest.mark.fault("a file written into .fetcher/ through a link to '.'", exit=5, area="archive"),
+            marks=refusal("a file written into .fetcher/ through a link to '.'"),
             id="through-dot-link",
         ),
         pytest.param(
             {"m/f": b"f", "state": ("symlink", ".fetcher")},
             "state",
-            marks=pytest.mark.fault("a symlink to fetcher's state directory", exit=5, area="archive"),
+            marks=refusal("a symlink to fetcher's state directory"),
             id="link-to-state",
         ),
         pytest.param(
             {"m/f": b"f", "m/state": ("symlink", "../m/../.fetcher/lock")},
             "m/state",
-            marks=pytest.mark.fault("a symlink into fetcher's state directory, spelt the long way", exit=5, area="archive"),
+            marks=refusal("a symlink into fetcher's state directory, spelt the long way"),
             id="link-into-state",
         ),
         pytest.param(
             {"./.fetcher/x": b"x"},
             "./.fetcher/x",
-            marks=pytest.mark.fault("a member named ./.fetcher/...", exit=5, area="archive"),
+            marks=refusal("a member named ./.fetcher/..."),
             id="dot-slash-state",
         ),
     ],
@@ -219,23 +229,21 @@ def test_fetchers_state_cannot_be_reached(sandbox: Sandbox, members: dict[str, A
 
 
 @needs_gnu_tar
-@pytest.mark.fault("GNU tar's own archive storing a file twice, the second a hardlink to itself", exit=0, area="archive")
+@parity("GNU tar's own archive storing a file twice, the second a hardlink to itself")
 def test_gnu_tars_hardlink_to_itself_is_extracted(sandbox: Sandbox, tmp_path: Path) -> None:
     source = tmp_path / "src"
     (source / "model").mkdir(parents=True)
     (source / "model" / "a.txt").write_text("weights")
     body = subprocess.run([GNU_TAR, "-C", str(source), "-cf", "-", "model", "model/a.txt"], capture_output=True).stdout
-    assert tarfile.open(fileobj=io.BytesIO(body)).getmembers()[-1].islnk()  # what makes the case
+    with tarfile.open(fileobj=io.BytesIO(body)) as archive:
+        assert archive.getmembers()[-1].islnk()  # what makes the case
     assert like_gnu_tar(sandbox, tmp_path, body)["model/a.txt"] == ("file", b"weights".hex())
 
 
 @needs_gnu_tar
 @pytest.mark.parametrize(
     "strip",
-    [
-        pytest.param(n, marks=pytest.mark.fault(f"--strip-components {n} on a ./-prefixed archive", exit=0, area="archive"))
-        for n in (1, 2)
-    ],
+    [pytest.param(n, marks=parity(f"--strip-components {n} on a ./-prefixed archive")) for n in (1, 2)],
 )
 def test_strip_components_counts_the_dot_like_gnu_tar(sandbox: Sandbox, tmp_path: Path, strip: int) -> None:
     source = tmp_path / "src"
@@ -244,7 +252,8 @@ def test_strip_components_counts_the_dot_like_gnu_tar(sandbox: Sandbox, tmp_path
     (source / "model" / "tokenizer" / "vocab.txt").write_text("a b c")
     (source / "README").write_text("hi")
     body = subprocess.run([GNU_TAR, "-C", str(source), "-czf", "-", "."], capture_output=True).stdout
-    assert tarfile.open(fileobj=io.BytesIO(body)).getnames()[0] == "."  # "./" as GNU tar stores it
+    with tarfile.open(fileobj=io.BytesIO(body)) as archive:
+        assert archive.getnames()[0] == "."  # "./" as GNU tar stores it
     like_gnu_tar(sandbox, tmp_path, body, "--strip-components", str(strip))
 
 
@@ -254,32 +263,32 @@ def test_strip_components_counts_the_dot_like_gnu_tar(sandbox: Sandbox, tmp_path
     [
         pytest.param(
             {"m/x": b"file first", "m/x/": ("dir", 0o755), "m/x/in.txt": b"then a directory"},
-            marks=pytest.mark.fault("a file, then a directory of the same name", exit=0, area="archive"),
+            marks=parity("a file, then a directory of the same name"),
             id="file-then-dir",
         ),
         pytest.param(
             {"m/x": ("dir", 0o700), "m/x ": b"an empty directory, then a file"},
-            marks=pytest.mark.fault("an empty directory, then a file of the same name", exit=0, area="archive"),
+            marks=parity("an empty directory, then a file of the same name"),
             id="empty-dir-then-file",
         ),
         pytest.param(
             {"m/t": b"t", "m/x": ("symlink", "t"), "m/x/": ("dir", 0o755), "m/x/in.txt": b"in"},
-            marks=pytest.mark.fault("a link to a file, then a directory of the same name", exit=0, area="archive"),
+            marks=parity("a link to a file, then a directory of the same name"),
             id="link-then-dir",
         ),
         pytest.param(
             {"m/a\\b.txt": b"a backslash is part of the name", "m\\n/c": b"c"},
-            marks=pytest.mark.fault("a backslash in a member name", exit=0, area="archive"),
+            marks=parity("a backslash in a member name"),
             id="backslash",
         ),
         pytest.param(
             {"m": ("dir", 0o755), "m/empty": ("dir", 0o755), "n/deeper": ("dir", 0o755)},
-            marks=pytest.mark.fault("an archive of directories only", exit=0, area="archive"),
+            marks=parity("an archive of directories only"),
             id="directories-only",
         ),
         pytest.param(
             {"C:/weights.bin": b"w", "C:\\x": b"x"},
-            marks=pytest.mark.fault("names that look like Windows drives", exit=0, area="archive"),
+            marks=parity("names that look like Windows drives"),
             id="drive-letters",
         ),
     ],
@@ -313,42 +322,42 @@ def _renamed(raw: bytes, names: dict[str, str]) -> bytes:
             {"a": b"a file", "a/b/c.txt": b"under it"},
             "a/b/c.txt",
             "not a directory",
-            marks=pytest.mark.fault("a member whose parent's parent is a file", exit=5, area="archive"),
+            marks=refusal("a member whose parent's parent is a file"),
             id="parent-is-a-file",
         ),
         pytest.param(
             {"l": ("symlink", "nothing/there"), "l/x/y.txt": b"under a dangling link"},
             "l/x/y.txt",
             "symlink",
-            marks=pytest.mark.fault("a member under a dangling link", exit=5, area="archive"),
+            marks=refusal("a member under a dangling link"),
             id="dangling-parent",
         ),
         pytest.param(
             {"d": ("dir", 0o755), "s": ("symlink", "d"), "s/e": ("dir", 0o500), "s ": b"s is a file now"},
             "s/e",
             "symlink",
-            marks=pytest.mark.fault("a directory whose deferred mode would land on a changed path", exit=5, area="archive"),
+            marks=refusal("a directory whose deferred mode would land on a changed path"),
             id="deferred-mode",
         ),
         pytest.param(
             {"m/ok.txt": b"ok", "m/" + "n" * 300: b"x"},
             "nnnnnnnn",
             "too long",
-            marks=pytest.mark.fault("a member name past NAME_MAX", exit=5, area="archive"),
+            marks=refusal("a member name past NAME_MAX"),
             id="name-max",
         ),
         pytest.param(
             {"m/ok.txt": b"ok", "/".join(["m", *["p" * 200] * 21, "f.txt"]): b"x"},
             "pppppppp",
             "too long",
-            marks=pytest.mark.fault("a member path past PATH_MAX", exit=5, area="archive"),
+            marks=refusal("a member path past PATH_MAX"),
             id="path-max",
         ),
         pytest.param(
             {"m/ok.txt": b"ok", "m/long": ("symlink", "/".join(["q" * 200] * 21))},
             "m/long",
             "longer than",
-            marks=pytest.mark.fault("a symlink target past PATH_MAX", exit=5, area="archive"),
+            marks=refusal("a symlink target past PATH_MAX"),
             id="target-past-path-max",
         ),
     ],
@@ -365,7 +374,7 @@ def test_a_too_long_name_is_shortened_in_the_message(sandbox: Sandbox) -> None:
     assert "n" * 200 not in run.error and len(run.error) < 600, run.error
 
 
-@pytest.mark.fault("a refused member whose name is not UTF-8", exit=5, area="archive")
+@refusal("a refused member whose name is not UTF-8")
 def test_a_name_that_is_not_utf8_is_escaped_in_every_message(sandbox: Sandbox, tmp_path: Path) -> None:
     old = sandbox.with_old_model()
     raw = make_tar({"m\udcff": b"a file", "m\udcff/x/y": b"under it"}, compression="")
