@@ -84,42 +84,39 @@ class SafeTree:
 
     # --- names ---------------------------------------------------------------
 
-    def _parts(self, name: str, *, directory: bool = False, what: str = "member") -> list[str] | None:
+    def _parts(self, name: str, *, directory: bool = False, refused: str = "") -> list[str] | None:
         """The member's path inside the root after stripping, as components; None to skip it.
 
         As in GNU tar, runs of slashes separate components and ``.`` counts as
-        one when stripping; only then are the ``.`` dropped.
+        one when stripping; only then are the ``.`` dropped. ``refused`` starts
+        each message (a hardlink's target is named after the member).
         """
+        refused = refused or f"refused member {show(name)}"
         if "\0" in name:
-            raise ArchiveError(f"refused {what} {show(name)}: NUL in its name")
+            raise ArchiveError(f"{refused}: NUL in its name")
         if name.startswith("/"):
-            raise ArchiveError(f"refused {what} {show(name)}: absolute path")
+            raise ArchiveError(f"{refused}: absolute path")
         raw = [p for p in name.split("/") if p]
         if ".." in raw:
-            raise ArchiveError(f"refused {what} {show(name)}: '..' in its path")
+            raise ArchiveError(f"{refused}: '..' in its path")
         if len(raw) <= self._strip:
             return None
         raw = raw[self._strip :]
         if not directory and raw[-1] == ".":
-            raise ArchiveError(f"refused {what} {show(name)}: a file cannot be named '.'")
+            raise ArchiveError(f"{refused}: a file cannot be named '.'")
         parts = [p for p in raw if p != "."]
         if parts and parts[0] == STATE_DIR:
-            raise ArchiveError(f"refused {what} {show(name)}: {STATE_DIR} is fetcher's state directory")
-        self._fits(parts, name)
+            raise ArchiveError(f"{refused}: {STATE_DIR} is fetcher's state directory")
+        self._fits(parts, refused)
         return parts
 
-    def _fits(self, parts: list[str], name: str) -> None:
+    def _fits(self, parts: list[str], refused: str) -> None:
         """Names the filesystem cannot hold are a property of the archive, not a disk failure."""
         self._root()  # the limits are the staging volume's
         if any(len(os.fsencode(p)) > self._name_max for p in parts):
-            raise ArchiveError(
-                f"refused member {show(name)}: name too long for the filesystem "
-                f"(a component over {self._name_max} bytes)"
-            )
+            raise ArchiveError(f"{refused}: name too long for the filesystem (a component over {self._name_max} bytes)")
         if len(os.fsencode(os.path.join(self.root, *parts))) >= self._path_max:
-            raise ArchiveError(
-                f"refused member {show(name)}: path too long for the filesystem (PATH_MAX {self._path_max} bytes)"
-            )
+            raise ArchiveError(f"{refused}: path too long for the filesystem (PATH_MAX {self._path_max} bytes)")
 
     def _count(self) -> None:
         self.members += 1
@@ -308,7 +305,7 @@ class SafeTree:
             return
         if not parts:
             raise ArchiveError(f"refused member {show(name)}: a hardlink cannot be the destination itself")
-        source = self._parts(target, what="hardlink target")
+        source = self._parts(target, refused=f"refused member {show(name)}: hardlink target {show(target)}")
         if not source:
             raise ArchiveError(f"refused member {show(name)}: hardlink to stripped member {show(target)}")
         not_before = f"refused member {show(name)}: hardlink to {show(target)}, which is not a file unpacked before it"
