@@ -39,6 +39,7 @@ from fetcher.errors import ArchiveError, FetcherError, local_error
 
 COPY_CHUNK = 1024 * 1024
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
+OPEN_DIRS = 256  # directory fds kept open between members
 MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: past it a path resolves nowhere (ELOOP)
 STATE_DIR = ".fetcher"  # fetcher's own state in dest (fetcher.publish.STATE_DIR)
 SHOWN_NAME = 200  # characters of a name a message shows; a longer one is shortened
@@ -73,7 +74,7 @@ class SafeTree:
         self.files = 0  # files and links written
         self.written = 0
         self._root_fd: int | None = None
-        self._parent: tuple[tuple[str, ...], int] | None = None  # the last parent walked to, still open
+        self._dirs: dict[tuple[str, ...], int] = {}  # directories walked to, still open
         self._dir_modes: dict[tuple[str, ...], tuple[int, int, int]] = {}  # path: (mode, st_dev, st_ino)
         self._direct_buffer = DirectBuffer()
         self._name_max = 255
@@ -91,32 +92,32 @@ class SafeTree:
         one when stripping; only then are the ``.`` dropped. ``refused`` starts
         each message (a hardlink's target is named after the member).
         """
-        refused = refused or f"refused member {show(name)}"
+
+        def fail(why: str) -> ArchiveError:  # the message is made only when needed
+            return ArchiveError(f"{refused or f'refused member {show(name)}'}: {why}")
+
         if "\0" in name:
-            raise ArchiveError(f"{refused}: NUL in its name")
+            raise fail("NUL in its name")
         if name.startswith("/"):
-            raise ArchiveError(f"{refused}: absolute path")
+            raise fail("absolute path")
         raw = [p for p in name.split("/") if p]
         if ".." in raw:
-            raise ArchiveError(f"{refused}: '..' in its path")
+            raise fail("'..' in its path")
         if len(raw) <= self._strip:
             return None
         raw = raw[self._strip :]
         if not directory and raw[-1] == ".":
-            raise ArchiveError(f"{refused}: a file cannot be named '.'")
+            raise fail("a file cannot be named '.'")
         parts = [p for p in raw if p != "."]
         if parts and parts[0] == STATE_DIR:
-            raise ArchiveError(f"{refused}: {STATE_DIR} is fetcher's state directory")
-        self._fits(parts, refused)
-        return parts
-
-    def _fits(self, parts: list[str], refused: str) -> None:
-        """Names the filesystem cannot hold are a property of the archive, not a disk failure."""
+            raise fail(f"{STATE_DIR} is fetcher's state directory")
+        # Names the filesystem cannot hold are a property of the archive, not a disk failure.
         self._root()  # the limits are the staging volume's
         if any(len(os.fsencode(p)) > self._name_max for p in parts):
-            raise ArchiveError(f"{refused}: name too long for the filesystem (a component over {self._name_max} bytes)")
+            raise fail(f"name too long for the filesystem (a component over {self._name_max} bytes)")
         if len(os.fsencode(os.path.join(self.root, *parts))) >= self._path_max:
-            raise ArchiveError(f"{refused}: path too long for the filesystem (PATH_MAX {self._path_max} bytes)")
+            raise fail(f"path too long for the filesystem (PATH_MAX {self._path_max} bytes)")
+        return parts
 
     def _count(self) -> None:
         self.members += 1
@@ -137,30 +138,38 @@ class SafeTree:
         return self._root_fd
 
     def _close(self) -> None:
-        self._forget_parent()
+        self._forget(())
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None
 
-    def _forget_parent(self) -> None:
-        if self._parent is not None:
-            os.close(self._parent[1])
-            self._parent = None
+    def _forget(self, prefix: tuple[str, ...]) -> None:
+        """Close the open directories at and under ``prefix``: one was removed, or we are done."""
+        for key in [k for k in self._dirs if k[: len(prefix)] == prefix]:
+            os.close(self._dirs.pop(key))
 
     def _walk(self, parts: list[str], name: str, *, create: bool) -> int:
         """An fd of the directory that holds ``parts[-1]``, walked to without following any link.
 
         Missing directories are created on the way (as tar makes parents) when
         ``create``; a symlink or a file on the way is refused before anything
-        below it exists. The fd stays owned by the tree: do not close it.
+        below it exists. Directories walked through stay open for the members
+        that follow (a few syscalls per member, not per component); the fd
+        stays owned by the tree: do not close it.
         """
         key = tuple(parts[:-1])
-        if self._parent is not None and self._parent[0] == key:
-            return self._parent[1]
-        self._forget_parent()
-        fd = os.dup(self._root())
+        if (known := self._dirs.get(key)) is not None:
+            return known
+        if len(self._dirs) >= OPEN_DIRS:
+            self._forget(())
+        depth = len(key)
+        while depth and key[:depth] not in self._dirs:
+            depth -= 1
+        fd = self._dirs[key[:depth]] if depth else self._root()
+        start = depth  # resumed from the nearest open ancestor
         try:
-            for depth, part in enumerate(key):
+            for depth in range(start, len(key)):
+                part = key[depth]
                 try:
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -180,15 +189,9 @@ class SafeTree:
                     raise ArchiveError(
                         f"refused member {show(name)}: {where}, on its path, is not a directory"
                     ) from None
-                os.close(fd)
-                fd = child
-        except ArchiveError:
-            os.close(fd)
-            raise
+                self._dirs[key[: depth + 1]] = fd = child
         except OSError as exc:
-            os.close(fd)
             raise self._error(exc, name) from None
-        self._parent = (key, fd)
         return fd
 
     def _error(self, exc: OSError, name: str) -> FetcherError:
@@ -219,6 +222,7 @@ class SafeTree:
                     ) from None
                 raise
             self._dir_modes.pop(tuple(parts), None)
+            self._forget(tuple(parts))
             return False
         if for_dir and stat.S_ISLNK(info.st_mode) and self._leads_to_directory(parts):
             raise ArchiveError(
@@ -237,8 +241,11 @@ class SafeTree:
             return
         try:
             parent = self._walk(parts, name, create=True)
-            if not self._clear(parent, parts[-1], parts, name, for_dir=True):
+            try:
                 os.mkdir(parts[-1], 0o755, dir_fd=parent)
+            except FileExistsError:  # kept if a directory, else replaced, as GNU tar does
+                if not self._clear(parent, parts[-1], parts, name, for_dir=True):
+                    os.mkdir(parts[-1], 0o755, dir_fd=parent)
             info = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError as exc:
             raise self._error(exc, name) from None
@@ -254,10 +261,12 @@ class SafeTree:
             raise ArchiveError(f"refused member {show(name)}: a file cannot be the destination itself")
         try:
             parent = self._walk(parts, name, create=True)
-            self._clear(parent, parts[-1], parts, name)
-            fd = os.open(
-                parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
-            )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(parts[-1], flags, 0o600, dir_fd=parent)
+            except FileExistsError:  # an earlier member of the same name: this one replaces it
+                self._clear(parent, parts[-1], parts, name)
+                fd = os.open(parts[-1], flags, 0o600, dir_fd=parent)
         except OSError as exc:
             raise self._error(exc, name) from None
         try:

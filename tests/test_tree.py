@@ -62,7 +62,14 @@ def published_tree(dest: Path) -> dict[str, Entry]:
 
 
 def gnu_tar(archive: bytes, into: Path, *args: str) -> int:
-    """Extract with GNU tar itself, as a person would: its exit code."""
+    """Extract with GNU tar itself, as a person would: its exit code, or -1 where it would write outside.
+
+    GNU tar 1.34 strips ``a//b`` with ``--strip-components 1`` to ``/b``, and then
+    creates ``/b``: such an archive is not given to it.
+    """
+    strip = int(args[args.index("--strip-components") + 1]) if "--strip-components" in args else 0
+    if strip and _escapes_gnu_tar(archive, strip):
+        return -1
     into.mkdir(parents=True)
     source = into.with_name(into.name + ".tar")  # a file, not a pipe: GNU tar detects compression there
     source.write_bytes(archive)
@@ -72,6 +79,26 @@ def gnu_tar(archive: bytes, into: Path, *args: str) -> int:
         timeout=60,
     )
     return done.returncode
+
+
+def gnu_stripped(name: str, strip: int) -> str | None:
+    """What GNU tar 1.34 leaves of a name after --strip-components (stripped_prefix_len in its names.c)."""
+    at = len(name) - len(name.lstrip("/"))
+    while at < len(name):
+        at += 1
+        if name[at - 1] == "/":
+            strip -= 1
+            if strip == 0:
+                return name[at:]
+            while at < len(name) and name[at] == "/":
+                at += 1
+    return None
+
+
+def _escapes_gnu_tar(archive: bytes, strip: int) -> bool:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        names = [n for m in tar for n in (m.name, m.linkname if m.islnk() else "")]
+    return any((gnu_stripped(n, strip) or "").startswith("/") for n in names)
 
 
 class Sandbox:
@@ -391,3 +418,48 @@ def test_a_name_that_is_not_utf8_is_escaped_in_every_message(sandbox: Sandbox, t
     assert "m\\xff/x/y" in termination.read_text(encoding="utf-8")
     assert model(sandbox.dest) == old
     sandbox.outside_unchanged()
+
+
+# --- where fetcher refuses what GNU tar extracts (the README lists each, with its reason) ----
+
+
+@pytest.mark.parametrize(
+    ("members", "member", "reason"),
+    [
+        pytest.param(
+            {"m/real/a.txt": b"a", "m/link": ("symlink", "real"), "m/link/b.txt": b"through the link"},
+            "m/link/b.txt",
+            "written through the symlink 'm/link'",
+            marks=refusal("a member written through a symlink that stays inside dest"),
+            id="through-inside-link",
+        ),
+        pytest.param(
+            {"m/real/a.txt": b"a", "m/link": ("symlink", "real"), "m/link/": ("dir", 0o755)},
+            "m/link",
+            "a directory over a symlink to a directory",
+            marks=refusal("a directory member over a symlink to a directory"),
+            id="dir-over-dir-link",
+        ),
+        pytest.param(
+            {"m/real/a.txt": b"a", "m/link": ("symlink", "real"), "m/h": ("hardlink", "m/link/a.txt")},
+            "m/h",
+            "not a file unpacked before it",
+            marks=refusal("a hardlink whose target is reached through a symlink"),
+            id="hardlink-through-link",
+        ),
+        pytest.param(
+            {"m/a.txt": b"a", "m/dangling": ("symlink", "missing/../../../x")},
+            "m/dangling",
+            "leads outside",
+            marks=refusal("a dangling symlink whose '..' would lead outside once its missing part exists"),
+            id="dangling-dot-dot",
+        ),
+    ],
+)
+def test_gnu_tar_goes_on_where_fetcher_refuses(
+    sandbox: Sandbox, tmp_path: Path, members: dict[str, Any], member: str, reason: str
+) -> None:
+    body = make_tar(members)
+    if os.access(GNU_TAR, os.X_OK):
+        assert gnu_tar(body, tmp_path / "gnu") == 0  # the divergence is real
+    refused(sandbox, body, member, reason)

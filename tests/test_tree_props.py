@@ -119,12 +119,15 @@ def check(archive: list[Member], compression: str, strip: int, old_model: Path) 
 
         gnu_before = world.gnu_outside()
         gnu_code = gnu_tar(body, world.gnu, *strip_args)
-        gnu_accepts = gnu_code == 0 and world.gnu_outside() == gnu_before
+        assert world.gnu_outside() == gnu_before, "GNU tar wrote outside its directory"
+        gnu_accepts = gnu_code == 0
 
         run = run_fetcher("--source", f"file://{source}", "--dest", str(world.dest), *strip_args)
         assert run.code in (0, 5), run.stderr
         assert world._around() == world.around, "something was created or changed outside dest"
         if run.code == 0:
+            if gnu_code == -1:  # GNU tar would write outside its directory: no reference to compare with
+                return
             assert gnu_accepts, f"fetcher published what GNU tar refuses (exit {gnu_code})"
             expected = {k: v for k, v in world.old.items() if not k.startswith(".fetcher")}
             expected |= snapshot(world.gnu)
