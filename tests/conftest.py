@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.faults_plugin"]  # FAULTS.md
 
 
 # --- archives -------------------------------------------------------------------
@@ -130,6 +131,7 @@ class Route:
     then: tuple[bytes, str] | None = None  # (body, etag) the object becomes after the first request
     redirect: str | None = None  # answer 302 to this URL
     stall_after: tuple[int, float] | None = None  # (bytes, seconds): go silent mid-body, every response
+    stall_ranged_only: bool = False  # stall_after only in answers to Range requests
     align_ranges: int = 0  # answer a range from its start rounded down to this: a 206 that is not what was asked
     until_close: bool = False  # no Content-Length: the body ends when the connection closes
 
@@ -212,7 +214,7 @@ class Origin:
                 if route.then:  # re-uploaded while we were reading
                     route.body, route.etag = route.then
                     route.then = None
-                if route.stall_after:
+                if route.stall_after and (wanted or not route.stall_ranged_only):
                     head, pause = route.stall_after
                     self._send(body[:head], route.rate, seen)
                     time.sleep(pause)

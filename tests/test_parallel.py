@@ -196,7 +196,7 @@ def test_spools_of_objects_no_longer_asked_for_are_removed(origin: Origin, tmp_p
 
 def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin, tmp_path: Path) -> None:
     body = random.Random(10).randbytes(2 * 1024 * KiB)
-    url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000, stall_after=(32 * KiB, 60))
+    url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000, stall_after=(32 * KiB, 60), stall_ranged_only=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")} | {"FETCHER_LOG_FORMAT": "json"}
     process = subprocess.Popen(
         [sys.executable, "-m", "fetcher", "--source", url, "--dest", str(tmp_path), *SPLIT, "--timeout", "120"],
