@@ -756,3 +756,45 @@ def test_two_fetchers_on_one_dest(origin: Origin, promise: Promise) -> None:
     assert (one.code, two.code) == (0, 0), one.stderr + two.stderr
     promise.holds(NEW_FILES)
     assert len(one.all("already present")) + len(two.all("already present")) <= 1
+
+
+@contextlib.contextmanager
+def overlay_on_ramfs(layers: Path, mountpoint: Path) -> Iterator[Path]:
+    """An overlay whose upper layer is a ramfs: O_DIRECT is accepted by fcntl, then every direct write is EINVAL."""
+    layers.mkdir()
+    mountpoint.mkdir()
+    mounted: list[Path] = []
+    try:
+        upper = layers / "upper"
+        upper.mkdir()
+        if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(upper)], capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a ramfs here")
+        mounted.append(upper)
+        for name in ("lower", "upper/data", "upper/work"):
+            (layers / name).mkdir()
+        options = f"lowerdir={layers / 'lower'},upperdir={upper / 'data'},workdir={upper / 'work'}"
+        overlay = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(mountpoint)], capture_output=True
+        )
+        if overlay.returncode != 0:
+            pytest.skip(f"cannot mount an overlay here: {overlay.stderr.decode().strip()}")
+        mounted.append(mountpoint)
+        yield mountpoint
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.fault("O_DIRECT accepted by fcntl, refused at the first write: written buffered", exit=0, area="disk")
+def test_o_direct_refused_at_write_time(origin: Origin, promise: Promise, tmp_path: Path) -> None:
+    # A plain file: on this overlay (no xattrs in its upper layer) a directory cannot be renamed (EXDEV).
+    old = random.Random(1).randbytes(100_000)
+    new = random.Random(2).randbytes(20 * 1024 * 1024 + 123)  # past diskwrite.DIRECT_AFTER, not block-aligned
+    with overlay_on_ramfs(tmp_path / "layers", promise.dest):
+        url = origin.add("/w.bin", old, etag='"v1"')
+        assert fetch(url, promise, old).code == 0
+        promise.holds({"w.bin": old})
+        origin.add("/w.bin", new, etag='"v2"')
+        run = fetch(url, promise, new)
+        assert run.code == 0, run.stderr
+        promise.holds({"w.bin": new})
