@@ -99,6 +99,7 @@ class FaultsReport:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             held = sum(c.outcome == "held" for c in self.cases.values())
+            reporter.ensure_newline()
             reporter.write_line(f"fault suite: {held} of {len(self.cases)} cases hold; written to {target}")
 
     def _target(self, session: pytest.Session, exitstatus: int) -> Path | None:

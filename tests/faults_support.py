@@ -17,6 +17,7 @@ import http.client
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,7 +136,15 @@ class Exchange:
         self.write(part)
 
     def reset(self) -> None:
-        """Abort the connection with a TCP RST, as a crashing load balancer does."""
+        """Abort the connection with a TCP RST, as a crashing load balancer does.
+
+        First wait (a little) until the client's kernel has acknowledged what was sent,
+        so that the bytes before the reset are the client's to read, not lost in flight.
+        """
+        self.handler.wfile.flush()
+        deadline = time.monotonic() + 2
+        while _unacknowledged(self.handler.connection) and time.monotonic() < deadline:
+            time.sleep(0.005)
         self.handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.handler.connection.close()
         self.handler.close_connection = True
@@ -145,6 +154,14 @@ class Exchange:
         self.handler.close_connection = True
         with contextlib.suppress(OSError):
             self.handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _unacknowledged(connection: socket.socket) -> int:
+    """Bytes sent on this socket that the peer has not acknowledged yet (SIOCOUTQ)."""
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 Script = Callable[[Exchange], None]
@@ -226,6 +243,7 @@ class S3Faults:
         self.upstream = upstream.removeprefix("http://")
         self.errors: list[S3Error] = []
         self.after_get: Callable[[], None] | None = None
+        self.cuts: list[int] = []  # the next GETs that succeed: bytes sent before the connection is closed
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
         self._lock = threading.Lock()
         proxy = self
@@ -287,10 +305,17 @@ class S3Faults:
                 handler.send_header(name, value)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
+        with self._lock:
+            cut = self.cuts.pop(0) if self.cuts and method == "GET" and response.status < 300 else None
+        if cut is not None:
+            data = data[:cut]
         try:
             if method != "HEAD":
                 handler.wfile.write(data)
             handler.wfile.flush()
+            if cut is not None:  # a clean close: a reset would drop what the client has not read yet
+                handler.connection.shutdown(socket.SHUT_RDWR)
+                handler.close_connection = True
         except (BrokenPipeError, ConnectionResetError):  # fetcher read the first part and hung up
             handler.close_connection = True
 

@@ -557,6 +557,38 @@ def test_s3_throttling_is_retried(
     assert all(error.code in r["reason"] for r in retried)
 
 
+@pytest.mark.fault("S3 connection closed mid-body: resumed with a Range, exit 0", exit=0, area="s3")
+def test_s3_reset_mid_body_is_resumed(
+    s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
+) -> None:
+    proxy, env = faulty_s3
+    bucket = _bucket(s3, request)
+    source = s3.put(bucket, "m.tar.gz", OLD)
+    seeded(source, promise, env)
+    s3.put(bucket, "m.tar.gz", NEW)
+    proxy.cuts.append(150_000)
+    first = len(proxy.gets())
+    run = update(source, promise, env=env)
+    assert run.code == 0, run.stderr
+    promise.holds(NEW_FILES)
+    assert run.event("retrying")["resume_at"] > 0
+    assert proxy.gets()[first + 1][2].get("Range", "").startswith("bytes=")
+
+
+@pytest.mark.fault("S3 with no credentials at all: exit 3 at once, naming the ways to give them", exit=3, area="s3")
+def test_s3_without_credentials(s3: S3, promise: Promise, request: pytest.FixtureRequest) -> None:
+    bucket = _bucket(s3, request)
+    source = s3.put(bucket, "m.tar.gz", OLD)
+    seeded(source, promise, s3.env)
+    s3.put(bucket, "m.tar.gz", NEW)
+    anonymous = {k: v for k, v in s3.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    run = update(source, promise, env=anonymous)
+    promise.holds_old(run, 3, "AWS_ACCESS_KEY_ID")
+    assert source in run.error
+    assert run.all("retrying") == []
+    healthy_again(source, promise, s3.env)
+
+
 @pytest.mark.fault("S3 SlowDown on every request: retried, then exit 3 naming SlowDown", exit=3, area="s3")
 def test_s3_throttling_that_never_ends(
     s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
