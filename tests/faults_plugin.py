@@ -51,6 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fault(case, exit, area): a case of the fault suite, listed in FAULTS.md")
     config.pluginmanager.register(FaultsReport(config), "fetcher-faults-report")
 
 
