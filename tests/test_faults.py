@@ -790,6 +790,25 @@ def test_two_fetchers_on_one_dest(origin: Origin, promise: Promise) -> None:
     assert len(one.all("already present")) + len(two.all("already present")) <= 1
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop capabilities")
+@pytest.mark.fault("a file:// source that cannot be read (Permission denied): exit 3 naming it", exit=3, area="disk")
+def test_an_unreadable_file_source(promise: Promise, tmp_path: Path) -> None:
+    model = tmp_path / "models" / "m.tar.gz"
+    model.parent.mkdir()
+    model.write_bytes(OLD)
+    seeded(model.as_uri(), promise)
+    model.write_bytes(NEW)
+    subprocess.run(["chown", "4321:4321", str(model)], check=True)
+    model.chmod(0o600)
+    run = run_fetcher(
+        "--source", model.as_uri(), "--dest", str(promise.dest), "--sha256", sha256(NEW), capabilities=False
+    )
+    promise.holds_old(run, 3, "Permission denied")
+    assert str(model) in run.error
+    model.chmod(0o644)
+    healthy_again(model.as_uri(), promise)
+
+
 @contextlib.contextmanager
 def overlay_on_ramfs(layers: Path, mountpoint: Path) -> Iterator[Path]:
     """An overlay whose upper layer is a ramfs: O_DIRECT is accepted by fcntl, then every direct write is EINVAL."""
