@@ -23,6 +23,8 @@ from fetcher import __version__
 from tests.conftest import S3, Origin, make_tar, model_files, sha256, tree
 from tests.container_support import ROOT, Podman, session
 
+pytestmark = pytest.mark.xdist_group("containers")  # one podman at a time, on one xdist worker
+
 USER = "65532:65532"
 
 

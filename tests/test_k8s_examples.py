@@ -37,6 +37,8 @@ from fetcher.config import OPTIONS
 from tests.conftest import S3, Origin, make_tar, run_fetcher, sha256
 from tests.container_support import ROOT, Podman, session
 
+pytestmark = pytest.mark.xdist_group("containers")  # one podman at a time, on one xdist worker
+
 EXAMPLES = ROOT / "k8s-examples"
 EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("."))
 KUBERNETES_VERSION = "1.34.0"  # pinned: the schemas kubernetes-validate checks against
