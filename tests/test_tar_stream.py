@@ -472,3 +472,14 @@ ZIPS = {
 def test_zip_failures_are_the_archives_and_name_the_member(origin: Origin, tmp_path: Path, case: str) -> None:
     error = _refused(origin, tmp_path, ZIPS[case](), "'m/w.bin'")
     assert "zip" in error
+
+
+@_fault("tar: a pax header of 170,000 tiny records is read in linear time", 0)
+def test_pax_records_are_parsed_in_linear_time(origin: Origin, tmp_path: Path) -> None:
+    """CPython's tarfile once took quadratic time over crafted pax headers (CVE-2024-6232)."""
+    payload = b"6 a=b\n" * (MiB // 6)
+    archive = pax(payload) + pax(payload) + A + END
+    dest = tmp_path / "dest"
+    run = run_fetcher("--source", origin.add("/many.tar.gz", gzip.compress(archive)), "--dest", str(dest), timeout=30)
+    assert run.code == 0, run.stderr
+    assert tree(dest) == {"m/a.txt": b"alpha\n"}
