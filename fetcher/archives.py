@@ -158,9 +158,9 @@ def _pax_records(data: bytes, offset: int) -> Iterator[tuple[bytes, bytes]]:
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos, pos + 21)
-        digits = data[pos:space]
-        if space < 0 or not digits.isdigit():
+        if space < 0 or not data[pos:space].isdigit():
             raise _corrupt("bad pax header: a record without its length", offset)
+        digits = data[pos:space]
         end = pos + int(digits)
         record = data[space + 1 : end]
         if end > len(data) or not record.endswith(b"\n"):

@@ -483,3 +483,24 @@ def test_pax_records_are_parsed_in_linear_time(origin: Origin, tmp_path: Path) -
     run = run_fetcher("--source", origin.add("/many.tar.gz", gzip.compress(archive)), "--dest", str(dest), timeout=30)
     assert run.code == 0, run.stderr
     assert tree(dest) == {"m/a.txt": b"alpha\n"}
+
+
+def _broken_late(compressed: bytes) -> bytes:
+    """Damage past the first bzip2 block (900 KB): the format is still found, the stream fails later."""
+    at = len(compressed) * 85 // 100
+    return compressed[:at] + bytes(b ^ 0x55 for b in compressed[at : at + 64]) + compressed[at + 64 :]
+
+
+NOISY = {f"m/part-{i}.bin": bytes(range(256)) * 400 + os.urandom(400_000) for i in range(4)}
+CHECKED = {**SPLITS, "zst": ("tar.zst", lambda p: zstandard.ZstdCompressor(write_checksum=True).compress(p))}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param(kind, marks=_fault(f"format: a tar.{kind} whose {kind} data is corrupt midway")) for kind in CHECKED],
+)
+def test_a_compressed_stream_corrupt_midway_is_the_archives_fault(origin: Origin, tmp_path: Path, kind: str) -> None:
+    """bz2 reports bad data as an OSError: it must not be taken for a disk error (exit 6). (zstd can
+    tell only with its frame checksum, which the zstd tool writes by default.)"""
+    raw = make_tar(NOISY, compression="")
+    _refused(origin, tmp_path, _broken_late(CHECKED[kind][1](raw)), f"corrupt {kind} data")
