@@ -4,8 +4,9 @@ The hash is taken over exactly the bytes the source sent, before anything
 else sees them. The format is decided from the first bytes, never from the
 URL. Tar archives, compressed or not, are unpacked straight from the stream;
 only zip, which needs its central directory at the end, is spooled to disk
-first. After unpacking, whatever the archive reader left unread (tar
-padding, trailing bytes) is still read and hashed.
+first. After unpacking, whatever the archive reader left unread is still
+read and hashed (a tar reader reads to the end itself: only zeros may follow
+a tar).
 """
 
 from __future__ import annotations
