@@ -504,3 +504,45 @@ def test_a_compressed_stream_corrupt_midway_is_the_archives_fault(origin: Origin
     tell only with its frame checksum, which the zstd tool writes by default.)"""
     raw = make_tar(NOISY, compression="")
     _refused(origin, tmp_path, _broken_late(CHECKED[kind][1](raw)), f"corrupt {kind} data")
+
+
+def _listing(root: Path) -> dict[str, object]:
+    """Every entry under root but fetcher's state: a file's bytes, a link's target, or "dir"."""
+    found: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        relative = os.fsdecode(path.relative_to(root))
+        if relative.split("/")[0] == ".fetcher":
+            continue
+        if path.is_symlink():
+            found[relative] = ("symlink", os.readlink(path))
+        elif path.is_dir():
+            found[relative] = "dir"
+        else:
+            found[relative] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "pax", "ustar", "v7"])
+def test_archives_gnu_tar_writes_unpack_as_gnu_tar_unpacks_them(origin: Origin, tmp_path: Path, fmt: str) -> None:
+    """Every format GNU tar writes, with sizes around the block, links, and names past 100 bytes."""
+    source = tmp_path / "source"
+    deep = "m/" + "/".join(["d" * 40] * 3) if fmt != "v7" else "m/deep"  # v7 has no room for long names
+    (source / deep).mkdir(parents=True)
+    for size in (0, 1, 511, 512, 513, 100_000):
+        (source / deep / f"f{size}.bin").write_bytes(os.urandom(size))
+    (source / "m/caf\u00e9.txt").write_bytes(b"utf-8 name")
+    long_links = fmt in ("gnu", "oldgnu", "pax")  # ustar and v7 hold link targets of 100 bytes at most
+    (source / "m/link").symlink_to(
+        os.path.relpath(source / deep / "f1.bin", source / "m") if long_links else "hard.bin"
+    )
+    os.link(source / deep / "f513.bin", source / "m/hard.bin")
+    archive = tmp_path / "a.tar.gz"
+    subprocess.run(["tar", f"--format={fmt}", "-C", str(source), "-czf", str(archive), "m"], check=True)
+    unpacked = tmp_path / "gnu"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xzf", str(archive), "-C", str(unpacked)], check=True)
+    dest = tmp_path / "dest"
+    body = archive.read_bytes()
+    run = run_fetcher("--source", origin.add("/m.tar.gz", body), "--dest", str(dest), "--sha256", sha256(body))
+    assert run.code == 0, run.stderr
+    assert _listing(dest) == _listing(unpacked)
