@@ -45,6 +45,8 @@ HASHED_DEPTH = 2  # chunks between the hasher and the format detection and unpac
 DECOMPRESSED_DEPTH = 2  # blocks of up to READ_SIZE between the inflater and the unpacker
 SNIFF_BYTES = 1024 * 1024  # a whole bzip2 block, or a zstd frame header and first block
 PEEK_STEP = 4096  # compressed bytes fed at a time when looking inside the head
+CHECK_BUDGET = 64 * 1024 * 1024  # bytes inflated (and dropped) at most to check the head of a compressed file
+CHECK_MEMBERS = 64  # compressed members checked at most in the head (each costs a copy of the rest)
 
 MAGIC = {
     "gz": b"\x1f\x8b",
@@ -269,13 +271,45 @@ def _peek_decompressed(head: bytes, kind: str) -> bytes:
         raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
 
 
+def _check_start(head: bytes, kind: str) -> None:
+    """Inflate all of the head, discarding it, before calling the stream a compressed file.
+
+    bzip2 hands out a block's bytes before it checks the block's CRC: a .tar.bz2 corrupt in its
+    first block gave garbage that did not look like tar, and was saved as a .bz2 file.
+    """
+    budget = CHECK_BUDGET
+    try:
+        if kind == "zst":
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
+            while budget > 0 and (block := reader.read(READ_SIZE)):
+                budget -= len(block)
+            return
+        pos = 0
+        for _member in range(CHECK_MEMBERS):
+            if not head.startswith(MAGIC[kind], pos):
+                return
+            decompressor = _new_decompressor(kind)
+            for block in _bounded(decompressor, head[pos:]):
+                budget -= len(block)
+                if budget <= 0:
+                    return
+            if not decompressor.eof:
+                return
+            pos = len(head) - len(decompressor.unused_data)
+    except _CORRUPT as exc:
+        raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
+
+
 def detect(head: bytes) -> str:
     """The format from the first bytes: tar[.gz|.bz2|.xz|.zst], zip or file."""
     if head.startswith(MAGIC["zip"]) or head.startswith(MAGIC["zip-empty"]):
         return "zip"
     for kind in ("gz", "bz2", "xz", "zst"):
         if head.startswith(MAGIC[kind]):
-            return f"tar.{kind}" if _looks_like_tar(_peek_decompressed(head, kind)) else "file"
+            if _looks_like_tar(_peek_decompressed(head, kind)):
+                return f"tar.{kind}"
+            _check_start(head, kind)
+            return "file"
     return "tar" if _looks_like_tar(head[:512]) else "file"
 
 

@@ -546,3 +546,35 @@ def test_archives_gnu_tar_writes_unpack_as_gnu_tar_unpacks_them(origin: Origin, 
     run = run_fetcher("--source", origin.add("/m.tar.gz", body), "--dest", str(dest), "--sha256", sha256(body))
     assert run.code == 0, run.stderr
     assert _listing(dest) == _listing(unpacked)
+
+
+@_fault("format: a tar.bz2 corrupt in its first block is not saved as a compressed file")
+def test_a_compressed_tar_corrupt_at_its_start_is_not_taken_for_a_compressed_file(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """bzip2 hands out a block's bytes before it checks the block's CRC: the garbage it gave for the
+    first 1 KiB did not look like tar, so the archive was saved as a .bz2 file, exit 0."""
+    compressed = bz2.compress(make_tar(NOISY, compression=""))
+    at = 300_000  # inside the first block, past its header
+    damaged = compressed[:at] + bytes(b ^ 0x55 for b in compressed[at : at + 64]) + compressed[at + 64 :]
+    _refused(origin, tmp_path, damaged, "corrupt bz2 data")
+
+
+FAST: dict[str, Callable[[bytes], bytes]] = {
+    "gz": lambda data: gzip.compress(data, compresslevel=1),
+    "bz2": lambda data: bz2.compress(data, compresslevel=1),
+    "xz": lambda data: lzma.compress(data, preset=0),
+    "zst": CHECKED["zst"][1],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAST))
+def test_a_large_compressed_file_that_is_no_tar_is_saved_as_it_came(origin: Origin, tmp_path: Path, kind: str) -> None:
+    """Its start is inflated to check it, though the head ends in the middle of the stream."""
+    body = FAST[kind](os.urandom(3 * MiB).hex().encode())
+    assert len(body) > 2 * MiB
+    dest = tmp_path / "dest"
+    run = run_fetcher("--source", origin.add("/weights.bin.x", body), "--dest", str(dest), "--sha256", sha256(body))
+    assert run.code == 0, run.stderr
+    assert run.event("published")["format"] == "file"
+    assert tree(dest) == {"weights.bin.x": body}
