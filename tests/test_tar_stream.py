@@ -13,6 +13,7 @@ import gzip
 import io
 import lzma
 import os
+import random
 import re
 import subprocess
 import sys
@@ -491,7 +492,7 @@ def _broken_late(compressed: bytes) -> bytes:
     return compressed[:at] + bytes(b ^ 0x55 for b in compressed[at : at + 64]) + compressed[at + 64 :]
 
 
-NOISY = {f"m/part-{i}.bin": bytes(range(256)) * 400 + os.urandom(400_000) for i in range(4)}
+NOISY = {f"m/part-{i}.bin": bytes(range(256)) * 400 + random.Random(i).randbytes(400_000) for i in range(4)}
 CHECKED = {**SPLITS, "zst": ("tar.zst", lambda p: zstandard.ZstdCompressor(write_checksum=True).compress(p))}
 
 
@@ -503,7 +504,9 @@ def test_a_compressed_stream_corrupt_midway_is_the_archives_fault(origin: Origin
     """bz2 reports bad data as an OSError: it must not be taken for a disk error (exit 6). (zstd can
     tell only with its frame checksum, which the zstd tool writes by default.)"""
     raw = make_tar(NOISY, compression="")
-    _refused(origin, tmp_path, _broken_late(CHECKED[kind][1](raw)), f"corrupt {kind} data")
+    error = _refused(origin, tmp_path, _broken_late(CHECKED[kind][1](raw)), "corrupt")
+    # bzip2 checks a block's CRC after handing out its bytes: the tar reader may see the garbage first
+    assert f"corrupt {kind} data" in error or (kind == "bz2" and "corrupt tar archive" in error)
 
 
 def _listing(root: Path) -> dict[str, object]:
