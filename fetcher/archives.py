@@ -33,6 +33,7 @@ BLOCK = 512
 COPY_CHUNK = 1024 * 1024  # file data moves in chunks of this size, as it arrives
 MAX_PAX = 1024 * 1024  # a pax header holds names and a few numbers: this is already generous
 MAX_NAME = 64 * 1024  # a name or link target, as a GNU long name or a pax value; SafeTree refuses past PATH_MAX
+MAX_ZIP_INDEX = 4 * 1024 * 1024  # a zip's central directory: ~50 MiB of Python objects at most, ~40,000 entries
 ZERO_BLOCK = bytes(BLOCK)
 _OCTAL = re.compile(rb" *([0-7]*) *")  # tar pads numbers with spaces; int() would also take signs and '_'
 _HIGH = bytes(range(128))  # deleting these leaves the bytes a signed checksum counts negative
@@ -377,12 +378,48 @@ class _ZipData:
         self._file.close()
 
 
-def unpack_zip(path: Path, tree: SafeTree) -> None:
-    """Unpack a zip that is already on disk and verified: zip needs random access."""
+_END = b"PK\x05\x06"  # the end of central directory record, 22 bytes and a comment of up to 64 KiB
+_ZIP64_LOCATOR = b"PK\x06\x07"  # 20 bytes, right before the end record
+_ZIP64_END = b"PK\x06\x06"  # 56 bytes, right before the locator
+
+
+def _index_size(file: IO[bytes]) -> int:
+    """The central directory's size as the end records declare it (APPNOTE 4.3.14-16), found as
+    zipfile finds them; 0 where there are none (zipfile will then say the file is no zip)."""
+    size = file.seek(0, 2)
+    file.seek(max(0, size - (22 + 0xFFFF + 20 + 56)))
+    tail = file.read()
+    at = len(tail) - 22 if tail[-22:].startswith(_END) and tail[-2:] == b"\0\0" else tail.rfind(_END)
+    if at < 0 or len(tail) - at < 22:
+        return 0
+    declared = int.from_bytes(tail[at + 12 : at + 16], "little")
+    locator = at - 20
+    if locator >= 56 and tail.startswith(_ZIP64_LOCATOR, locator) and tail.startswith(_ZIP64_END, locator - 56):
+        declared = max(declared, int.from_bytes(tail[locator - 56 + 40 : locator - 56 + 48], "little"))
+    return declared
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    """zipfile reads a zip's whole index into memory, ~12 times its size in objects: bound it first."""
     try:
-        archive = zipfile.ZipFile(path)
+        with path.open("rb") as file:
+            index = _index_size(file)
+    except OSError as exc:
+        raise local_error(exc, "reading the zip archive in staging") from exc
+    if index > MAX_ZIP_INDEX:
+        raise ArchiveError(
+            f"refused zip archive: its central directory (index) is {index} bytes, more than"
+            f" {MAX_ZIP_INDEX // 1024 // 1024} MiB, which would all be held in memory"
+        )
+    try:
+        return zipfile.ZipFile(path)
     except _ZIP_ERRORS as exc:
         raise _zip_error(exc, None) from exc
+
+
+def unpack_zip(path: Path, tree: SafeTree) -> None:
+    """Unpack a zip that is already on disk and verified: zip needs random access."""
+    archive = _open_zip(path)
     with archive:
         for info in archive.infolist():
             mode = info.external_attr >> 16

@@ -581,3 +581,47 @@ def test_a_large_compressed_file_that_is_no_tar_is_saved_as_it_came(origin: Orig
     assert run.code == 0, run.stderr
     assert run.event("published")["format"] == "file"
     assert tree(dest) == {"weights.bin.x": body}
+
+
+def _zip_of_many(count: int, name_length: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"m/{i:0{name_length}d}", b"")
+    return buffer.getvalue()
+
+
+@_fault("zip: an index (central directory) too large to hold in 100 MiB is refused before it is read")
+def test_a_zip_index_is_bounded_before_zipfile_reads_it(origin: Origin, tmp_path: Path) -> None:
+    """zipfile holds a zip's whole index in memory, ~600 bytes an entry: 200,000 empty entries
+    (a 20 MB zip) took 112 MiB. The index's size is read from its end record and bounded first."""
+    body = _zip_of_many(300_000)
+    dest = tmp_path / "dest"
+    _publish_old(origin, dest)
+    code, log, peak_kib = _run_measured("--source", origin.add("/many.zip", body), "--dest", str(dest))
+    assert code == 5, log
+    assert "central directory" in log and "4 MiB" in log, log
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib // 1024} MiB"
+    assert tree(dest) == OLD
+
+
+@_fault("zip64: an index declared past the bound in its zip64 end record is refused")
+def test_a_zip64_index_is_bounded_too(origin: Origin, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(70_000):  # past 65535 entries: zipfile writes zip64 end records
+            archive.writestr(f"m/{i:060d}", b"")
+    body = bytearray(buffer.getvalue())
+    end = body.rindex(b"PK\x05\x06")
+    body[end + 12 : end + 16] = (100).to_bytes(4, "little")  # the classic end record lies; zipfile reads zip64's
+    assert len(zipfile.ZipFile(io.BytesIO(bytes(body))).infolist()) == 70_000
+    _refused(origin, tmp_path, bytes(body), "central directory", "4 MiB")
+
+
+@_fault("zip: an index within the bound is unpacked", 0)
+def test_a_zip_of_many_small_entries_within_the_bound_is_unpacked(origin: Origin, tmp_path: Path) -> None:
+    body = _zip_of_many(2_000)
+    dest = tmp_path / "dest"
+    run = run_fetcher("--source", origin.add("/many.zip", body), "--dest", str(dest), "--sha256", sha256(body))
+    assert run.code == 0, run.stderr
+    assert len(tree(dest)) == 2_000
