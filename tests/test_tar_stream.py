@@ -3,7 +3,7 @@ across compressed members, and every zip failure named by its member.
 
 A corrupt archive must never be published as if it were whole: a tar stream ends only at its
 end-of-archive blocks, with nothing but zeros after them. Every header read is bounded, whatever
-the archive declares. Each hostile archive is compared with what GNU tar makes of it.
+the archive declares. Where GNU tar has a verdict on an archive, the tests hold it beside ours.
 """
 
 from __future__ import annotations
