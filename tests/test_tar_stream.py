@@ -273,7 +273,7 @@ PAX_SYNTAX = {
     "a record with an empty keyword": b"6 =abc\n",
     "a length that is not a number": b"1x path=m/x.txt\n",
     "a length with a sign": b"+17 path=m/x.txt\n",
-    "a zero length": b"0 path=m/x.txt\n",
+    "a zero length (CVE-2019-20907: an infinite loop)": b"0 path=m/x.txt\n",
     "a length running past the header": record("path", "m/x.txt")[:-3],
     "junk after the last record": record("path", "m/x.txt") + b"junk",
     "a size that is negative": record("size", "-1"),
