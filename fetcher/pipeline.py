@@ -4,8 +4,9 @@ The hash is taken over exactly the bytes the source sent, before anything
 else sees them. The format is decided from the first bytes, never from the
 URL. Tar archives, compressed or not, are unpacked straight from the stream;
 only zip, which needs its central directory at the end, is spooled to disk
-first. After unpacking, whatever the archive reader left unread (tar
-padding, trailing bytes) is still read and hashed.
+first. After unpacking, whatever the archive reader left unread is still
+read and hashed (a tar reader reads to the end itself: only zeros may follow
+a tar).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any, Protocol, cast
 import zstandard
 from zlib_ng import zlib_ng  # the fastest on weight-like data here: 487 MB/s, isal 450, zlib 329 (bench/inflaters.py)
 
+from fetcher.archives import unpack_tar, unpack_zip
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import ArchiveError, IntegrityError, local_error
-from fetcher.unpack import Readable, SafeTree, unpack_tar, unpack_zip
+from fetcher.unpack import Readable, SafeTree
 
 _CORRUPT: tuple[type[BaseException], ...] = (
     zlib.error,
@@ -42,6 +44,9 @@ READ_SIZE = 1024 * 1024
 HASHED_DEPTH = 2  # chunks between the hasher and the format detection and unpacking
 DECOMPRESSED_DEPTH = 2  # blocks of up to READ_SIZE between the inflater and the unpacker
 SNIFF_BYTES = 1024 * 1024  # a whole bzip2 block, or a zstd frame header and first block
+PEEK_STEP = 4096  # compressed bytes fed at a time when looking inside the head
+CHECK_BUDGET = 64 * 1024 * 1024  # bytes inflated (and dropped) at most to check the head of a compressed file
+CHECK_MEMBERS = 64  # compressed members checked at most in the head (each costs a copy of the rest)
 
 MAGIC = {
     "gz": b"\x1f\x8b",
@@ -155,7 +160,7 @@ class Digest:
 
 
 class _Decompressor(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
+    def decompress(self, data: bytes, max_length: int = ..., /) -> bytes: ...
 
     @property
     def eof(self) -> bool: ...
@@ -240,15 +245,57 @@ def _looks_like_tar(block: bytes) -> bool:
 
 
 def _peek_decompressed(head: bytes, kind: str) -> bytes:
-    """Decompress the start of the stream on the side, to look inside without consuming it."""
+    """Decompress the start of the stream on the side, to look inside without consuming it.
+
+    A tar may begin in a later member (``cat empty.gz model.tar.gz``, or a first member that holds
+    only a few bytes): members are decompressed in turn until a header's worth is there, or the head ends.
+    """
+    want = 1024
     try:
-        if kind == "gz":
-            return zlib.decompressobj(wbits=31).decompress(head, 1024)
-        if kind == "bz2":
-            return bz2.BZ2Decompressor().decompress(head, 1024)
-        if kind == "xz":
-            return lzma.LZMADecompressor().decompress(head, 1024)
-        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head)).read(1024)
+        if kind == "zst":
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
+            return reader.read(want)
+        out = b""
+        pos = 0
+        while len(out) < want and head.startswith(MAGIC[kind], pos):
+            decompressor = _new_decompressor(kind)
+            # fed in small pieces: what is left over at a member's end is copied, and members can be tiny
+            while not decompressor.eof and len(out) < want and pos < len(head):
+                piece = head[pos : pos + PEEK_STEP]
+                out += decompressor.decompress(piece, want - len(out))
+                pos += len(piece) - len(decompressor.unused_data)
+            if not decompressor.eof:
+                break
+        return out
+    except _CORRUPT as exc:
+        raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
+
+
+def _check_start(head: bytes, kind: str) -> None:
+    """Inflate all of the head, discarding it, before calling the stream a compressed file.
+
+    bzip2 hands out a block's bytes before it checks the block's CRC: a .tar.bz2 corrupt in its
+    first block gave garbage that did not look like tar, and was saved as a .bz2 file.
+    """
+    budget = CHECK_BUDGET
+    try:
+        if kind == "zst":
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
+            while budget > 0 and (block := reader.read(READ_SIZE)):
+                budget -= len(block)
+            return
+        pos = 0
+        for _member in range(CHECK_MEMBERS):
+            if not head.startswith(MAGIC[kind], pos):
+                return
+            decompressor = _new_decompressor(kind)
+            for block in _bounded(decompressor, head[pos:]):
+                budget -= len(block)
+                if budget <= 0:
+                    return
+            if not decompressor.eof:
+                return
+            pos = len(head) - len(decompressor.unused_data)
     except _CORRUPT as exc:
         raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
 
@@ -259,7 +306,10 @@ def detect(head: bytes) -> str:
         return "zip"
     for kind in ("gz", "bz2", "xz", "zst"):
         if head.startswith(MAGIC[kind]):
-            return f"tar.{kind}" if _looks_like_tar(_peek_decompressed(head, kind)) else "file"
+            if _looks_like_tar(_peek_decompressed(head, kind)):
+                return f"tar.{kind}"
+            _check_start(head, kind)
+            return "file"
     return "tar" if _looks_like_tar(head[:512]) else "file"
 
 

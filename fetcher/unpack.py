@@ -28,8 +28,6 @@ import errno
 import os
 import re
 import stat
-import tarfile
-import zipfile
 from collections import deque
 from pathlib import Path
 from typing import Protocol
@@ -475,53 +473,3 @@ class SafeTree:
 def _drain(data: Readable) -> None:
     while data.read(COPY_CHUNK):
         pass
-
-
-def unpack_tar(stream: Readable, tree: SafeTree) -> None:
-    """Unpack a tar stream member by member, as it arrives."""
-    try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_CHUNK) as archive:  # type: ignore[call-overload]
-            for member in archive:
-                if member.isreg():
-                    data = archive.extractfile(member)
-                    assert data is not None
-                    tree.add_file(member.name, member.mode, data)
-                elif member.isdir():
-                    tree.add_dir(member.name, member.mode)
-                elif member.issym():
-                    tree.add_symlink(member.name, member.linkname)
-                elif member.islnk():
-                    tree.add_hardlink(member.name, member.linkname)
-                elif member.ischr() or member.isblk():
-                    tree.refuse(member.name, "device files")
-                elif member.isfifo():
-                    tree.refuse(member.name, "FIFOs")
-                else:
-                    tree.refuse(member.name, f"members of tar type {member.type!r}")
-    except tarfile.TarError as exc:
-        raise ArchiveError(f"corrupt or unsupported tar archive: {exc}") from None
-    except EOFError:
-        raise ArchiveError("corrupt tar archive: it ends in the middle of a member") from None
-    tree.finish()
-
-
-def unpack_zip(path: Path, tree: SafeTree) -> None:
-    """Unpack a zip that is already on disk and verified: zip needs random access."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    with archive.open(info) as data:  # read no more than a real target can be
-                        target = data.read(MAX_LINK_TARGET + 1).decode("utf-8", "surrogateescape")
-                    tree.add_symlink(info.filename, target)
-                elif info.is_dir():
-                    tree.add_dir(info.filename, mode or 0o755)
-                elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-                    tree.refuse(info.filename, "device files and FIFOs")
-                else:
-                    with archive.open(info) as data:
-                        tree.add_file(info.filename, mode or 0o644, data)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
-        raise ArchiveError(f"corrupt or unsupported zip archive: {exc}") from None
-    tree.finish()
