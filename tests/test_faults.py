@@ -453,6 +453,13 @@ def _bucket(s3: S3, request: pytest.FixtureRequest, versioned: bool = False) -> 
         ),
         pytest.param(
             400,
+            "ExpiredToken",
+            "ExpiredToken",
+            marks=pytest.mark.fault("S3 ExpiredToken (stale session credentials): exit 3 at once", exit=3, area="s3"),
+            id="ExpiredToken",
+        ),
+        pytest.param(
+            400,
             "InvalidRequest",
             "InvalidRequest",
             marks=pytest.mark.fault("S3 error that is no one's fault in particular: exit 3 at once", exit=3, area="s3"),
@@ -530,6 +537,12 @@ def test_s3_missing(s3: S3, promise: Promise, request: pytest.FixtureRequest, mi
             1,
             marks=pytest.mark.fault("S3 InternalError once: retried, then exit 0", exit=0, area="s3"),
             id="InternalError",
+        ),
+        pytest.param(
+            S3Error(503, "ServiceUnavailable", times=1),
+            1,
+            marks=pytest.mark.fault("S3 503 ServiceUnavailable once: retried, then exit 0", exit=0, area="s3"),
+            id="ServiceUnavailable",
         ),
     ],
 )
