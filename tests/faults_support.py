@@ -2,12 +2,12 @@
 
 ``Scripted`` is a loopback HTTP/1.1 server whose answers are written by the test, byte by
 byte: it can do what a well-behaved server never does (reset a connection, send more than it
-announced, answer a range with another range). ``S3Faults`` is an HTTP proxy in front of
-moto's S3 server that answers chosen requests with S3's own error documents (SlowDown,
-AccessDenied, InvalidAccessKeyId...) and can run a hook between requests (overwrite the
-object while fetcher is reading it). ``Promise`` holds what must be true after a fault: the
-exit code, a one-line message naming the cause, dest exactly as it was (or the new version),
-nothing created beside dest.
+announced, answer a range with another range). ``S3Front`` is an HTTP(S) proxy in front of
+moto's S3 server (fixtures ``s3_front``, ``s3_tls``) that answers chosen requests with S3's own
+error documents (SlowDown, AccessDenied, InvalidAccessKeyId...), trickles or cuts bodies, and
+can run a hook between requests (overwrite the object while fetcher is reading it).
+``Promise`` holds what must be true after a fault: the exit code, a one-line message naming
+the cause, dest exactly as it was (or the new version), nothing created beside dest.
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Run, make_tar, published, tree
+import pytest
+
+from tests.conftest import S3, Run, Tls, make_tar, published, tree
 
 # --- two versions of a model ---------------------------------------------------------
 
@@ -214,7 +217,7 @@ class Scripted:
         self._server.server_close()
 
 
-# --- a fault-injecting proxy in front of moto -------------------------------------------
+# --- a fault-injecting front before moto ------------------------------------------------
 
 
 @dataclass
@@ -225,6 +228,13 @@ class S3Error:
     only: str = "GET"  # the method it answers
 
 
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
 _ERROR_XML = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code} (injected)</Message>'
     "<RequestId>FAULTS0001</RequestId><HostId>faults</HostId></Error>"
@@ -232,21 +242,27 @@ _ERROR_XML = (
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
-class S3Faults:
-    """A reverse proxy to moto: fetcher's AWS_ENDPOINT_URL points here.
+class S3Front:
+    """A reverse proxy before moto, which fetcher's AWS_ENDPOINT_URL (``env``) points at.
 
-    ``errors`` are answered first, in order, each ``times`` times. ``after_get``, if set, is called
-    once after the first GET has been answered (say, to overwrite the object before the parts are asked for).
+    Moto's server speaks plain HTTP and never fails on its own; the front can speak TLS (``tls``)
+    and misbehave as real S3 and networks do, each fault applied to the next requests it fits:
+    ``errors`` answered first, in order, each ``times`` times, with S3's own error document;
+    ``trickle``, bytes/s at which to send the next successful GETs' bodies; ``cuts``, bytes of the
+    next successful GETs' bodies to send before closing the connection; ``after_get``, called once
+    when the next GET's answer has left moto (to change the object before the parts are asked for).
+    ``requests`` is every request received, errors included.
     """
 
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.removeprefix("http://")
+    def __init__(self, s3: S3, tls: ssl.SSLContext | None = None) -> None:
+        self.upstream = s3.endpoint.removeprefix("http://")
         self.errors: list[S3Error] = []
-        self.after_get: Callable[[], None] | None = None
-        self.cuts: list[int] = []  # the next GETs that succeed: bytes sent before the connection is closed
-        self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
+        self.trickle: list[int] = []
+        self.cuts: list[int] = []
+        self.after_get: Callable[[], object] | None = None
+        self.requests: list[Request] = []
         self._lock = threading.Lock()
-        proxy = self
+        front = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -255,25 +271,30 @@ class S3Faults:
                 pass
 
             def do_GET(self) -> None:
-                proxy._handle(self)
+                front._handle(self)
 
             do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.env = s3.env | {"AWS_ENDPOINT_URL": self.endpoint}
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def gets(self) -> list[tuple[str, str, dict[str, str]]]:
-        return [r for r in self.requests if r[0] == "GET"]
+    def gets(self) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.method == "GET"]
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         method = handler.command
-        headers = dict(handler.headers.items())
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP}
         length = int(headers.get("Content-Length") or 0)
-        payload = handler.rfile.read(length) if length else b""
+        payload = handler.rfile.read(length) if length else None
         with self._lock:
-            self.requests.append((method, handler.path, headers))
+            self.requests.append(Request(method, handler.path, headers))
             error = next((e for e in self.errors if e.times > 0 and e.only == method), None)
             if error is not None:
                 error.times -= 1
@@ -281,7 +302,7 @@ class S3Faults:
             body = _ERROR_XML.format(code=error.code).encode()
             handler.send_response(error.status)
             handler.send_header("Content-Type", "application/xml")
-            handler.send_header("Content-Length", str(len(body) if method != "HEAD" else 0))
+            handler.send_header("Content-Length", str(len(body)))
             handler.end_headers()
             if method != "HEAD":
                 handler.wfile.write(body)
@@ -293,35 +314,56 @@ class S3Faults:
             data = response.read()
         finally:
             connection.close()
-        hook = None
+        hook = rate = cut = None
         with self._lock:
-            if method == "GET" and self.after_get is not None:
+            if method == "GET":
                 hook, self.after_get = self.after_get, None
+                if response.status < 300:
+                    rate = self.trickle.pop(0) if self.trickle else None
+                    cut = self.cuts.pop(0) if self.cuts else None
         if hook is not None:  # the object changes once this answer has left moto
             hook()
-        handler.send_response(response.status)
+        handler.send_response(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() not in _HOP and name.lower() != "content-length":
                 handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Content-Length", response.getheader("Content-Length", str(len(data))))
         handler.end_headers()
-        with self._lock:
-            cut = self.cuts.pop(0) if self.cuts and method == "GET" and response.status < 300 else None
+        if method == "HEAD":
+            return
         if cut is not None:
             data = data[:cut]
+        step = 65536 if rate is None else max(1, rate // 20)
         try:
-            if method != "HEAD":
-                handler.wfile.write(data)
+            for start in range(0, len(data), step):
+                handler.wfile.write(data[start : start + step])
+                handler.wfile.flush()
+                if rate is not None:
+                    time.sleep(step / rate)
             handler.wfile.flush()
             if cut is not None:  # a clean close: a reset would drop what the client has not read yet
                 handler.connection.shutdown(socket.SHUT_RDWR)
                 handler.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):  # fetcher read the first part and hung up
+        except OSError:  # fetcher gave up on a trickle, or read what it wanted and hung up
             handler.close_connection = True
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@pytest.fixture
+def s3_front(s3: S3) -> Iterator[S3Front]:
+    front = S3Front(s3)
+    yield front
+    front.close()
+
+
+@pytest.fixture
+def s3_tls(s3: S3, tls: Tls) -> Iterator[S3Front]:
+    front = S3Front(s3, tls=tls.server)
+    yield front
+    front.close()
 
 
 # --- fetcher in the background ----------------------------------------------------------

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3, Origin, Run, Tls, run_fetcher, sha256, small_volume
-from tests.faults_support import Background, Exchange, Promise, S3Error, S3Faults, Scripted, version
+from tests.faults_support import Background, Exchange, Promise, S3Error, S3Front, Scripted, version
+
+pytest_plugins = ("tests.faults_support",)  # its fixture: s3_front
 
 OLD, OLD_FILES = version(1)
 NEW, NEW_FILES = version(2)
@@ -411,13 +413,6 @@ def test_a_part_retried_then_succeeding(origin: Origin, promise: Promise) -> Non
 # --- S3 --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def faulty_s3(s3: S3) -> Iterator[tuple[S3Faults, dict[str, str]]]:
-    proxy = S3Faults(s3.endpoint)
-    yield proxy, s3.env | {"AWS_ENDPOINT_URL": proxy.endpoint}
-    proxy.close()
-
-
 def _bucket(s3: S3, request: pytest.FixtureRequest, versioned: bool = False) -> str:
     name = "f-" + "".join(c for c in request.node.name.lower() if c.isalnum())[-40:]
     with contextlib.suppress(s3.client.exceptions.BucketAlreadyOwnedByYou):
@@ -469,19 +464,19 @@ def _bucket(s3: S3, request: pytest.FixtureRequest, versioned: bool = False) -> 
 )
 def test_s3_refusals(
     s3: S3,
-    faulty_s3: tuple[S3Faults, dict[str, str]],
+    s3_front: S3Front,
     promise: Promise,
     request: pytest.FixtureRequest,
     status: int,
     code: str,
     cause: str,
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
     s3.put(bucket, "m.tar.gz", NEW)
-    proxy.errors.append(S3Error(status, code))
+    s3_front.errors.append(S3Error(status, code))
 
     run = update(source, promise, env=env)
 
@@ -489,7 +484,7 @@ def test_s3_refusals(
     assert source in run.error
     assert run.all("retrying") == []
     assert env["AWS_SECRET_ACCESS_KEY"] not in run.stderr
-    proxy.errors.clear()
+    s3_front.errors.clear()
     healthy_again(source, promise, env)
 
 
@@ -548,18 +543,18 @@ def test_s3_missing(s3: S3, promise: Promise, request: pytest.FixtureRequest, mi
 )
 def test_s3_throttling_is_retried(
     s3: S3,
-    faulty_s3: tuple[S3Faults, dict[str, str]],
+    s3_front: S3Front,
     promise: Promise,
     request: pytest.FixtureRequest,
     error: S3Error,
     retries: int,
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
     s3.put(bucket, "m.tar.gz", NEW)
-    proxy.errors.append(error)
+    s3_front.errors.append(error)
 
     run = update(source, promise, env=env)
 
@@ -572,20 +567,20 @@ def test_s3_throttling_is_retried(
 
 @pytest.mark.fault("S3 connection closed mid-body: resumed with a Range, exit 0", exit=0, area="s3")
 def test_s3_reset_mid_body_is_resumed(
-    s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
+    s3: S3, s3_front: S3Front, promise: Promise, request: pytest.FixtureRequest
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
     s3.put(bucket, "m.tar.gz", NEW)
-    proxy.cuts.append(150_000)
-    first = len(proxy.gets())
+    s3_front.cuts.append(150_000)
+    first = len(s3_front.gets())
     run = update(source, promise, env=env)
     assert run.code == 0, run.stderr
     promise.holds(NEW_FILES)
     assert run.event("retrying")["resume_at"] > 0
-    assert proxy.gets()[first + 1][2].get("Range", "").startswith("bytes=")
+    assert s3_front.gets()[first + 1].headers.get("Range", "").startswith("bytes=")
 
 
 @pytest.mark.fault("S3 with no credentials at all: exit 3 at once, naming the ways to give them", exit=3, area="s3")
@@ -604,34 +599,34 @@ def test_s3_without_credentials(s3: S3, promise: Promise, request: pytest.Fixtur
 
 @pytest.mark.fault("S3 SlowDown on every request: retried, then exit 3 naming SlowDown", exit=3, area="s3")
 def test_s3_throttling_that_never_ends(
-    s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
+    s3: S3, s3_front: S3Front, promise: Promise, request: pytest.FixtureRequest
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
     s3.put(bucket, "m.tar.gz", NEW)
-    proxy.errors.append(S3Error(503, "SlowDown"))
+    s3_front.errors.append(S3Error(503, "SlowDown"))
     run = update(source, promise, "--retries", "2", env=env)
     promise.holds_old(run, 3, "SlowDown")
     assert len(run.all("retrying")) == 2
-    proxy.errors.clear()
+    s3_front.errors.clear()
     healthy_again(source, promise, env)
 
 
 @pytest.mark.fault("S3 object overwritten between parts, unversioned bucket: exit 3, never stitched", exit=3, area="s3")
 def test_s3_object_overwritten_between_parts(
-    s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
+    s3: S3, s3_front: S3Front, promise: Promise, request: pytest.FixtureRequest
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
     s3.put(bucket, "m.tar.gz", NEW)
-    proxy.after_get = lambda: s3.put(bucket, "m.tar.gz", version(3)[0])
+    s3_front.after_get = lambda: s3.put(bucket, "m.tar.gz", version(3)[0])
     run = update(source, promise, *SPLIT, env=env)
     promise.holds_old(run, 3, "changed during the download")
-    assert all("If-Match" in headers for _, _, headers in proxy.gets()[2:])  # the seed's and the first are not pinned
+    assert all("If-Match" in r.headers for r in s3_front.gets()[2:])  # the seed's and the first are not pinned
     s3.put(bucket, "m.tar.gz", NEW)
     healthy_again(source, promise, env)
 
@@ -642,28 +637,28 @@ def test_s3_object_overwritten_between_parts(
     area="s3",
 )
 def test_s3_parts_are_pinned_to_the_version(
-    s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
+    s3: S3, s3_front: S3Front, promise: Promise, request: pytest.FixtureRequest
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request, versioned=True)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
     s3.put(bucket, "m.tar.gz", NEW)
-    proxy.after_get = lambda: s3.put(bucket, "m.tar.gz", version(3)[0])
-    first = len(proxy.gets())
+    s3_front.after_get = lambda: s3.put(bucket, "m.tar.gz", version(3)[0])
+    first = len(s3_front.gets())
     run = update(source, promise, *SPLIT, env=env)
     assert run.code == 0, run.stderr
     promise.holds(NEW_FILES)
     assert run.event("published")["transfer"] == "parallel"
-    parts = proxy.gets()[first + 1 :]
-    assert parts and all("versionId=" in path for _, path, _ in parts)
+    parts = s3_front.gets()[first + 1 :]
+    assert parts and all("versionId=" in r.path for r in parts)
 
 
 @pytest.mark.fault("S3 version deleted between parts, versioned bucket: exit 3, never stitched", exit=3, area="s3")
 def test_s3_version_deleted_between_parts(
-    s3: S3, faulty_s3: tuple[S3Faults, dict[str, str]], promise: Promise, request: pytest.FixtureRequest
+    s3: S3, s3_front: S3Front, promise: Promise, request: pytest.FixtureRequest
 ) -> None:
-    proxy, env = faulty_s3
+    env = s3_front.env
     bucket = _bucket(s3, request, versioned=True)
     source = s3.put(bucket, "m.tar.gz", OLD)
     seeded(source, promise, env)
@@ -673,7 +668,7 @@ def test_s3_version_deleted_between_parts(
         s3.client.delete_object(Bucket=bucket, Key="m.tar.gz", VersionId=new_version)
         s3.put(bucket, "m.tar.gz", version(3)[0])
 
-    proxy.after_get = replace
+    s3_front.after_get = replace
     run = update(source, promise, *SPLIT, env=env)
     promise.holds_old(run, 3, source)
     s3.put(bucket, "m.tar.gz", NEW)

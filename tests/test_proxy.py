@@ -11,9 +11,10 @@ import pytest
 from tests.conftest import S3, Origin, Tls, make_tar, model_files, run_fetcher, sha256, tree
 
 if TYPE_CHECKING:
-    from tests.proxy import ConnectProxy, S3Front
+    from tests.faults_support import S3Front
+    from tests.proxy import ConnectProxy
 
-pytest_plugins = ("tests.proxy",)  # its fixtures: connect_proxy, authenticating_proxy, s3_tls
+pytest_plugins = ("tests.proxy", "tests.faults_support")  # fixtures: connect_proxy, authenticating_proxy; s3_tls
 
 PROXY_PASSWORD = "pr0xy-S3CRET"
 
@@ -124,7 +125,7 @@ def test_s3_over_https_goes_through_the_proxy(
 ) -> None:
     body = b"weights" * 1000
     source = s3.put("proxied", "w.bin", body)
-    env = s3_tls.env(s3) | {"AWS_CA_BUNDLE": str(tls.ca_file), "HTTPS_PROXY": connect_proxy.url()}
+    env = s3_tls.env | {"AWS_CA_BUNDLE": str(tls.ca_file), "HTTPS_PROXY": connect_proxy.url()}
     run = run_fetcher("--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), env=env)
     assert run.code == 0, run.stderr
     assert tree(tmp_path) == {"w.bin": body}

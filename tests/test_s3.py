@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import S3, Tls, make_tar, model_files, run_fetcher, sha256, tree
 
 if TYPE_CHECKING:
-    from tests.proxy import S3Front
+    from tests.faults_support import S3Front
 
-pytest_plugins = ("tests.proxy",)  # its fixtures: s3_front, s3_tls
+pytest_plugins = ("tests.faults_support",)  # its fixtures: s3_front, s3_tls
 
 
 def test_fetches_a_tar_gz_from_s3(s3: S3, tmp_path: Path) -> None:
@@ -75,11 +75,11 @@ def test_the_aws_secret_never_reaches_the_logs(s3: S3, tmp_path: Path) -> None:
 def test_an_https_endpoint_trusted_through_aws_ca_bundle(s3: S3, s3_tls: S3Front, tls: Tls, tmp_path: Path) -> None:
     body = b"weights" * 1000
     source = s3.put("tls", "w.bin", body)
-    env = s3_tls.env(s3) | {"AWS_CA_BUNDLE": str(tls.ca_file)}
+    env = s3_tls.env | {"AWS_CA_BUNDLE": str(tls.ca_file)}
     run = run_fetcher("--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), env=env)
     assert run.code == 0, run.stderr
     assert tree(tmp_path) == {"w.bin": body}
-    assert s3_tls.gets == 1
+    assert len(s3_tls.gets()) == 1
 
 
 @pytest.mark.parametrize("bundle", ["missing", "not-pem"])
@@ -97,13 +97,13 @@ def test_a_ca_bundle_that_cannot_be_loaded_is_a_usage_error(
         path.write_text("not a certificate\n")
     dest = tmp_path / "d"
     started = time.monotonic()
-    run = run_fetcher("--source", source, "--dest", str(dest), env=s3_tls.env(s3) | {"AWS_CA_BUNDLE": str(path)})
+    run = run_fetcher("--source", source, "--dest", str(dest), env=s3_tls.env | {"AWS_CA_BUNDLE": str(path)})
     assert run.code == 2, run.stderr
     assert run.error.startswith(f"cannot load CA certificates from AWS_CA_BUNDLE={path}: ")
     assert "\n" not in run.error
     assert run.all("retrying") == []
     assert time.monotonic() - started < 10
-    assert s3_tls.gets == 0
+    assert s3_tls.gets() == []
     assert not dest.exists() or sorted(p.name for p in dest.iterdir()) in ([], [".fetcher"])
 
 
@@ -112,7 +112,7 @@ def test_a_ca_bundle_that_cannot_be_loaded_is_a_usage_error(
 )
 def test_an_untrusted_certificate_fails_at_once_naming_the_server(s3: S3, s3_tls: S3Front, tmp_path: Path) -> None:
     source = s3.put("tls", "w.bin", b"w")
-    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), env=s3_tls.env(s3))
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), env=s3_tls.env)
     assert run.code == 3, run.stderr
     assert run.error.startswith(f"TLS certificate of {s3_tls.endpoint}/tls/w.bin not trusted: ")
     assert "AWS_CA_BUNDLE" in run.error  # the hint: how to trust a private CA
@@ -125,7 +125,7 @@ def test_a_trickling_s3_body_is_cut_and_resumed(s3: S3, s3_front: S3Front, tmp_p
     source = s3.put("errs", "trickle.bin", body)
     s3_front.trickle = [100]  # the first GET at 100 bytes/s, then at full speed
     low_speed = ("--low-speed-limit", "1Ki", "--low-speed-time", "1")
-    env = s3_front.env(s3)
+    env = s3_front.env
     run = run_fetcher(
         "--source", source, "--dest", str(tmp_path), "--sha256", sha256(body), *low_speed, env=env, timeout=60
     )
