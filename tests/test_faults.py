@@ -22,8 +22,6 @@ import pytest
 from tests.conftest import S3, Origin, Run, Tls, run_fetcher, sha256, small_volume
 from tests.faults_support import Background, Exchange, Promise, S3Error, S3Front, Scripted, version
 
-pytest_plugins = ("tests.faults_support",)  # its fixture: s3_front
-
 OLD, OLD_FILES = version(1)
 NEW, NEW_FILES = version(2)
 PATH = "/m.tar.gz"

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from tests.faults_support import S3Front
     from tests.proxy import ConnectProxy
 
-pytest_plugins = ("tests.proxy", "tests.faults_support")  # fixtures: connect_proxy, authenticating_proxy; s3_tls
+pytest_plugins = ("tests.proxy",)  # its fixtures: connect_proxy, authenticating_proxy
 
 PROXY_PASSWORD = "pr0xy-S3CRET"
 

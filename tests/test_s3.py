@@ -13,8 +13,6 @@ from tests.conftest import S3, Tls, make_tar, model_files, run_fetcher, sha256, 
 if TYPE_CHECKING:
     from tests.faults_support import S3Front
 
-pytest_plugins = ("tests.faults_support",)  # its fixtures: s3_front, s3_tls
-
 
 def test_fetches_a_tar_gz_from_s3(s3: S3, tmp_path: Path) -> None:
     archive = make_tar(model_files())
