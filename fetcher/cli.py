@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from fetcher import __version__, logs, memory
-from fetcher.config import BY_NAME, build_parser, resolve
+from fetcher.config import BY_NAME, build_parser, resolve, unknown_env
 from fetcher.errors import (
     ArchiveError,
     FetcherError,
@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         config = resolve(namespace, environ)
         termination_log = config.run["termination_log"]
         logs.configure(config.run["log_format"], config.run["log_level"])
+        for name in unknown_env(environ):
+            log.warning("unknown env var ignored", name=name)
         plan = build_plan(config)
         if config.run["dry_run"]:
             for artifact in plan:  # a real run reads it only when it has something to download

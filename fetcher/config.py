@@ -348,8 +348,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "low_speed_time",
         parse_seconds,
-        "seconds a transfer may stay below the low-speed limit; twice the timeout, so that a pause is the "
-        "timeout's to judge and a congested link is not cut for one slow moment",
+        "seconds a transfer may stay below the low-speed limit; twice the default timeout, so that a pause is "
+        "the timeout's to judge and a congested link is not cut for one slow moment",
         60.0,
         metavar="SECONDS",
     ),
@@ -440,10 +440,7 @@ class _Parser(argparse.ArgumentParser):
         return namespace
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("ambiguous option: "):  # "ambiguous option: --s=VALUE could match --source, ..."
-            asked, _, matches = message.removeprefix("ambiguous option: ").rpartition(" could match ")
-            message = f"ambiguous option: {self._option_name(asked) or '(not shown)'} could match {matches}"
-        elif message.startswith("unrecognized arguments: "):
+        if message.startswith("unrecognized arguments: "):
             message = "unrecognized arguments (not shown: they may hold a value)"
         raise UsageError(message)
 
@@ -468,6 +465,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fetcher",
+        allow_abbrev=False,  # --bearer-token SECRET must not be taken for --bearer-token-file, and shown as a path
         description="Fetch a model from HTTP(S), S3 or a file, verify its SHA-256, unpack it safely and publish it.",
         epilog="Every option is also an env var: --foo-bar is FETCHER_FOO_BAR (--header: FETCHER_HEADERS, one per"
         " line). Flags win over env, env over --config.",
@@ -660,6 +658,21 @@ def _from_env(environ: Mapping[str, str]) -> Values:
         if raw is not None and raw != "":
             values[option.name] = _parse(option, raw, option.env)
     return values
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """``FETCHER_*`` names that no option reads, each with the likeliest meant one.
+
+    A misspelt FETCHER_SHA or FETCHER_HEADER would otherwise be ignored without a
+    word, and the model fetched unverified or without its credentials.
+    """
+    known = [option.env for option in OPTIONS]
+    unknown = []
+    for name in sorted(environ):
+        if name.startswith("FETCHER_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return unknown
 
 
 def _from_flags(namespace: argparse.Namespace) -> Values:

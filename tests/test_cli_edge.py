@@ -212,9 +212,10 @@ def test_a_large_yaml_config_is_planned_whole(tmp_path: Path) -> None:
 _BASE = ["--source", "http://h/m", "--dest", "/tmp/x"]
 SECRET_USAGE = [
     ("an unknown --headers flag: argparse echoed its value", [*_BASE, "--headers", f"X-Api-Key: {SECRET}"]),
-    ("an ambiguous abbreviation --s=VALUE: argparse echoed the value", [*_BASE, f"--s={SECRET}"]),
+    ("an abbreviation --s=VALUE: argparse echoed the value", [*_BASE, f"--s={SECRET}"]),
     ("an unknown --token=VALUE", [*_BASE, "--bogus", f"--token={SECRET}"]),
     ("a stray positional value", [*_BASE, SECRET]),
+    ("--bearer-token SECRET: argparse took it for --bearer-token-file", [*_BASE, "--bearer-token", SECRET]),
     ("a URL whose password holds '?': urllib quoted it in its port error", ["--source", f"https://u:{SECRET}?x@h/m"]),
     ("a URL with a bad port after a password", ["--source", f"https://u:{SECRET}@h:port/m"]),
     ("a URL with an unbalanced [ after a password", ["--source", f"https://u:{SECRET}@[h/m"]),
@@ -256,6 +257,16 @@ def test_an_unknown_option_is_named_without_its_value(tmp_path: Path) -> None:
 def test_env_values_are_not_echoed_when_they_may_be_secret(tmp_path: Path) -> None:
     error = _refused([], tmp_path, env={"FETCHER_SOURCE": f"https://u:{SECRET}@h:x/m", "FETCHER_DEST": "/tmp/x"})
     assert error.startswith("FETCHER_SOURCE:") and SECRET not in error
+
+
+@pytest.mark.fault("a misspelt FETCHER_* env var is named in a warning, not silently ignored", exit=0, area="config")
+def test_a_misspelt_env_var_is_named_with_the_likely_one(tmp_path: Path) -> None:
+    env = {"FETCHER_SOURCE": "http://h/m", "FETCHER_DEST": str(tmp_path), "FETCHER_SHA": SECRET}
+    run = run_fetcher("--dry-run", env=env)
+    assert run.code == 0, run.stderr
+    [warning] = run.all("unknown env var ignored")
+    assert warning["name"] == "FETCHER_SHA (did you mean FETCHER_SHA256?)"
+    assert SECRET not in run.stdout + run.stderr
 
 
 # --- messages that cannot be encoded ---------------------------------------------------

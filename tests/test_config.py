@@ -196,7 +196,7 @@ BAD = [
     ),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--retries", "1.5"], "--retries: expected a whole number"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--source", "http://h/m", "--dest", "/tmp/x", "--s=v"], "ambiguous option: --s could match --source, --sha256"),
+    (["--source", "http://h/m", "--dest", "/tmp/x", "--s=v"], "unrecognized arguments: --s"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--part-size", "0"], "--part-size: must be between 64Ki and 64Mi"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--part-size", "1Gi"], "--part-size: must be between 64Ki"),
     (["--source", "http://h/m", "--dest", "/tmp/x", "--concurrency", "0"], "--concurrency: must be between 1 and 64"),

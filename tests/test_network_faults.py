@@ -186,7 +186,7 @@ def test_a_server_that_only_trickles_fails_after_the_retries(origin: Origin, tmp
     run = run_fetcher("--source", url, "--dest", str(dest), "--retries", "2", *LOW_SPEED, timeout=60)
 
     assert run.code == 3
-    assert run.error.startswith(f"{url} sent ") and "--low-speed-time 1 s" in run.error
+    assert run.error.startswith(f"{url} averaged ") and "--low-speed-time 1 s" in run.error
     assert len(run.all("retrying")) == 2
     assert len(origin.hits("/w.bin")) == 3
     assert not dest.exists(), "a failed first run leaves no dest behind"

@@ -52,8 +52,8 @@ class SpeedFloor:
             if waited >= self.period:
                 if got < self.limit * waited:
                     raise TooSlow(
-                        f"{display} sent {got} bytes in {waited:.1f} s, below --low-speed-limit {self.limit} bytes/s "
-                        f"sustained over --low-speed-time {self.period:g} s"
+                        f"{display} averaged {got / waited:.0f} bytes/s over {waited:.1f} s, below --low-speed-limit "
+                        f"{self.limit} bytes/s sustained for --low-speed-time {self.period:g} s"
                     )
                 got, waited = 0, 0.0
             yield chunk
