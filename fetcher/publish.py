@@ -361,12 +361,17 @@ def _recover(state: Path) -> None:
     try:
         _forward(dest, state, journal)
         log.info("interrupted publish finished", dest=str(dest), entries=journal.entries[:10])
-    except OSError as exc:
+    except (OSError, LocalFilesystemError) as exc:  # a chown the journal asks for, without CAP_CHOWN now
         try:
             _backward(dest, state, journal)
-        except OSError:
-            raise local_error(exc, f"finishing an interrupted publish into {dest}") from None
-        log.warning("interrupted publish undone", dest=str(dest), reason=exc.strerror or str(exc))
+        except OSError as undo:
+            failure = exc if isinstance(exc, LocalFilesystemError) else local_error(exc, "finishing it")
+            raise LocalFilesystemError(
+                f"an interrupted publish into {dest} can be neither finished nor undone ({failure}; undoing it: "
+                f"{undo.strerror or undo}); its journal is {path}"
+            ) from undo
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        log.warning("interrupted publish undone", dest=str(dest), reason=reason)
 
 
 def _forward(dest: Path, state: Path, journal: Journal) -> None:
