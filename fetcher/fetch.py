@@ -166,5 +166,5 @@ def _ensure_dest(artifact: Artifact) -> list[Path]:
     except FileExistsError:
         raise LocalFilesystemError(f"--dest {artifact.dest} exists and is not a directory") from None
     except OSError as exc:
-        raise LocalFilesystemError(f"cannot create --dest {artifact.dest}: {exc.strerror}") from None
+        raise LocalFilesystemError(f"cannot create --dest {artifact.dest}: {exc.strerror}") from exc
     return missing

@@ -171,7 +171,7 @@ def _lock(artifact: Artifact) -> int:
         except FileNotFoundError:  # another fetcher removed the state directory in between
             continue
         except OSError as exc:
-            raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from None
+            raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             held, current = os.fstat(fd), os.stat(state / LOCK, follow_symlinks=False)
@@ -268,7 +268,7 @@ def publish(
         _write_atomically(state / JOURNAL, json.dumps(asdict(journal), indent=1))
     except OSError as exc:
         (state / f"{JOURNAL}.tmp").unlink(missing_ok=True)
-        raise local_error(exc, f"moving files into {dest}") from None
+        raise local_error(exc, f"moving files into {dest}") from exc
     try:
         _forward(dest, state, journal)
     except BaseException as exc:  # SIGTERM too: the old version must not be lost half-way
@@ -277,7 +277,7 @@ def publish(
         except OSError:  # the journal stays, with staging and trash: the next run finishes the publish
             log.warning("publish left unfinished: the next run completes it", dest=str(dest))
         if isinstance(exc, OSError):
-            raise local_error(exc, f"moving files into {dest}") from None
+            raise local_error(exc, f"moving files into {dest}") from exc
         raise
     return marker
 
@@ -356,7 +356,7 @@ def _recover(state: Path) -> None:
         raise LocalFilesystemError(
             f"{path}: the journal of an interrupted publish cannot be read ({exc}); "
             f"compare {state.parent} with its staging-* directory, then remove the journal"
-        ) from None
+        ) from exc
     dest = state.parent
     try:
         _forward(dest, state, journal)
@@ -519,7 +519,7 @@ def _finish_tree(artifact: Artifact, tree: Path) -> dict[str, list[int]]:
                     if os.path.islink(path := os.path.join(directory, name)):
                         _settle(artifact, path, None)
     except OSError as exc:
-        raise local_error(exc, "setting ownership and modes") from None
+        raise local_error(exc, "setting ownership and modes") from exc
     return stamps
 
 
@@ -565,7 +565,7 @@ def check_owner(artifact: Artifact, staging: Path) -> None:
         _chown(str(probe), artifact.owner)
         probe.unlink()
     except OSError as exc:
-        raise local_error(exc, "checking --owner") from None
+        raise local_error(exc, "checking --owner") from exc
 
 
 def _chown(path: str, owner: tuple[int, int | None] | None) -> None:
