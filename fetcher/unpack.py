@@ -391,17 +391,25 @@ class SafeTree:
         """Why a link in directory ``base`` to ``target`` is unsafe, resolved in the tree as it stands; or None.
 
         As the kernel resolves it, one component at a time, each link read
-        and followed inside the root; past a missing component, the rest is
-        taken as written (it may exist later, in dest).
+        and followed inside the root. Past a component staging cannot
+        resolve (missing, or a file), a name is taken as written (it may
+        exist later, in dest); but a ``..`` or a ``.fetcher`` there is
+        refused: in dest that component may be another artifact's link (or
+        the user's), so where it leads depends on what this check cannot see.
         """
         current = list(base)
         pending = deque(target.split("/"))
         hops = 0
-        missing = False
+        missing: str | None = None  # the first component staging could not resolve
         while pending:
             part = pending.popleft()
             if part in ("", "."):
                 continue
+            if missing is not None and part in ("..", STATE_DIR):
+                unseen = f"past {show(missing)}, which the archive does not hold as a directory"
+                if part == "..":
+                    return f"goes up ('..') {unseen}: where it leads depends on what dest holds"
+                return f"may lead into {STATE_DIR}, fetcher's state directory, {unseen}"
             if part == "..":
                 if not current:
                     return "leads outside the destination"
@@ -410,13 +418,13 @@ class SafeTree:
             current.append(part)
             if current[0] == STATE_DIR:
                 return f"leads into {STATE_DIR}, fetcher's state directory"
-            if missing:
+            if missing is not None:
                 continue
             relative = "/".join(current)
             try:
                 info = os.stat(relative, dir_fd=self._root(), follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
-                missing = True
+                missing = relative
                 continue
             if stat.S_ISLNK(info.st_mode):
                 hops += 1
@@ -427,8 +435,8 @@ class SafeTree:
                     return f"leads through a symlink to the absolute path {show(link)}"
                 current.pop()
                 pending.extendleft(reversed(link.split("/")))
-            elif not stat.S_ISDIR(info.st_mode):
-                missing = bool(pending)
+            elif not stat.S_ISDIR(info.st_mode) and pending:
+                missing = relative
         return None
 
     def _leads_to_directory(self, parts: list[str]) -> bool:
