@@ -13,7 +13,10 @@ wherever that is safe, and refuses (exit 5, naming the member) where not:
   even a parent directory, through a symlink; GNU tar would follow the link;
 - symlinks must resolve inside the root, and not into ``.fetcher``: each is
   resolved where it finally stands once the archive ends, because later
-  members change what a link leads through; hardlinks must name a file or
+  members change what a link leads through; a ``..`` past a component the
+  archive lacks is refused (in dest it may be another artifact's link), and
+  so is a link taking more than MAX_LINK_WALK components to resolve (each
+  costs a stat); hardlinks must name a file or
   symlink unpacked before them; devices and FIFOs are refused;
 - a later member replaces an earlier one of the same name as in GNU tar
   (a directory only while it is empty);
@@ -39,6 +42,7 @@ COPY_CHUNK = 1024 * 1024
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 OPEN_DIRS = 256  # directory fds kept open between members
 MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: past it a path resolves nowhere (ELOOP)
+MAX_LINK_WALK = 4096  # path components one symlink may take to resolve, across all its hops
 STATE_DIR = ".fetcher"  # fetcher's own state in dest (fetcher.publish.STATE_DIR)
 SHOWN_NAME = 200  # characters of a name a message shows; a longer one is shortened
 
@@ -46,6 +50,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors that what the archive holds causes (a parent that is a file or a link, a name too long):
 # anything else (no space, read-only, I/O) is the volume's.
 _ARCHIVE_ERRNOS = {errno.ENOTDIR, errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+_Entry = tuple[int, str | None] | None  # what a path holds: (mode, link target), or None for nothing
 
 
 class Readable(Protocol):
@@ -369,6 +376,8 @@ class SafeTree:
         def fail(exc: OSError) -> None:
             raise exc
 
+        known: dict[str, _Entry] = {}  # the tree no longer changes: each path is looked at once
+
         try:
             for directory, dirs, files in os.walk(self.root, onerror=fail):
                 base = os.path.relpath(directory, self.root).split(os.sep)
@@ -377,7 +386,7 @@ class SafeTree:
                     path = os.path.join(directory, entry)
                     if os.path.islink(path):
                         target = os.readlink(path)
-                        why = self._escapes(base, target)
+                        why = self._escapes(base, target, known)
                         if why:
                             member = "/".join([*base, entry])
                             raise ArchiveError(
@@ -387,7 +396,7 @@ class SafeTree:
         except OSError as exc:
             raise local_error(exc, "checking the unpacked tree") from None
 
-    def _escapes(self, base: list[str], target: str) -> str | None:
+    def _escapes(self, base: list[str], target: str, known: dict[str, _Entry] | None = None) -> str | None:
         """Why a link in directory ``base`` to ``target`` is unsafe, resolved in the tree as it stands; or None.
 
         As the kernel resolves it, one component at a time, each link read
@@ -396,48 +405,66 @@ class SafeTree:
         exist later, in dest); but a ``..`` or a ``.fetcher`` there is
         refused: in dest that component may be another artifact's link (or
         the user's), so where it leads depends on what this check cannot see.
+        At most MAX_LINK_WALK components are walked, across all hops: targets
+        of ``d/../`` chains cost a stat each. ``known`` holds what was found
+        at each path, for as long as the tree does not change (all of finish).
         """
+        known = {} if known is None else known
         current = list(base)
+        paths = ["/".join(base[: i + 1]) for i in range(len(base))]  # paths[i]: current[: i + 1] joined
         pending = deque(target.split("/"))
-        hops = 0
+        hops = walked = 0
         missing: str | None = None  # the first component staging could not resolve
         while pending:
             part = pending.popleft()
+            walked += 1
+            if walked > MAX_LINK_WALK:
+                return f"takes more than {MAX_LINK_WALK} path components to resolve, through its links"
             if part in ("", "."):
                 continue
-            if missing is not None and part in ("..", STATE_DIR):
-                unseen = f"past {show(missing)}, which the archive does not hold as a directory"
-                if part == "..":
-                    return f"goes up ('..') {unseen}: where it leads depends on what dest holds"
-                return f"may lead into {STATE_DIR}, fetcher's state directory, {unseen}"
+            if missing is not None:
+                if part in ("..", STATE_DIR):
+                    unseen = f"past {show(missing)}, which the archive does not hold as a directory"
+                    if part == "..":
+                        return f"goes up ('..') {unseen}: where it leads depends on what dest holds"
+                    return f"may lead into {STATE_DIR}, fetcher's state directory, {unseen}"
+                continue  # taken as written
             if part == "..":
                 if not current:
                     return "leads outside the destination"
                 current.pop()
+                paths.pop()
                 continue
-            current.append(part)
-            if current[0] == STATE_DIR:
+            if not current and part == STATE_DIR:
                 return f"leads into {STATE_DIR}, fetcher's state directory"
-            if missing is not None:
-                continue
-            relative = "/".join(current)
-            try:
-                info = os.stat(relative, dir_fd=self._root(), follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
+            relative = f"{paths[-1]}/{part}" if paths else part
+            current.append(part)
+            paths.append(relative)
+            entry = known[relative] if relative in known else known.setdefault(relative, self._entry(relative))
+            if entry is None:
                 missing = relative
-                continue
-            if stat.S_ISLNK(info.st_mode):
+            elif entry[1] is not None:
                 hops += 1
                 if hops > MAX_LINK_HOPS:
                     return None  # a loop: it leads nowhere, in staging as in dest
-                link = os.readlink(relative, dir_fd=self._root())
+                link = entry[1]
                 if link.startswith("/"):
                     return f"leads through a symlink to the absolute path {show(link)}"
                 current.pop()
+                paths.pop()
                 pending.extendleft(reversed(link.split("/")))
-            elif not stat.S_ISDIR(info.st_mode) and pending:
+            elif not stat.S_ISDIR(entry[0]) and pending:
                 missing = relative
         return None
+
+    def _entry(self, relative: str) -> _Entry:
+        """What is at ``relative`` (not followed): its mode and, for a link, its target; None if nothing."""
+        try:
+            info = os.stat(relative, dir_fd=self._root(), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        link = os.readlink(relative, dir_fd=self._root()) if stat.S_ISLNK(info.st_mode) else None
+        return info.st_mode, link
 
     def _leads_to_directory(self, parts: list[str]) -> bool:
         """Whether the link at ``parts`` resolves to a directory of the tree (never outside: links are checked)."""

@@ -492,3 +492,21 @@ def test_a_dot_dot_after_a_name_staging_lacks_is_refused(sandbox: Sandbox, tmp_p
 @refusal("a symlink into .fetcher through a name the archive lacks")
 def test_a_state_dir_after_a_name_staging_lacks_is_refused(sandbox: Sandbox) -> None:
     refused(sandbox, make_tar({"m/f": b"f", "m/s": ("symlink", "../b/.fetcher/lock")}), "m/s", ".fetcher")
+
+
+@refusal("a symlink chain that takes more path components to resolve than the cap")
+def test_a_link_taking_too_many_components_to_resolve_is_refused(sandbox: Sandbox) -> None:
+    pad = "d/../" * 800  # 1,600 components a hop; 3 hops are past the cap of 4,096
+    members: dict[str, Any] = {"d": ("dir", 0o755), "ok.txt": b"ok"}
+    members |= {f"L{i}": ("symlink", f"{pad}L{i + 1}") for i in range(3)}
+    members |= {"L3": ("symlink", "d")}
+    refused(sandbox, make_tar(members), "'L0'", "4096")
+
+
+@parity("a symlink chain under the cap of path components is unpacked")
+def test_a_link_chain_under_the_cap_is_unpacked(sandbox: Sandbox) -> None:
+    pad = "d/../" * 800
+    run = sandbox.fetch(make_tar({"d/f": b"f", "L0": ("symlink", f"{pad}L1"), "L1": ("symlink", f"{pad}d")}))
+    assert run.code == 0, run.stderr
+    assert (sandbox.dest / "L0" / "f").read_bytes() == b"f"
+    sandbox.outside_unchanged()
