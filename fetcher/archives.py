@@ -34,6 +34,7 @@ COPY_CHUNK = 1024 * 1024  # file data moves in chunks of this size, as it arrive
 MAX_PAX = 1024 * 1024  # a pax header holds names and a few numbers: this is already generous
 MAX_NAME = 64 * 1024  # a name or link target, as a GNU long name or a pax value; SafeTree refuses past PATH_MAX
 MAX_ZIP_INDEX = 4 * 1024 * 1024  # a zip's central directory: ~50 MiB of Python objects at most, ~40,000 entries
+MAX_DIGITS = 20  # a pax number: 2**64 has 20 digits, and int() raises past 4300
 ZERO_BLOCK = bytes(BLOCK)
 _OCTAL = re.compile(rb" *([0-7]*) *")  # tar pads numbers with spaces; int() would also take signs and '_'
 _HIGH = bytes(range(128))  # deleting these leaves the bytes a signed checksum counts negative
@@ -183,6 +184,8 @@ def _parse_pax(data: bytes, offset: int) -> _Pax:
         elif key == b"size":
             if value and not value.isdigit():
                 raise _corrupt(f"bad pax size {value[:40]!r}", offset)
+            if len(value) > MAX_DIGITS:
+                raise _corrupt(f"a pax size of {len(value)} digits, more than {MAX_DIGITS},", offset)
             pax.values["size"] = value
         elif key.startswith(b"GNU.sparse."):
             pax.sparse = True

@@ -278,6 +278,8 @@ PAX_SYNTAX = {
     "junk after the last record": record("path", "m/x.txt") + b"junk",
     "a size that is negative": record("size", "-1"),
     "a size that is no number": record("size", "12abc"),
+    "a size of 5000 digits (int() refuses past 4300)": record("size", "1" * 5000),
+    "a size of 21 digits": record("size", "1" * 21),
     "a GNU sparse map": record("GNU.sparse.major", "1") + record("GNU.sparse.minor", "0"),
 }
 
@@ -625,3 +627,4 @@ def test_a_zip_of_many_small_entries_within_the_bound_is_unpacked(origin: Origin
     run = run_fetcher("--source", origin.add("/many.zip", body), "--dest", str(dest), "--sha256", sha256(body))
     assert run.code == 0, run.stderr
     assert len(tree(dest)) == 2_000
+
