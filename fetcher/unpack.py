@@ -21,6 +21,10 @@ wherever that is safe, and refuses (exit 5, naming the member) where not:
 - a later member replaces an earlier one of the same name as in GNU tar
   (a directory only while it is empty);
 - setuid, setgid and sticky bits are dropped;
+- a member deeper than MAX_DEPTH (256) path components is refused: the
+  tree is walked later by os.walk and shutil.rmtree, which recurse once per
+  level (Python's limit is 1000 frames), and a walk holds an fd per level;
+  no model needs such depth, and GNU tar's own limit is only PATH_MAX;
 - member count and bytes written are capped (bytes as written, not as
   declared, so a lying header cannot slip a bomb through).
 """
@@ -41,6 +45,7 @@ from fetcher.errors import ArchiveError, FetcherError, local_error
 COPY_CHUNK = 1024 * 1024
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 OPEN_DIRS = 256  # directory fds kept open between members
+MAX_DEPTH = 256  # path components of a member: every walk of the tree (ours, publish's) recurses or holds fds per level
 MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: past it a path resolves nowhere (ELOOP)
 MAX_LINK_WALK = 4096  # path components one symlink may take to resolve, across all its hops
 STATE_DIR = ".fetcher"  # fetcher's own state in dest (fetcher.publish.STATE_DIR)
@@ -80,6 +85,7 @@ class SafeTree:
         self.written = 0
         self._root_fd: int | None = None
         self._dirs: dict[tuple[str, ...], int] = {}  # directories walked to, still open
+        self._loose: int | None = None  # the last directory walked to, when the cache was full
         self._dir_modes: dict[tuple[str, ...], tuple[int, int, int]] = {}  # path: (mode, st_dev, st_ino)
         self._direct_buffer = DirectBuffer()
         self._name_max = 255
@@ -116,6 +122,8 @@ class SafeTree:
         parts = [p for p in raw if p != "."]
         if parts and parts[0] == STATE_DIR:
             raise fail(f"{STATE_DIR} is fetcher's state directory")
+        if len(parts) > MAX_DEPTH:
+            raise fail(f"deeper than {MAX_DEPTH} path components")
         # Names the filesystem cannot hold are a property of the archive, not a disk failure.
         self._root()  # the limits are the staging volume's
         if any(len(os.fsencode(p)) > self._name_max for p in parts):
@@ -144,6 +152,7 @@ class SafeTree:
 
     def _close(self) -> None:
         self._forget(())
+        self._drop_loose()
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None
@@ -159,10 +168,13 @@ class SafeTree:
         Missing directories are created on the way (as tar makes parents) when
         ``create``; a symlink or a file on the way is refused before anything
         below it exists. Directories walked through stay open for the members
-        that follow (a few syscalls per member, not per component); the fd
-        stays owned by the tree: do not close it.
+        that follow (a few syscalls per member, not per component), up to
+        OPEN_DIRS; past that, each is closed once the next is open, so a deep
+        path holds no fd per level. The fd stays owned by the tree, valid
+        until the next walk: do not close it.
         """
         key = tuple(parts[:-1])
+        self._drop_loose()
         if (known := self._dirs.get(key)) is not None:
             return known
         if len(self._dirs) >= OPEN_DIRS:
@@ -194,10 +206,20 @@ class SafeTree:
                     raise ArchiveError(
                         f"refused member {show(name)}: {where}, on its path, is not a directory"
                     ) from None
-                self._dirs[key[: depth + 1]] = fd = child
+                self._drop_loose()  # the directory before, if the cache had no room for it: passed now
+                if len(self._dirs) < OPEN_DIRS:
+                    self._dirs[key[: depth + 1]] = child
+                else:
+                    self._loose = child
+                fd = child
         except OSError as exc:
             raise self._error(exc, name) from None
         return fd
+
+    def _drop_loose(self) -> None:
+        if self._loose is not None:
+            os.close(self._loose)
+            self._loose = None
 
     def _error(self, exc: OSError, name: str) -> FetcherError:
         """The member's fault (exit 5) or the volume's (exit 6), named by the member either way."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import subprocess
 import tarfile
 from pathlib import Path
@@ -509,4 +510,35 @@ def test_a_link_chain_under_the_cap_is_unpacked(sandbox: Sandbox) -> None:
     run = sandbox.fetch(make_tar({"d/f": b"f", "L0": ("symlink", f"{pad}L1"), "L1": ("symlink", f"{pad}d")}))
     assert run.code == 0, run.stderr
     assert (sandbox.dest / "L0" / "f").read_bytes() == b"f"
+    sandbox.outside_unchanged()
+
+
+# --- depth --------------------------------------------------------------------------------------
+
+
+@refusal("a member 1,500 directories deep (under PATH_MAX)")
+def test_a_member_deeper_than_the_bound_is_refused(sandbox: Sandbox) -> None:
+    refused(sandbox, make_tar({"a/" * 1500 + "f": b"x"}), "'a/a/a/", "deeper than 256 path components")
+
+
+@parity("a member 256 path components deep is unpacked")
+def test_a_member_at_the_depth_bound_is_unpacked(sandbox: Sandbox) -> None:
+    run = sandbox.fetch(make_tar({"a/" * 255 + "f": b"x"}))
+    assert run.code == 0, run.stderr
+    assert (sandbox.dest / ("a/" * 255 + "f")).read_bytes() == b"x"
+    sandbox.outside_unchanged()
+
+
+@parity("members 256 path components deep unpack under a limit of 300 open files (fds do not grow with depth)")
+def test_deep_members_hold_no_fd_per_level(sandbox: Sandbox) -> None:
+    members: dict[str, Any] = {"/".join(f"{k}.{i}" for i in range(255)) + "/f": b"x" for k in range(4)}
+    body = make_tar(members)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))  # inherited by fetcher
+    try:
+        run = sandbox.fetch(body)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert run.code == 0, run.stderr
+    assert published_tree(sandbox.dest)[next(iter(members))] == ("file", b"x".hex())
     sandbox.outside_unchanged()
