@@ -114,6 +114,8 @@ class SafeTree:
         raw = [p for p in name.split("/") if p]
         if ".." in raw:
             raise fail("'..' in its path")
+        if not raw and not directory and not self._strip:  # nothing stripped it away: GNU tar fails on it too
+            raise fail("a file or link with an empty name")
         if len(raw) <= self._strip:
             return None
         raw = raw[self._strip :]

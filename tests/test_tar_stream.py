@@ -628,3 +628,9 @@ def test_a_zip_of_many_small_entries_within_the_bound_is_unpacked(origin: Origin
     assert run.code == 0, run.stderr
     assert len(tree(dest)) == 2_000
 
+
+@_fault("tar: a file member with an empty name (GNU tar fails on it)")
+def test_a_member_with_an_empty_name_is_refused(origin: Origin, tmp_path: Path) -> None:
+    archive = A + member(b"", b"no name") + END
+    assert gnu_tar_extracts(archive)[0] != 0
+    _refused(origin, tmp_path, archive, "empty name")
