@@ -634,3 +634,10 @@ def test_a_member_with_an_empty_name_is_refused(origin: Origin, tmp_path: Path) 
     archive = A + member(b"", b"no name") + END
     assert gnu_tar_extracts(archive)[0] != 0
     _refused(origin, tmp_path, archive, "empty name")
+
+
+@_fault("format: a v7 tar with a signed header checksum and high-bit bytes is unpacked, not saved raw", 0)
+def test_a_v7_tar_with_a_signed_checksum_is_found_to_be_a_tar(origin: Origin, tmp_path: Path) -> None:
+    archive = member("m/café.txt", b"v7\n", magic=b"", checksum="signed") + END
+    assert gnu_tar_extracts(archive)[:2] == (0, {"m/café.txt": b"v7\n"})
+    assert _accepted(origin, tmp_path, archive) == {"m/café.txt": b"v7\n"}
