@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import IO
 
 from fetcher.errors import ArchiveError, local_error
-from fetcher.unpack import Readable, SafeTree
+from fetcher.unpack import COPY_CHUNK, Readable, SafeTree
 
 BLOCK = 512
-COPY_CHUNK = 1024 * 1024  # file data moves in chunks of this size, as it arrives
 MAX_PAX = 1024 * 1024  # a pax header holds names and a few numbers: this is already generous
 MAX_NAME = 64 * 1024  # a name or link target, as a GNU long name or a pax value; SafeTree refuses past PATH_MAX
 MAX_ZIP_INDEX = 4 * 1024 * 1024  # a zip's central directory: ~50 MiB of Python objects at most, ~40,000 entries

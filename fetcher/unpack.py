@@ -42,7 +42,7 @@ from typing import Protocol
 from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import ArchiveError, FetcherError, local_error
 
-COPY_CHUNK = 1024 * 1024
+COPY_CHUNK = 1024 * 1024  # file data moves in chunks of this size, as it arrives (archives reads by it too)
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 OPEN_DIRS = 256  # directory fds kept open between members
 MAX_DEPTH = 256  # path components of a member: every walk of the tree (ours, publish's) recurses or holds fds per level
