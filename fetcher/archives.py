@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import IO
 
 from fetcher.errors import ArchiveError, local_error
-from fetcher.unpack import Readable, SafeTree
+from fetcher.unpack import COPY_CHUNK, Readable, SafeTree
 
 BLOCK = 512
-COPY_CHUNK = 1024 * 1024  # file data moves in chunks of this size, as it arrives
 MAX_PAX = 1024 * 1024  # a pax header holds names and a few numbers: this is already generous
 MAX_NAME = 64 * 1024  # a name or link target, as a GNU long name or a pax value; SafeTree refuses past PATH_MAX
 MAX_ZIP_INDEX = 4 * 1024 * 1024  # a zip's central directory: ~50 MiB of Python objects at most, ~40,000 entries
+MAX_DIGITS = 20  # a pax number: 2**64 has 20 digits, and int() raises past 4300
 ZERO_BLOCK = bytes(BLOCK)
 _OCTAL = re.compile(rb" *([0-7]*) *")  # tar pads numbers with spaces; int() would also take signs and '_'
 _HIGH = bytes(range(128))  # deleting these leaves the bytes a signed checksum counts negative
@@ -80,6 +80,15 @@ def _check(block: bytes, offset: int) -> None:
     unsigned = sum(rest) + 8 * 32  # the checksum field itself counts as spaces
     if stored not in (unsigned, unsigned - 256 * len(rest.translate(None, _HIGH))):
         raise _corrupt("bad header checksum", offset)
+
+
+def is_header(block: bytes) -> bool:
+    """Whether a 512-byte block passes the reader's own checksum test: format detection uses this one."""
+    try:
+        _check(block, 0)
+    except ArchiveError:
+        return False
+    return True
 
 
 class _Stream:
@@ -183,6 +192,8 @@ def _parse_pax(data: bytes, offset: int) -> _Pax:
         elif key == b"size":
             if value and not value.isdigit():
                 raise _corrupt(f"bad pax size {value[:40]!r}", offset)
+            if len(value) > MAX_DIGITS:
+                raise _corrupt(f"a pax size of {len(value)} digits, more than {MAX_DIGITS},", offset)
             pax.values["size"] = value
         elif key.startswith(b"GNU.sparse."):
             pax.sparse = True

@@ -13,11 +13,18 @@ wherever that is safe, and refuses (exit 5, naming the member) where not:
   even a parent directory, through a symlink; GNU tar would follow the link;
 - symlinks must resolve inside the root, and not into ``.fetcher``: each is
   resolved where it finally stands once the archive ends, because later
-  members change what a link leads through; hardlinks must name a file or
+  members change what a link leads through; a ``..`` past a component the
+  archive lacks is refused (in dest it may be another artifact's link), and
+  so is a link taking more than MAX_LINK_WALK components to resolve (each
+  costs a stat); hardlinks must name a file or
   symlink unpacked before them; devices and FIFOs are refused;
 - a later member replaces an earlier one of the same name as in GNU tar
   (a directory only while it is empty);
 - setuid, setgid and sticky bits are dropped;
+- a member deeper than MAX_DEPTH (256) path components is refused: the
+  tree is walked later by os.walk and shutil.rmtree, which recurse once per
+  level (Python's limit is 1000 frames), and a walk holds an fd per level;
+  no model needs such depth, and GNU tar's own limit is only PATH_MAX;
 - member count and bytes written are capped (bytes as written, not as
   declared, so a lying header cannot slip a bomb through).
 """
@@ -35,10 +42,12 @@ from typing import Protocol
 from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import ArchiveError, FetcherError, local_error
 
-COPY_CHUNK = 1024 * 1024
+COPY_CHUNK = 1024 * 1024  # file data moves in chunks of this size, as it arrives (archives reads by it too)
 MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target is no real one
 OPEN_DIRS = 256  # directory fds kept open between members
+MAX_DEPTH = 256  # path components of a member: every walk of the tree (ours, publish's) recurses or holds fds per level
 MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: past it a path resolves nowhere (ELOOP)
+MAX_LINK_WALK = 4096  # path components one symlink may take to resolve, across all its hops
 STATE_DIR = ".fetcher"  # fetcher's own state in dest (fetcher.publish.STATE_DIR)
 SHOWN_NAME = 200  # characters of a name a message shows; a longer one is shortened
 
@@ -46,6 +55,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors that what the archive holds causes (a parent that is a file or a link, a name too long):
 # anything else (no space, read-only, I/O) is the volume's.
 _ARCHIVE_ERRNOS = {errno.ENOTDIR, errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+_Entry = tuple[int, str | None] | None  # what a path holds: (mode, link target), or None for nothing
 
 
 class Readable(Protocol):
@@ -73,6 +85,7 @@ class SafeTree:
         self.written = 0
         self._root_fd: int | None = None
         self._dirs: dict[tuple[str, ...], int] = {}  # directories walked to, still open
+        self._loose: int | None = None  # the last directory walked to, when the cache was full
         self._dir_modes: dict[tuple[str, ...], tuple[int, int, int]] = {}  # path: (mode, st_dev, st_ino)
         self._direct_buffer = DirectBuffer()
         self._name_max = 255
@@ -101,6 +114,8 @@ class SafeTree:
         raw = [p for p in name.split("/") if p]
         if ".." in raw:
             raise fail("'..' in its path")
+        if not raw and not directory and not self._strip:  # nothing stripped it away: GNU tar fails on it too
+            raise fail("a file or link with an empty name")
         if len(raw) <= self._strip:
             return None
         raw = raw[self._strip :]
@@ -109,6 +124,8 @@ class SafeTree:
         parts = [p for p in raw if p != "."]
         if parts and parts[0] == STATE_DIR:
             raise fail(f"{STATE_DIR} is fetcher's state directory")
+        if len(parts) > MAX_DEPTH:
+            raise fail(f"deeper than {MAX_DEPTH} path components")
         # Names the filesystem cannot hold are a property of the archive, not a disk failure.
         self._root()  # the limits are the staging volume's
         if any(len(os.fsencode(p)) > self._name_max for p in parts):
@@ -137,6 +154,7 @@ class SafeTree:
 
     def _close(self) -> None:
         self._forget(())
+        self._drop_loose()
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None
@@ -152,10 +170,13 @@ class SafeTree:
         Missing directories are created on the way (as tar makes parents) when
         ``create``; a symlink or a file on the way is refused before anything
         below it exists. Directories walked through stay open for the members
-        that follow (a few syscalls per member, not per component); the fd
-        stays owned by the tree: do not close it.
+        that follow (a few syscalls per member, not per component), up to
+        OPEN_DIRS; past that, each is closed once the next is open, so a deep
+        path holds no fd per level. The fd stays owned by the tree, valid
+        until the next walk: do not close it.
         """
         key = tuple(parts[:-1])
+        self._drop_loose()
         if (known := self._dirs.get(key)) is not None:
             return known
         if len(self._dirs) >= OPEN_DIRS:
@@ -187,10 +208,20 @@ class SafeTree:
                     raise ArchiveError(
                         f"refused member {show(name)}: {where}, on its path, is not a directory"
                     ) from None
-                self._dirs[key[: depth + 1]] = fd = child
+                self._drop_loose()  # the directory before, if the cache had no room for it: passed now
+                if len(self._dirs) < OPEN_DIRS:
+                    self._dirs[key[: depth + 1]] = child
+                else:
+                    self._loose = child
+                fd = child
         except OSError as exc:
             raise self._error(exc, name) from None
         return fd
+
+    def _drop_loose(self) -> None:
+        if self._loose is not None:
+            os.close(self._loose)
+            self._loose = None
 
     def _error(self, exc: OSError, name: str) -> FetcherError:
         """The member's fault (exit 5) or the volume's (exit 6), named by the member either way."""
@@ -369,6 +400,8 @@ class SafeTree:
         def fail(exc: OSError) -> None:
             raise exc
 
+        known: dict[str, _Entry] = {}  # the tree no longer changes: each path is looked at once
+
         try:
             for directory, dirs, files in os.walk(self.root, onerror=fail):
                 base = os.path.relpath(directory, self.root).split(os.sep)
@@ -377,7 +410,7 @@ class SafeTree:
                     path = os.path.join(directory, entry)
                     if os.path.islink(path):
                         target = os.readlink(path)
-                        why = self._escapes(base, target)
+                        why = self._escapes(base, target, known)
                         if why:
                             member = "/".join([*base, entry])
                             raise ArchiveError(
@@ -387,49 +420,75 @@ class SafeTree:
         except OSError as exc:
             raise local_error(exc, "checking the unpacked tree") from None
 
-    def _escapes(self, base: list[str], target: str) -> str | None:
+    def _escapes(self, base: list[str], target: str, known: dict[str, _Entry] | None = None) -> str | None:
         """Why a link in directory ``base`` to ``target`` is unsafe, resolved in the tree as it stands; or None.
 
         As the kernel resolves it, one component at a time, each link read
-        and followed inside the root; past a missing component, the rest is
-        taken as written (it may exist later, in dest).
+        and followed inside the root. Past a component staging cannot
+        resolve (missing, or a file), a name is taken as written (it may
+        exist later, in dest); but a ``..`` or a ``.fetcher`` there is
+        refused: in dest that component may be another artifact's link (or
+        the user's), so where it leads depends on what this check cannot see.
+        At most MAX_LINK_WALK components are walked, across all hops: targets
+        of ``d/../`` chains cost a stat each. ``known`` holds what was found
+        at each path, for as long as the tree does not change (all of finish).
         """
+        known = {} if known is None else known
         current = list(base)
+        paths = ["/".join(base[: i + 1]) for i in range(len(base))]  # paths[i]: current[: i + 1] joined
         pending = deque(target.split("/"))
-        hops = 0
-        missing = False
+        hops = walked = 0
+        missing: str | None = None  # the first component staging could not resolve
         while pending:
             part = pending.popleft()
+            walked += 1
+            if walked > MAX_LINK_WALK:
+                return f"takes more than {MAX_LINK_WALK} path components to resolve, through its links"
             if part in ("", "."):
                 continue
+            if missing is not None:
+                if part in ("..", STATE_DIR):
+                    unseen = f"past {show(missing)}, which the archive does not hold as a directory"
+                    if part == "..":
+                        return f"goes up ('..') {unseen}: where it leads depends on what dest holds"
+                    return f"may lead into {STATE_DIR}, fetcher's state directory, {unseen}"
+                continue  # taken as written
             if part == "..":
                 if not current:
                     return "leads outside the destination"
                 current.pop()
+                paths.pop()
                 continue
-            current.append(part)
-            if current[0] == STATE_DIR:
+            if not current and part == STATE_DIR:
                 return f"leads into {STATE_DIR}, fetcher's state directory"
-            if missing:
-                continue
-            relative = "/".join(current)
-            try:
-                info = os.stat(relative, dir_fd=self._root(), follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                missing = True
-                continue
-            if stat.S_ISLNK(info.st_mode):
+            relative = f"{paths[-1]}/{part}" if paths else part
+            current.append(part)
+            paths.append(relative)
+            entry = known[relative] if relative in known else known.setdefault(relative, self._entry(relative))
+            if entry is None:
+                missing = relative
+            elif entry[1] is not None:
                 hops += 1
                 if hops > MAX_LINK_HOPS:
                     return None  # a loop: it leads nowhere, in staging as in dest
-                link = os.readlink(relative, dir_fd=self._root())
+                link = entry[1]
                 if link.startswith("/"):
                     return f"leads through a symlink to the absolute path {show(link)}"
                 current.pop()
+                paths.pop()
                 pending.extendleft(reversed(link.split("/")))
-            elif not stat.S_ISDIR(info.st_mode):
-                missing = bool(pending)
+            elif not stat.S_ISDIR(entry[0]) and pending:
+                missing = relative
         return None
+
+    def _entry(self, relative: str) -> _Entry:
+        """What is at ``relative`` (not followed): its mode and, for a link, its target; None if nothing."""
+        try:
+            info = os.stat(relative, dir_fd=self._root(), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        link = os.readlink(relative, dir_fd=self._root()) if stat.S_ISLNK(info.st_mode) else None
+        return info.st_mode, link
 
     def _leads_to_directory(self, parts: list[str]) -> bool:
         """Whether the link at ``parts`` resolves to a directory of the tree (never outside: links are checked)."""

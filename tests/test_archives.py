@@ -245,8 +245,13 @@ def test_a_truncated_archive_is_refused(origin: Origin, tmp_path: Path) -> None:
     assert published(dest) == []
 
 
-# A chain: each link is harmless when written, but ``up`` turns ``x`` into a way out.
-CHAIN = {"a/b/c": ("dir", 0o755), "x": ("symlink", "a/b/c/up/.."), "a/b/c/up": ("symlink", "../../..")}
+# A chain: each link is harmless when written, but ``up`` (an empty directory when ``x`` is
+# written, then replaced by a link) turns ``x`` into a way out.
+CHAIN = {
+    "a/b/c/up/": ("dir", 0o755),
+    "x": ("symlink", "a/b/c/up/.."),
+    "a/b/c/up": ("symlink", "../../.."),
+}
 
 
 def test_a_symlink_chain_that_ends_outside_is_refused(origin: Origin, tmp_path: Path) -> None:

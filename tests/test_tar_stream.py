@@ -278,6 +278,8 @@ PAX_SYNTAX = {
     "junk after the last record": record("path", "m/x.txt") + b"junk",
     "a size that is negative": record("size", "-1"),
     "a size that is no number": record("size", "12abc"),
+    "a size of 5000 digits (int() refuses past 4300)": record("size", "1" * 5000),
+    "a size of 21 digits": record("size", "1" * 21),
     "a GNU sparse map": record("GNU.sparse.major", "1") + record("GNU.sparse.minor", "0"),
 }
 
@@ -625,3 +627,17 @@ def test_a_zip_of_many_small_entries_within_the_bound_is_unpacked(origin: Origin
     run = run_fetcher("--source", origin.add("/many.zip", body), "--dest", str(dest), "--sha256", sha256(body))
     assert run.code == 0, run.stderr
     assert len(tree(dest)) == 2_000
+
+
+@_fault("tar: a file member with an empty name (GNU tar fails on it)")
+def test_a_member_with_an_empty_name_is_refused(origin: Origin, tmp_path: Path) -> None:
+    archive = A + member(b"", b"no name") + END
+    assert gnu_tar_extracts(archive)[0] != 0
+    _refused(origin, tmp_path, archive, "empty name")
+
+
+@_fault("format: a v7 tar with a signed header checksum and high-bit bytes is unpacked, not saved raw", 0)
+def test_a_v7_tar_with_a_signed_checksum_is_found_to_be_a_tar(origin: Origin, tmp_path: Path) -> None:
+    archive = member("m/café.txt", b"v7\n", magic=b"", checksum="signed") + END
+    assert gnu_tar_extracts(archive)[:2] == (0, {"m/café.txt": b"v7\n"})
+    assert _accepted(origin, tmp_path, archive) == {"m/café.txt": b"v7\n"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import subprocess
 import tarfile
 from pathlib import Path
@@ -157,13 +158,19 @@ def like_gnu_tar(sandbox: Sandbox, tmp_path: Path, body: bytes, *args: str) -> d
 # --- containment, checked before anything is created -----------------------------------
 
 # ``up`` turns ``x`` into a way out, six levels above the staging root, once both are written:
-# each is harmless on its own. dest lies deeper than that, inside the watched sandbox.
+# each is harmless on its own (``up`` is an empty directory when ``x`` is written, then replaced
+# by a link). dest lies deeper than that, inside the watched sandbox.
 DEEP = "a/b/c/d/e/f/g/h"
 ESCAPE = {
     DEEP: ("dir", 0o755),
+    f"{DEEP}/up ": ("dir", 0o755),  # renamed to up by escape_tar
     "x": ("symlink", f"{DEEP}/up/" + "../" * 6),
     f"{DEEP}/up": ("symlink", "../" * 8),
 }
+
+
+def escape_tar(members: dict[str, Any]) -> bytes:
+    return _renamed(make_tar({**ESCAPE, **members}, compression=""), {f"{DEEP}/up ": f"{DEEP}/up"})
 
 
 @pytest.mark.parametrize(
@@ -193,7 +200,7 @@ ESCAPE = {
 )
 def test_nothing_is_created_outside_through_a_chain_of_links(sandbox: Sandbox, member: dict[str, Any]) -> None:
     name = next(n for n in member if n.startswith("x/"))
-    refused(sandbox, make_tar({**ESCAPE, **member}), name, "symlink")
+    refused(sandbox, escape_tar(member), name, "symlink")
 
 
 @refusal("a link whose way out appears once the link it was written through is replaced")
@@ -213,7 +220,7 @@ def test_a_link_is_checked_where_it_finally_stands(sandbox: Sandbox) -> None:
 
 @refusal("a symlink chain written before the link that opens it leads outside")
 def test_every_link_is_resolved_in_the_finished_tree(sandbox: Sandbox) -> None:
-    refused(sandbox, make_tar({**ESCAPE, "ok.txt": b"ok"}), "'x'", "leads outside")
+    refused(sandbox, escape_tar({"ok.txt": b"ok"}), "'x'", "leads outside")
 
 
 # --- fetcher's own state ---------------------------------------------------------------
@@ -450,7 +457,7 @@ def test_a_name_that_is_not_utf8_is_escaped_in_every_message(sandbox: Sandbox, t
         pytest.param(
             {"m/a.txt": b"a", "m/dangling": ("symlink", "missing/../../../x")},
             "m/dangling",
-            "leads outside",
+            "goes up ('..') past 'm/missing'",
             marks=refusal("a dangling symlink whose '..' would lead outside once its missing part exists"),
             id="dangling-dot-dot",
         ),
@@ -463,3 +470,75 @@ def test_gnu_tar_goes_on_where_fetcher_refuses(
     if os.access(GNU_TAR, os.X_OK):
         assert gnu_tar(body, tmp_path / "gnu") == 0  # the divergence is real
     refused(sandbox, body, member, reason)
+
+
+# --- links whose meaning depends on what dest holds -------------------------------------------
+
+
+@refusal("two artifacts into one dest: a '..' after a name the archive lacks, which another artifact makes a link")
+def test_a_dot_dot_after_a_name_staging_lacks_is_refused(sandbox: Sandbox, tmp_path: Path) -> None:
+    old = sandbox.with_old_model()
+    first = sandbox.origin.add("/a.tar", make_tar({"a": ("symlink", "b/..")}))  # b is not in this archive
+    second = sandbox.origin.add("/b.tar", make_tar({"b": ("symlink", ".")}))  # in dest, b/.. is dest's parent
+    config = tmp_path / "two.yaml"
+    config.write_text(f"dest: {sandbox.dest}\nartifacts:\n  - source: {first}\n  - source: {second}\n")
+    run = run_fetcher("--config", str(config))
+    assert run.code == 5, run.stderr
+    assert "'a'" in run.error and "'b'" in run.error and "'..'" in run.error, run.error
+    assert "\n" not in run.error
+    assert model(sandbox.dest) == old
+    sandbox.outside_unchanged()
+
+
+@refusal("a symlink into .fetcher through a name the archive lacks")
+def test_a_state_dir_after_a_name_staging_lacks_is_refused(sandbox: Sandbox) -> None:
+    refused(sandbox, make_tar({"m/f": b"f", "m/s": ("symlink", "../b/.fetcher/lock")}), "m/s", ".fetcher")
+
+
+@refusal("a symlink chain that takes more path components to resolve than the cap")
+def test_a_link_taking_too_many_components_to_resolve_is_refused(sandbox: Sandbox) -> None:
+    pad = "d/../" * 800  # 1,600 components a hop; 3 hops are past the cap of 4,096
+    members: dict[str, Any] = {"d": ("dir", 0o755), "ok.txt": b"ok"}
+    members |= {f"L{i}": ("symlink", f"{pad}L{i + 1}") for i in range(3)}
+    members |= {"L3": ("symlink", "d")}
+    refused(sandbox, make_tar(members), "'L0'", "4096")
+
+
+@parity("a symlink chain under the cap of path components is unpacked")
+def test_a_link_chain_under_the_cap_is_unpacked(sandbox: Sandbox) -> None:
+    pad = "d/../" * 800
+    run = sandbox.fetch(make_tar({"d/f": b"f", "L0": ("symlink", f"{pad}L1"), "L1": ("symlink", f"{pad}d")}))
+    assert run.code == 0, run.stderr
+    assert (sandbox.dest / "L0" / "f").read_bytes() == b"f"
+    sandbox.outside_unchanged()
+
+
+# --- depth --------------------------------------------------------------------------------------
+
+
+@refusal("a member 1,500 directories deep (under PATH_MAX)")
+def test_a_member_deeper_than_the_bound_is_refused(sandbox: Sandbox) -> None:
+    refused(sandbox, make_tar({"a/" * 1500 + "f": b"x"}), "'a/a/a/", "deeper than 256 path components")
+
+
+@parity("a member 256 path components deep is unpacked")
+def test_a_member_at_the_depth_bound_is_unpacked(sandbox: Sandbox) -> None:
+    run = sandbox.fetch(make_tar({"a/" * 255 + "f": b"x"}))
+    assert run.code == 0, run.stderr
+    assert (sandbox.dest / ("a/" * 255 + "f")).read_bytes() == b"x"
+    sandbox.outside_unchanged()
+
+
+@parity("members 256 path components deep unpack under a limit of 300 open files (fds do not grow with depth)")
+def test_deep_members_hold_no_fd_per_level(sandbox: Sandbox) -> None:
+    members: dict[str, Any] = {"/".join(f"{k}.{i}" for i in range(255)) + "/f": b"x" for k in range(4)}
+    body = make_tar(members)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))  # inherited by fetcher
+    try:
+        run = sandbox.fetch(body)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert run.code == 0, run.stderr
+    assert published_tree(sandbox.dest)[next(iter(members))] == ("file", b"x".hex())
+    sandbox.outside_unchanged()
