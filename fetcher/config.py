@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from fetcher import __version__
+from fetcher import STATE_DIR, __version__
 from fetcher.errors import UsageError
 
 EXTRACT_CHOICES = ("auto", "none", "tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst", "zip")
@@ -133,7 +133,7 @@ def parse_sha256(text: str) -> str:
 
 
 def parse_filename(text: str) -> str:
-    if not text or "/" in text or "\\" in text or text in (".", "..", ".fetcher") or _CONTROL.search(text):
+    if not text or "/" in text or "\\" in text or text in (".", "..", STATE_DIR) or _CONTROL.search(text):
         raise ValueError(f"{_shown(text)} is not a plain file name")
     _check_path(text)
     return text

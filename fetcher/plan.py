@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from fetcher import STATE_DIR
 from fetcher.config import RunConfig, Values
 from fetcher.errors import UsageError
 from fetcher.redact import mask_headers, redact_url
@@ -71,7 +72,7 @@ class Artifact:
 
     @property
     def state_dir(self) -> Path:
-        return self.dest / ".fetcher"
+        return self.dest / STATE_DIR
 
     def describe(self) -> dict[str, Any]:
         """The plan item as shown to people: secrets masked."""
@@ -101,7 +102,7 @@ class Artifact:
 def default_filename(source: str) -> str:
     """Last segment of the URL path, query dropped: what curl -O would pick."""
     name = posixpath.basename(unquote(urlsplit(source).path.rstrip("/")))
-    return name if name not in ("", ".", "..", ".fetcher") else "download"
+    return name if name not in ("", ".", "..", STATE_DIR) else "download"
 
 
 def _artifact(index: int, values: Values, where: str) -> Artifact:

@@ -35,11 +35,10 @@ from pathlib import Path
 
 import structlog
 
-from fetcher import __version__
+from fetcher import STATE_DIR, __version__
 from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError, local_error
 from fetcher.plan import Artifact
 
-STATE_DIR = ".fetcher"
 SPOOL_PREFIX = "download-"
 JOURNAL = "journal.json"
 LOCK = "lock"

@@ -39,6 +39,7 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
+from fetcher import STATE_DIR
 from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import ArchiveError, FetcherError, local_error
 
@@ -48,7 +49,6 @@ OPEN_DIRS = 256  # directory fds kept open between members
 MAX_DEPTH = 256  # path components of a member: every walk of the tree (ours, publish's) recurses or holds fds per level
 MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: past it a path resolves nowhere (ELOOP)
 MAX_LINK_WALK = 4096  # path components one symlink may take to resolve, across all its hops
-STATE_DIR = ".fetcher"  # fetcher's own state in dest (fetcher.publish.STATE_DIR)
 SHOWN_NAME = 200  # characters of a name a message shows; a longer one is shortened
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
