@@ -669,6 +669,7 @@ def test_s3_version_deleted_between_parts(
     s3_front.after_get = replace
     run = update(source, promise, *SPLIT, env=env)
     promise.holds_old(run, 3, source)
+    assert run.error == f"{source} changed during the download"  # the pinned version is gone, not the object
     s3.put(bucket, "m.tar.gz", NEW)
     healthy_again(source, promise, env)
 

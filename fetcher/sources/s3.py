@@ -36,7 +36,7 @@ _MISSING = "{source} does not exist ({code})"
 _REFUSED = "S3 refused access to {source} ({code}): check the credentials and bucket policy"
 _BUSY = "S3 {code} for {source}"
 S3_ERRORS: dict[str, tuple[type[FetchError], str]] = {
-    **dict.fromkeys(("NoSuchKey", "NoSuchBucket", "NoSuchVersion", "404", "NotFound"), (FetchError, _MISSING)),
+    **dict.fromkeys(("NoSuchKey", "NoSuchBucket", "404", "NotFound"), (FetchError, _MISSING)),
     **dict.fromkeys(
         (
             "AccessDenied",
@@ -53,7 +53,8 @@ S3_ERRORS: dict[str, tuple[type[FetchError], str]] = {
         ),
         (FetchError, _REFUSED),
     ),
-    **dict.fromkeys(("PreconditionFailed", "412"), (SourceChangedError, _CHANGED)),
+    # NoSuchVersion: only a pinned request names a version, so the object was replaced under us.
+    **dict.fromkeys(("PreconditionFailed", "412", "NoSuchVersion"), (SourceChangedError, _CHANGED)),
     **dict.fromkeys(
         (
             "SlowDown",
