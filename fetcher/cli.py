@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from fetcher import __version__, logs, memory
-from fetcher.config import BY_NAME, build_parser, resolve, unknown_env
+from fetcher.config import BY_NAME, QuietParser, build_parser, resolve, unknown_env
 from fetcher.errors import (
     ArchiveError,
     FetcherError,
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_OK
     except FetcherError as error:
         code = exit_code(error)
-        message = logs.safe_message(str(error))
+        message = str(error)  # made safe on its way out, to the log and to the termination log
         log.error("failed", error=message, kind=type(error).__name__, exit_code=code)
         _write_termination_log(termination_log, message)
         return code
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _write_termination_log(termination_log, message)
         return code
     except Exception as error:  # a bug: keep the traceback, but still one clear last line
-        message = logs.safe_message(f"internal error: {type(error).__name__}: {error}")
+        message = f"internal error: {type(error).__name__}: {error}"
         log.exception("internal error", error=message, exit_code=EXIT_INTERNAL)
         _write_termination_log(termination_log, message)
         return EXIT_INTERNAL
@@ -146,19 +146,12 @@ def _early_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpar
     """
     with contextlib.suppress(UsageError):
         return parser.parse_known_args(list(argv))[0]
-    reporting = _QuietParser(add_help=False, allow_abbrev=False)
+    reporting = QuietParser(add_help=False, allow_abbrev=False)
     for name in ("log_format", "termination_log"):
         reporting.add_argument(BY_NAME[name].flag, dest=name)
     with contextlib.suppress(UsageError):
         return reporting.parse_known_args(list(argv))[0]
     return None
-
-
-class _QuietParser(argparse.ArgumentParser):
-    """Prints no usage and does not exit: its failure is reported as the full parser's."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _early(namespace: argparse.Namespace | None, environ: Mapping[str, str], name: str) -> Any:
@@ -191,6 +184,6 @@ def _write_termination_log(path: Path | None, message: str) -> None:
         if not (DEFAULT_TERMINATION_LOG.exists() and os.access(DEFAULT_TERMINATION_LOG, os.W_OK)):
             return
         path = DEFAULT_TERMINATION_LOG
-    data = logs.safe_message(message).encode("utf-8", "backslashreplace")[:4000]
+    data = logs.safe_message(message).encode("utf-8")[:4000]  # safe_message leaves nothing unencodable
     with contextlib.suppress(OSError, ValueError):  # ValueError: a path no file can have
         path.write_bytes(data.decode("utf-8", "ignore").encode() + b"\n")

@@ -436,8 +436,15 @@ class RunConfig:
     config_path: Path | None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so the CLI's edge owns exit codes.
+class QuietParser(argparse.ArgumentParser):
+    """argparse that prints no usage and raises instead of exiting, so the CLI's edge owns exit codes."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+class _Parser(QuietParser):
+    """The full parser, whose messages never repeat a value.
 
     argparse quotes what it could not place, values included, and a value may be a
     secret (``--headers 'X-Api-Key: ...'``, one letter short of ``--header``): its
@@ -449,11 +456,6 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             raise UsageError(self._unrecognized(extras))
         return namespace
-
-    def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments: "):
-            message = "unrecognized arguments (not shown: they may hold a value)"
-        raise UsageError(message)
 
     def _unrecognized(self, extras: list[str]) -> str:
         known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
@@ -572,12 +574,16 @@ def load_config_file(path: Path) -> tuple[Values, list[Values]]:
 
 def _read_document(text: str) -> Any:
     """JSON through json (fast, numbers kept as written); anything else, or JSON that json refuses, as YAML."""
-    if text.lstrip()[:1] in ("{", "["):
+    if re.match(r"\s*[\[{]", text):  # without copying a file of up to 64 MiB to look at one character
         try:
             return json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
         except (ValueError, RecursionError):
             pass  # YAML's flow style, or a mistake the YAML reader will place by line and column
     return _read_yaml(text)
+
+
+def _shown_tag(tag: object) -> str:
+    return str(tag).replace(_YAML, "!!")[:40]
 
 
 def _read_yaml(text: str) -> Any:
@@ -605,9 +611,7 @@ def _read_yaml(text: str) -> Any:
             container.append(value)
         elif pending:
             container[pending.pop()] = value
-        elif isinstance(value, (dict, list)):
-            raise _Refused.at(line, "a key must be a plain value, not a list or mapping")
-        else:
+        else:  # a key: a container in its place was refused at its start event
             pending.append(value)
 
     try:
@@ -616,18 +620,17 @@ def _read_yaml(text: str) -> Any:
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
                 raise _Refused.at(line, "anchors and aliases (& and *) are not allowed in a config file")
             tag = getattr(event, "tag", None)
-            shown_tag = str(tag).replace(_YAML, "!!")[:40]
             if isinstance(event, yaml.ScalarEvent):
                 if tag == _YAML + "null" or (tag is None and event.implicit[0] and _NULL.fullmatch(event.value)):
                     place(None, line)
                 elif tag is None or tag in _TEXT_TAGS:
                     place(event.value, line)
                 else:
-                    raise _Refused.at(line, f"the tag {shown_tag} is not supported")
+                    raise _Refused.at(line, f"the tag {_shown_tag(tag)} is not supported")
             elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 mapping = isinstance(event, yaml.MappingStartEvent)
                 if tag not in (None, "!", _YAML + ("map" if mapping else "seq")):
-                    raise _Refused.at(line, f"the tag {shown_tag} is not supported")
+                    raise _Refused.at(line, f"the tag {_shown_tag(tag)} is not supported")
                 if len(stack) >= MAX_DEPTH:
                     raise _Refused.at(line, f"nested more than {MAX_DEPTH} levels deep")
                 container: dict[Any, Any] | list[Any] = {} if mapping else []

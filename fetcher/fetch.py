@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def _fetch(artifact: Artifact, siblings: frozenset[str]) -> Result:
     started = time.monotonic()
     # A marker is trusted without the lock only when no publish is pending in dest: else the
     # workspace finishes or undoes that one first, and looks again.
-    if (earlier := previous(artifact)) is not None and not interrupted(artifact):
+    if not interrupted(artifact) and (earlier := previous(artifact)) is not None:
         if (why := stale(artifact, earlier)) is None:
             return _skip(artifact, earlier, started)
         log.info("fetching again", source=artifact.display_source, dest=str(artifact.dest), reason=why)
@@ -160,7 +161,7 @@ def _skip(artifact: Artifact, present: Marker, started: float) -> Result:
 
 def _ensure_dest(artifact: Artifact) -> list[Path]:
     """Create dest if need be; the directories this created, outermost first."""
-    missing = [path for path in (artifact.dest, *artifact.dest.parents) if not path.exists()][::-1]
+    missing = list(itertools.takewhile(lambda path: not path.exists(), (artifact.dest, *artifact.dest.parents)))[::-1]
     try:
         artifact.dest.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

@@ -248,8 +248,7 @@ def _peek_decompressed(head: bytes, kind: str) -> bytes:
     want = 1024
     try:
         if kind == "zst":
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
-            return reader.read(want)
+            return _zst_reader(head).read(want)
         out = b""
         pos = 0
         while len(out) < want and head.startswith(MAGIC[kind], pos):
@@ -266,6 +265,10 @@ def _peek_decompressed(head: bytes, kind: str) -> bytes:
         raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
 
 
+def _zst_reader(head: bytes) -> zstandard.ZstdDecompressionReader:
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
+
+
 def _check_start(head: bytes, kind: str) -> None:
     """Inflate all of the head, discarding it, before calling the stream a compressed file.
 
@@ -275,7 +278,7 @@ def _check_start(head: bytes, kind: str) -> None:
     budget = CHECK_BUDGET
     try:
         if kind == "zst":
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
+            reader = _zst_reader(head)
             while budget > 0 and (block := reader.read(READ_SIZE)):
                 budget -= len(block)
             return

@@ -84,9 +84,13 @@ def _readable(settings: str) -> str:
 
 
 def read_marker(path: Path) -> Marker | None:
+    return _parse_marker(_read_text(path))
+
+
+def _parse_marker(text: str | None) -> Marker | None:
     try:
-        return Marker(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        return Marker(**json.loads(text)) if text is not None else None
+    except (ValueError, TypeError):
         return None
 
 
@@ -297,7 +301,7 @@ def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset
         if path.name == JOURNAL:
             continue
         text = _read_text(path)
-        other = read_marker(path)
+        other = _parse_marker(text)
         clash = sorted(set(other.entries) & set(entries)) if other is not None else []
         if path.stem != artifact.key and not clash:
             kept.update(other.entries if other is not None else [])

@@ -81,7 +81,6 @@ class SafeTree:
         self._max_size = max_size
         self._max_members = max_members
         self.members = 0
-        self.files = 0  # files and links written
         self.written = 0
         self._root_fd: int | None = None
         self._dirs: dict[tuple[str, ...], int] = {}  # directories walked to, still open
@@ -312,7 +311,6 @@ class SafeTree:
                 os.close(fd)
         except OSError as exc:
             raise local_error(exc, f"writing {show(name)}") from None
-        self.files += 1
 
     def add_symlink(self, name: str, target: str) -> None:
         self._count()
@@ -334,7 +332,6 @@ class SafeTree:
             os.symlink(target, parts[-1], dir_fd=parent)
         except OSError as exc:
             raise self._error(exc, name) from None
-        self.files += 1
 
     def add_hardlink(self, name: str, target: str) -> None:
         self._count()
@@ -369,7 +366,6 @@ class SafeTree:
             raise self._error(exc, name) from None
         finally:
             os.close(source_parent)
-        self.files += 1
 
     def refuse(self, name: str, what: str) -> None:
         raise ArchiveError(f"refused member {show(name)}: {what} are not allowed")
@@ -495,10 +491,7 @@ class SafeTree:
         link = os.readlink("/".join(parts), dir_fd=self._root())
         if self._escapes(parts[:-1], link):
             return False
-        try:
-            return os.path.isdir(os.path.join(self.root, *parts))
-        except OSError:
-            return False
+        return os.path.isdir(os.path.join(self.root, *parts))  # False on any OSError
 
     def _same(self, parent: int, leaf: str, source: os.stat_result) -> bool:
         try:
