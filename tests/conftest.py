@@ -18,6 +18,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import socket
 import ssl
 import subprocess
@@ -482,13 +483,28 @@ def run_fetcher(
     return Run(process.returncode, process.stdout, process.stderr, events)
 
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; fail under CI, where every test must run (.ci/run installs what they need)."""
+    if IN_CI:
+        pytest.fail(f"cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs(tool: str) -> pytest.MarkDecorator:
+    """Skip without ``tool`` locally; under CI the test runs, and fails loudly if the tool is missing."""
+    return pytest.mark.skipif(shutil.which(tool) is None and not IN_CI, reason=f"needs {tool}: scripts/container-tools")
+
+
 @contextlib.contextmanager
 def small_volume(path: Path, size: str, kind: str = "tmpfs") -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at path: a volume that fills up for real (ramfs: one without O_DIRECT)."""
     path.mkdir()
     mounted = subprocess.run(["mount", "-t", kind, "-o", f"size={size}", kind, str(path)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a {kind} here: {mounted.stderr.decode().strip()}")
+        unavailable(f"cannot mount a {kind} here: {mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/fetcher-test-base:trixie"
@@ -38,13 +38,6 @@ IMAGE_REPO = "localhost/fetcher"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BASE_PACKAGES = "python3,python3-venv,python3-pip,python-is-python3,ca-certificates"
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally; fail under CI, where the container tests must run."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"container tests cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def containers_conf() -> Path | None:

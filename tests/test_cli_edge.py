@@ -5,7 +5,6 @@ character that cannot be written."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -151,9 +150,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     lines.append("headers: *a11")
     config = _config(tmp_path, "\n".join(lines) + "\n")
     assert config.stat().st_size < 1000
-    started = time.monotonic()
     error = _refused(["--dry-run", "--config", str(config)], tmp_path)
-    assert time.monotonic() - started < 10
     assert error.startswith(f"--config {config}: line 3") and "alias" in error
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3, Origin, Run, Tls, run_fetcher, sha256, small_volume
+from tests.conftest import S3, Origin, Run, Tls, needs, run_fetcher, sha256, small_volume, unavailable
 from tests.faults_support import Background, Exchange, Promise, S3Error, S3Front, Scripted, version
 
 OLD, OLD_FILES = version(1)
@@ -708,7 +707,7 @@ def test_a_read_only_dest(origin: Origin, promise: Promise) -> None:
         healthy_again(url, promise)
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop capabilities")
+@needs("setpriv")
 @pytest.mark.fault("dest owned by another user, capabilities dropped: exit 6, old version kept", exit=6, area="disk")
 def test_an_unwritable_dest(origin: Origin, promise: Promise) -> None:
     url = origin.add(PATH, OLD, etag='"v1"')
@@ -790,14 +789,16 @@ def test_two_fetchers_on_one_dest(origin: Origin, promise: Promise) -> None:
     seeded(url, promise)
     origin.add(PATH, NEW, etag='"v2"', rate=1_000_000)
     args = ("--source", url, "--dest", str(promise.dest), "--sha256", sha256(NEW))
-    first, second = Background(*args), Background(*args)
+    first = Background(*args)
+    first.wait_for("downloading")  # the second starts while the first holds the lock: they overlap
+    second = Background(*args)
     one, two = first.finish(), second.finish()
     assert (one.code, two.code) == (0, 0), one.stderr + two.stderr
     promise.holds(NEW_FILES)
     assert len(one.all("already present")) + len(two.all("already present")) <= 1
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop capabilities")
+@needs("setpriv")
 @pytest.mark.fault("a file:// source that cannot be read (Permission denied): exit 3 naming it", exit=3, area="disk")
 def test_an_unreadable_file_source(promise: Promise, tmp_path: Path) -> None:
     model = tmp_path / "models" / "m.tar.gz"
@@ -826,7 +827,7 @@ def overlay_on_ramfs(layers: Path, mountpoint: Path) -> Iterator[Path]:
         upper = layers / "upper"
         upper.mkdir()
         if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(upper)], capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a ramfs here")
+            unavailable("cannot mount a ramfs here")
         mounted.append(upper)
         for name in ("lower", "upper/data", "upper/work"):
             (layers / name).mkdir()
@@ -835,7 +836,7 @@ def overlay_on_ramfs(layers: Path, mountpoint: Path) -> Iterator[Path]:
             ["mount", "-t", "overlay", "overlay", "-o", options, str(mountpoint)], capture_output=True
         )
         if overlay.returncode != 0:
-            pytest.skip(f"cannot mount an overlay here: {overlay.stderr.decode().strip()}")
+            unavailable(f"cannot mount an overlay here: {overlay.stderr.decode().strip()}")
         mounted.append(mountpoint)
         yield mountpoint
     finally:

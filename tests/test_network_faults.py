@@ -120,7 +120,6 @@ def test_an_object_changed_during_a_cut_transfer_is_never_stitched(
         assert second["Range"] == "bytes=50000-"
     else:  # nothing to pin a resume to: from the start again, the bytes already passed on compared
         assert "Range" not in second and "If-Match" not in second and "If-Unmodified-Since" not in second
-    assert "If-Match" in second or "If-Match" not in sent  # never If-Match on a weak ETag
     if "etag" in pin and str(pin["etag"]).startswith("W/"):
         assert "If-Match" not in second
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fetcher.cli import main
-from tests.conftest import Origin, make_tar, run_fetcher, sha256, tree
+from tests.conftest import Origin, make_tar, needs, run_fetcher, sha256, tree
 
 V1 = {"model/config.json": b'{"v": 1}', "model/w.bin": b"1" * 5000}
 V2 = {"model/config.json": b'{"v": 2}', "model/w.bin": b"2" * 5000}
@@ -114,7 +114,7 @@ NESTED_V1 = {"model/config.json": b'{"v": 1}', "model/layers/0/w.bin": b"1" * 50
 NESTED_V2 = {"model/config.json": b'{"v": 2}', "model/layers/0/w.bin": b"2" * 5000, "model/layers/1/w.bin": b"2"}
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+@needs("setpriv")
 @pytest.mark.parametrize(
     ("capabilities", "settings", "owner"),
     [
@@ -162,7 +162,7 @@ def test_closed_modes_and_owners_publish_update_and_clean_up_in_a_locked_down_po
     check(NESTED_V2)
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+@needs("setpriv")
 def test_an_owner_that_cannot_be_applied_fails_before_the_download(origin: Origin, tmp_path: Path) -> None:
     url = origin.add("/m.tar.gz", make_tar(V1))
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--owner", "1234:5678", capabilities=False)
@@ -179,7 +179,7 @@ def test_a_dest_that_cannot_be_created_is_exit_6(origin: Origin, tmp_path: Path)
     assert "cannot create --dest" in run.error
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv to drop root")
+@needs("setpriv")
 def test_an_unwritable_dest_is_exit_6(origin: Origin) -> None:
     import sys
     import tempfile
@@ -376,7 +376,7 @@ def test_a_failed_first_run_leaves_no_state_behind(origin: Origin, tmp_path: Pat
     assert os.listdir(tmp_path) == ["empty"]  # a dest fetcher created, it removes again
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+@needs("setpriv")
 @pytest.mark.parametrize("file_mode", [None, "0444"])
 @pytest.mark.parametrize("member_mode", [0o000, 0o200])
 @pytest.mark.fault("members without read permission, capabilities dropped", exit=0, area="publish")

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Origin, Run, _clean_env, make_tar, run_fetcher, sha256, small_volume
+from tests.conftest import ROOT, Origin, Run, _clean_env, make_tar, needs, run_fetcher, sha256, small_volume
 
-needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/container-tools)")
+needs_strace = needs("strace")
 
 RENAMES = "rename,renameat,renameat2"
 TOP = 400  # top-level entries: a rename or two each
@@ -296,7 +296,7 @@ def test_a_publish_that_can_be_neither_finished_nor_undone_is_finished_by_the_ne
 
 
 @needs_strace
-@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv")
+@needs("setpriv")
 @pytest.mark.fault("kill -9 mid-publish of closed modes in a locked-down pod", exit=3, area="process")
 def test_a_kill_mid_publish_of_closed_modes_without_capabilities(origin: Origin, volume: Path) -> None:
     # The killed run has its capabilities (strace runs it); the runs that recover have none, as in a pod.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,13 +93,11 @@ def test_a_ca_bundle_that_cannot_be_loaded_is_a_usage_error(
     if bundle == "not-pem":
         path.write_text("not a certificate\n")
     dest = tmp_path / "d"
-    started = time.monotonic()
     run = run_fetcher("--source", source, "--dest", str(dest), env=s3_tls.env | {"AWS_CA_BUNDLE": str(path)})
     assert run.code == 2, run.stderr
     assert run.error.startswith(f"cannot load CA certificates from AWS_CA_BUNDLE={path}: ")
     assert "\n" not in run.error
     assert run.all("retrying") == []
-    assert time.monotonic() - started < 10
     assert s3_tls.gets() == []
     assert not dest.exists() or sorted(p.name for p in dest.iterdir()) in ([], [".fetcher"])
 
