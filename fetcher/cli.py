@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -34,6 +33,7 @@ from fetcher.errors import (
     UsageError,
 )
 from fetcher.plan import build_plan, read_bearer_token
+from fetcher.schemes import scheme_of
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -87,10 +87,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             log.warning("unknown env var ignored", name=name)
         plan = build_plan(config)
         if config.run["dry_run"]:
+            shown = []
             for artifact in plan:  # a real run reads it only when it has something to download
-                if artifact.bearer_token_file is not None and urlsplit(artifact.source).scheme in ("http", "https"):
+                if artifact.bearer_token_file is not None and scheme_of(artifact.source).bearer_token:
                     read_bearer_token(artifact.bearer_token_file)
-            print(json.dumps({"fetcher": __version__, "artifacts": [a.describe() for a in plan]}, indent=2))
+                described = artifact.describe()
+                if artifact.is_directory is not False:  # resolved: each file, its size and its checksum's origin
+                    from fetcher.fetch import preview
+
+                    described |= preview(artifact)
+                shown.append(described)
+            print(json.dumps({"fetcher": __version__, "artifacts": shown}, indent=2))
             return EXIT_OK
         from fetcher.fetch import fetch
 

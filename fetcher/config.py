@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import functools
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import SplitResult, unquote, urlsplit
 
 from fetcher import STATE_DIR, __version__
 from fetcher.errors import UsageError
+from fetcher.schemes import CONTROL, check_path, check_source
 
 EXTRACT_CHOICES = ("auto", "none", "tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst", "zip")
-SCHEMES = ("http", "https", "s3", "file")
 
 _SIZE_UNITS = {
     "": 1,
@@ -45,95 +42,7 @@ _SIZE_UNITS = {
 
 
 def parse_source(text: str) -> str:
-    """Checked here as every later step will read it, so that none of them can fail on it.
-
-    urllib and httpx quote the part they choke on, a password included: their
-    messages are never passed on, only what was wrong.
-    """
-    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"unsupported URL scheme {_shown(scheme) if re.fullmatch('[a-z][a-z0-9+.-]{0,15}', scheme) else '(none)'}; "
-            "use http://, https://, s3://bucket/key or file:///path"
-        )
-    if _CONTROL.search(text):
-        raise ValueError("the URL holds a control character or a line break")
-    try:
-        parts = urlsplit(text)
-        _ = parts.port  # raises on a malformed port
-    except ValueError as exc:
-        raise ValueError(_url_problem(str(exc))) from None
-    if scheme == "file":
-        if parts.netloc or not parts.path.startswith("/"):
-            raise ValueError("a file source needs an absolute path: file:///abs/path")
-        _check_path(unquote(parts.path))
-        return text
-    if _LONE_SURROGATE.search(text):  # httpx and botocore send UTF-8, which these are not
-        raise ValueError("the URL holds characters that are not valid UTF-8")
-    if scheme == "s3":
-        bucket, slash, key = text[len("s3://") :].partition("/")
-        if not slash or not bucket or not key:
-            raise ValueError("an S3 source looks like s3://bucket/key")
-        if not _S3_BUCKET.fullmatch(bucket):
-            raise ValueError("the bucket name may hold only ASCII letters, digits, '.', '-' and '_'")
-        if len(key.encode()) > 1024:
-            raise ValueError("the S3 key is longer than 1024 bytes")
-        return text
-    if not parts.hostname:
-        raise ValueError("the URL has no host")
-    _check_http_url(text, parts)
-    return text
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
-_S3_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # botocore's own bound, legacy names included
-
-
-def _url_problem(urllib_message: str) -> str:
-    """What urllib found wrong, without the part of the URL it quotes."""
-    if "IPv6" in urllib_message:
-        return "not a valid URL (an unbalanced [ or ] in the host)"
-    if "NFKC" in urllib_message:
-        return "not a valid URL (the host holds characters that change under NFKC normalization)"
-    if "Port" in urllib_message:
-        return "not a valid URL (the port is not a number from 0 to 65535)"
-    return "not a valid URL"
-
-
-def _check_http_url(text: str, parts: SplitResult) -> None:
-    """The URL as httpx will read it: a run must not be the first to find out that it cannot.
-
-    The rest of the URL was checked above; the host is checked by httpx itself (IDNA,
-    address forms), once per host: a config of 87k artifacts has a handful. A plain
-    ASCII name is one httpx always takes (it only lower-cases and quotes it), and is not
-    handed to it: importing httpx costs ~35 ms, which a restart with the model in place
-    (no download, so no httpx) would otherwise pay.
-    """
-    if len(text) > 65_536:  # httpx's own bound
-        raise ValueError("not a valid URL (longer than 64 KiB)")
-    host = parts.netloc.rpartition("@")[2]
-    name = parts.hostname or ""
-    if _PLAIN_HOST.fullmatch(host) and "xn--" not in name and not _IPV4_STYLE.fullmatch(name):
-        return
-    if not _httpx_accepts_host(parts.scheme, host):
-        what = "an internationalized host name that IDNA refuses" if not parts.netloc.isascii() else "a bad host"
-        raise ValueError(f"not a valid URL ({what})")
-
-
-_PLAIN_HOST = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?(?::[0-9]+)?")
-_IPV4_STYLE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")  # httpx validates these as addresses
-
-
-@functools.lru_cache(maxsize=256)
-def _httpx_accepts_host(scheme: str, host_and_port: str) -> bool:
-    import httpx
-
-    try:
-        _ = httpx.URL(f"{scheme}://{host_and_port}/").host  # decoded (IDNA) when first read, as a request does
-    except Exception:  # InvalidURL, idna's IDNAError, UnicodeError: whichever, the host is wrong
-        return False
-    return True
+    return check_source(text)
 
 
 def parse_sha256(text: str) -> str:
@@ -144,9 +53,9 @@ def parse_sha256(text: str) -> str:
 
 
 def parse_filename(text: str) -> str:
-    if not text or "/" in text or "\\" in text or text in (".", "..", STATE_DIR) or _CONTROL.search(text):
+    if not text or "/" in text or "\\" in text or text in (".", "..", STATE_DIR) or CONTROL.search(text):
         raise ValueError(f"{_shown(text)} is not a plain file name")
-    _check_path(text)
+    check_path(text)
     return text
 
 
@@ -213,6 +122,25 @@ def parse_header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def parse_sums_location(text: str) -> str:
+    """A local path, or a URL of a scheme that names one object."""
+    if "://" in text:
+        check_source(text)
+        if text.split("://", 1)[0].lower() not in ("http", "https", "s3", "file") or text.endswith("/"):
+            raise ValueError("expected a file, an http(s):// URL or s3://bucket/key of a sha256sum manifest")
+        return text
+    if not text:
+        raise ValueError("empty path")
+    check_path(text)
+    return text
+
+
+def parse_glob(text: str) -> str:
+    if not text.strip() or CONTROL.search(text):
+        raise ValueError("expected a glob such as *.safetensors")
+    return text.strip()
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -234,18 +162,8 @@ def _choice(*choices: str) -> Callable[[str], str]:
 def _path(text: str) -> Path:
     if not text:
         raise ValueError("empty path")
-    _check_path(text)
+    check_path(text)
     return Path(text)
-
-
-def _check_path(text: str) -> None:
-    """A name the OS can take: no NUL, and surrogates only as os.fsdecode makes them from raw bytes."""
-    if "\0" in text:
-        raise ValueError("the path holds a NUL character")
-    try:
-        os.fsencode(text)
-    except UnicodeError:
-        raise ValueError("the path holds characters that are no file name's (a lone surrogate)") from None
 
 
 def _shown(value: object) -> str:
@@ -272,6 +190,7 @@ class Option:
     is_flag: bool = False  # a switch: --dry-run, not --dry-run VALUE
     metavar: str | None = None
     shown_default: str | None = None  # the default as a person writes it, where str() would not
+    repeatable: bool = False  # a list: the flag is given again, the env var holds one per line
 
     @property
     def help_text(self) -> str:
@@ -290,9 +209,37 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("source", parse_source, "http(s)://, s3://bucket/key or file:///path of the model", metavar="URL"),
+    Option(
+        "source",
+        parse_source,
+        "the model: https://host/file, s3://bucket/key, s3://bucket/prefix/, hf://org/model[@revision], "
+        "file:///path or file:///dir/",
+        metavar="URL",
+    ),
     Option("dest", _path, "directory the model lands in (created if missing)", metavar="DIR"),
-    Option("sha256", parse_sha256, "expected SHA-256 of the fetched bytes", metavar="HEX"),
+    Option("sha256", parse_sha256, "expected SHA-256 of the fetched bytes (one file or archive)", metavar="HEX"),
+    Option(
+        "sha256sums",
+        parse_sums_location,
+        "a directory's manifest in sha256sum's format, paths relative to the directory: exactly the files it "
+        "lists are fetched, each verified",
+        metavar="FILE|URL|s3://...",
+    ),
+    Option(
+        "include",
+        parse_glob,
+        "fetch only a directory's files matching this glob (fnmatch on the path, as huggingface_hub's "
+        "allow_patterns), repeatable (env: one per line)",
+        metavar="GLOB",
+        repeatable=True,
+    ),
+    Option(
+        "exclude",
+        parse_glob,
+        "leave out a directory's files matching this glob (wins over --include), repeatable (env: one per line)",
+        metavar="GLOB",
+        repeatable=True,
+    ),
     Option(
         "extract",
         _choice(*EXTRACT_CHOICES),
@@ -312,7 +259,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("owner", parse_owner, "chown everything published", metavar="UID[:GID]"),
     Option("file_mode", parse_mode, "mode of every published file", metavar="OCTAL"),
     Option("dir_mode", parse_mode, "mode of every published directory", metavar="OCTAL"),
-    Option("headers", parse_header, "extra HTTP header, repeatable (env: one per line)", metavar="'NAME: VALUE'"),
+    Option(
+        "headers",
+        parse_header,
+        "extra HTTP header, repeatable (env: one per line)",
+        metavar="'NAME: VALUE'",
+        repeatable=True,
+    ),
     Option("bearer_token_file", _path, "file holding a bearer token, e.g. a mounted Secret", metavar="PATH"),
     Option("retries", parse_count, "retries of transient failures (per artifact, reset by progress)", 5, metavar="N"),
     Option(
@@ -486,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         if option.is_flag:
             parser.add_argument(option.flag, dest=option.name, action="store_const", const="true", help=option.help)
-        elif option.name == "headers":
+        elif option.repeatable:
             parser.add_argument(
                 flag_of(option), dest=option.name, action="append", metavar=option.metavar, help=option.help
             )
@@ -498,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse(option: Option, raw: Any, where: str) -> Any:
     try:
-        if option.name == "headers":
-            return tuple(parse_header(_scalar(item)) for item in _header_items(raw))
+        if option.repeatable:
+            return tuple(option.parse(_scalar(item)) for item in _list_items(raw, option.name == "headers"))
         return option.parse(_scalar(raw))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{where}: {exc}") from None
@@ -513,14 +466,14 @@ def _scalar(raw: Any) -> str:
     return str(raw)
 
 
-def _header_items(raw: Any) -> list[Any]:
-    if isinstance(raw, Mapping):
+def _list_items(raw: Any, mapping: bool) -> list[Any]:
+    if mapping and isinstance(raw, Mapping):
         return [f"{name}: {value}" for name, value in raw.items()]
     if isinstance(raw, str):
         return [line for line in raw.splitlines() if line.strip()]
     if isinstance(raw, list):
         return raw
-    raise ValueError("expected a list of 'Name: value' or a mapping")
+    raise ValueError("expected a list of 'Name: value' or a mapping" if mapping else "expected a list")
 
 
 MAX_CONFIG_BYTES = 64 * 2**20  # ~700k artifacts; past it the file is not a config, and memory is bounded

@@ -1,30 +1,47 @@
-"""One artifact, end to end: skip if present, else source → pipeline → publish."""
+"""One artifact, end to end: skip if present, else resolve → transfer → pipeline → publish.
+
+The source resolves the artifact into a manifest; one object (a file or an
+archive) streams through the pipeline, a directory's files go through one
+pool of connections, and either way the staged tree is published atomically
+with a marker that records the manifest.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError
-from fetcher.plan import Artifact
+from fetcher.backoff import wait_retry_after
+from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError, TransientFetchError
+from fetcher.manifest import Manifest, select
+from fetcher.plan import Artifact, check_directory_options
 from fetcher.progress import Progress, human_bytes
 from fetcher.publish import (
     Marker,
-    already_present,
+    Record,
     check_owner,
     interrupted,
     previous,
     publish,
-    spool_dir,
     stale,
     workspace,
 )
+from fetcher.spool import ArtifactSpool
+
+if TYPE_CHECKING:
+    from fetcher.sources import Source
 
 log = structlog.get_logger("fetcher")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,7 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
     """
     created = _ensure_dest(artifact)
     try:
-        return _fetch(artifact, siblings)
+        return _Fetch(artifact, siblings).run()
     except BaseException:
         for directory in reversed(created):
             try:
@@ -54,40 +71,149 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
         raise
 
 
-def _fetch(artifact: Artifact, siblings: frozenset[str]) -> Result:
-    started = time.monotonic()
-    # A marker is trusted without the lock only when no publish is pending in dest: else the
-    # workspace finishes or undoes that one first, and looks again.
-    if not interrupted(artifact) and (earlier := previous(artifact)) is not None:
-        if (why := stale(artifact, earlier)) is None:
-            return _skip(artifact, earlier, started)
-        log.info("fetching again", source=artifact.display_source, dest=str(artifact.dest), reason=why)
-    if artifact.sha256 is None:
-        log.warning(
-            "no sha256 given: the download will not be verified",
-            source=artifact.display_source,
-            hint="set --sha256 / FETCHER_SHA256",
-        )
+class _Fetch:
+    """One artifact's run: its source, resolved at most once, and the checks that may skip it."""
 
-    # Imported here: a run that finds everything present never loads httpx or boto3.
-    from fetcher import pipeline
-    from fetcher.sources import open_source
-    from fetcher.transfer import Download, Parallelism
+    def __init__(self, artifact: Artifact, siblings: frozenset[str]) -> None:
+        self.artifact = artifact
+        self.siblings = siblings
+        self.started = time.monotonic()
+        self._source: Source | None = None
+        self._manifest: Manifest | None = None
+        self._sums: dict[str, str] | None = None
+        self._sums_read = False
 
-    with workspace(artifact, siblings) as staging:
-        if (present := already_present(artifact)) is not None:  # another pod sharing the volume just did it
-            return _skip(artifact, present, started)
-        check_owner(artifact, staging)
+    def run(self) -> Result:
+        artifact = self.artifact
+        try:
+            # A marker is trusted without the lock only when no publish is pending in dest: else the
+            # workspace finishes or undoes that one first, and looks again.
+            if not interrupted(artifact) and (earlier := previous(artifact)) is not None:
+                if (why := self._changed(earlier)) is None:
+                    return self._skip(earlier)
+                log.info("fetching again", source=artifact.display_source, dest=str(artifact.dest), reason=why)
+            return self._fetch()
+        finally:
+            if self._source is not None:
+                self._source.close()
+
+    # --- whether what is in dest still stands ------------------------------------------
+
+    def _changed(self, marker: Marker) -> str | None:
+        """Why the earlier publication cannot stand for the artifact now, if it cannot.
+
+        Local checks first (settings, each file's size and mtime). Then, for a directory:
+        a pinned manifest (a commit, --sha256sums) needs no request; a mutable one (a
+        branch, a prefix) costs one small one (a revision lookup, a listing), never a download.
+        """
+        if (why := stale(self.artifact, marker)) is not None or marker.format != "directory":
+            return why
+        if self.artifact.sha256sums is not None:
+            if marker.selection.get("sha256sums") != _digest_of(self.sums()):
+                return "--sha256sums lists other files or digests than those published"
+            return None
+        identity = self._identity()
+        if identity != marker.identity:
+            return f"{self.artifact.display_source} is now {_short(identity)}, published was {_short(marker.identity)}"
+        return None
+
+    def _identity(self) -> str | None:
+        identify: Callable[[], str | None] | None = getattr(self.source, "identity", None)
+        if identify is not None:
+            return self._retrying(identify)
+        return self.manifest().identity
+
+    # --- resolving, once ---------------------------------------------------------------------
+
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            from fetcher.sources import open_source  # imported here: a run that skips never loads httpx or boto3
+
+            self._source = open_source(self.artifact)
+        return self._source
+
+    def sums(self) -> dict[str, str] | None:
+        if not self._sums_read and self.artifact.sha256sums is not None:
+            from fetcher.sources import read_sha256sums
+
+            self._sums = self._retrying(lambda: read_sha256sums(self.artifact))
+        self._sums_read = True
+        return self._sums
+
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            artifact = self.artifact
+            resolved = self._retrying(self.source.resolve)
+            check_directory_options(artifact, resolved.directory)
+            sums = self.sums() if resolved.directory else None
+            origin = f"--sha256sums {Path(artifact.sha256sums).name}" if artifact.sha256sums else ""
+            self._manifest = select(resolved, artifact.include, artifact.exclude, sums, origin, artifact.display_source)
+            if resolved.note:
+                log.info("resolved", source=artifact.display_source, note=resolved.note)
+        return self._manifest
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """A small request (a listing, a revision lookup), retried like a download."""
+        for attempt in Retrying(
+            retry=retry_if_exception_type(TransientFetchError),
+            stop=stop_after_attempt(self.artifact.retries + 1),
+            wait=wait_retry_after(self.artifact.retry_backoff),
+            before_sleep=lambda state: log.warning(
+                "retrying",
+                source=self.artifact.display_source,
+                reason=str(state.outcome.exception() if state.outcome else None),
+                attempt=state.attempt_number,
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                return call()
+        raise AssertionError("not reached: tenacity returns or raises")
+
+    # --- fetching -----------------------------------------------------------------------------
+
+    def _fetch(self) -> Result:
+        artifact = self.artifact
+        with workspace(artifact, self.siblings) as staging:
+            if (present := previous(artifact)) is not None and self._changed(present) is None:
+                return self._skip(present)  # another pod sharing the volume just did it
+            check_owner(artifact, staging)
+            manifest = self.manifest()
+            if manifest.directory:
+                return self._directory(manifest, staging)
+            return self._single(manifest, staging)
+
+    def _single(self, manifest: Manifest, staging: Path) -> Result:
+        """One object, streamed through the pipeline: hashed, and unpacked when it is an archive."""
+        from fetcher import pipeline
+        from fetcher.sources import One
+        from fetcher.transfer import Download, Parallelism
+
+        artifact = self.artifact
+        (entry,) = manifest.entries
+        expected = entry.digest.hex if entry.digest is not None else None
+        if expected is None:
+            log.warning(
+                "no sha256 given: the download will not be verified",
+                source=artifact.display_source,
+                hint="set --sha256 / FETCHER_SHA256",
+            )
+        elif entry.digest is not None and entry.digest.origin != "--sha256":
+            log.info(
+                "verifying against the source's checksum", source=artifact.display_source, origin=entry.digest.origin
+            )
+        spool = ArtifactSpool(artifact.state_dir, artifact.key)
         progress = Progress(artifact.display_source, None, artifact.progress_interval)
         download = Download(
-            open_source(artifact),
+            One(self.source, entry, directory=False),
             retries=artifact.retries,
             backoff=artifact.retry_backoff,
             expect_html=artifact.filename.endswith((".html", ".htm")),
             parallelism=Parallelism(
                 concurrency=artifact.concurrency,
                 part_size=artifact.part_size,
-                spool_dir=spool_dir(artifact),
+                spool=spool,
                 split_below=artifact.split_below,
                 copies=lambda head: {"file": 1, "zip": 3}.get(pipeline.detect_format(head, artifact.extract), 2),
             ),
@@ -107,19 +233,26 @@ def _fetch(artifact: Artifact, siblings: frozenset[str]) -> Result:
                 filename=artifact.filename,
                 staging=staging,
                 limits=pipeline.Limits(artifact.strip_components, artifact.max_unpacked_size, artifact.max_members),
-                expected_sha256=artifact.sha256,
+                expected_sha256=expected,
                 on_bytes=progress,
-                spool_file=lambda: download.spooled,
+                spool=spool,
+                spooled=lambda: download.spooled,
             )
-            marker = publish(
-                artifact,
-                staging,
-                sha256=outcome.sha256,
-                size=outcome.size,
-                fmt=outcome.format,
-                expected_size=total,
-                siblings=siblings,
-            )
+            if expected is not None and outcome.sha256 != expected:
+                raise IntegrityError(
+                    f"sha256 mismatch: expected {expected}, got {outcome.sha256} ({outcome.size} bytes)"
+                    + ("" if entry.digest is None or entry.digest.origin == "--sha256" else f" ({entry.digest.origin})")
+                )
+            if total is not None and outcome.size != total:
+                raise IntegrityError(f"size mismatch: the source announced {total} bytes, {outcome.size} arrived")
+            obj = {
+                "path": entry.path,
+                "size": outcome.size,
+                "digest": f"sha256:{outcome.sha256}",
+                "pin": info.version if info else None,
+            }
+            record = Record(None, outcome.sha256, outcome.size, outcome.format, [obj], self._selection())
+            marker = publish(artifact, staging, record, self.siblings)
             keep_spool = False
         except (IntegrityError, ArchiveError):
             keep_spool = False
@@ -129,34 +262,137 @@ def _fetch(artifact: Artifact, siblings: frozenset[str]) -> Result:
             raise
         finally:
             download.close(keep_spool=keep_spool, disk_full=disk_full)
-    seconds = time.monotonic() - started
-    log.info(
-        "published",
-        source=artifact.display_source,
-        dest=str(artifact.dest),
-        format=outcome.format,
-        transfer=download.mode,
-        sha256=outcome.sha256,
-        verified=artifact.sha256 is not None,
-        size=outcome.size,
-        files=marker.files,
-        entries=marker.entries[:10],
-        seconds=round(seconds, 2),
-        mb_per_s=round(outcome.size / max(seconds, 1e-9) / 1e6, 1),
-    )
-    return Result(artifact, False, outcome.size, marker.files, seconds)
+        seconds = time.monotonic() - self.started
+        log.info(
+            "published",
+            source=artifact.display_source,
+            dest=str(artifact.dest),
+            format=outcome.format,
+            transfer=download.mode,
+            sha256=outcome.sha256,
+            verified=expected is not None,
+            size=outcome.size,
+            files=marker.files,
+            entries=marker.entries[:10],
+            seconds=round(seconds, 2),
+            mb_per_s=round(outcome.size / max(seconds, 1e-9) / 1e6, 1),
+        )
+        return Result(artifact, False, outcome.size, marker.files, seconds)
+
+    def _directory(self, manifest: Manifest, staging: Path) -> Result:
+        """Many files over one pool of connections, each verified, then published as one tree."""
+        from fetcher.pool import DirectoryTransfer, PoolSettings
+
+        artifact = self.artifact
+        entries = manifest.entries
+        total = manifest.size or 0
+        log.info(
+            "downloading",
+            source=artifact.display_source,
+            identity=manifest.identity,
+            files=len(entries),
+            left_out=manifest.left_out or None,
+            size=total,
+            size_h=human_bytes(total),
+        )
+        spool = ArtifactSpool(artifact.state_dir, artifact.key)
+        progress = Progress(artifact.display_source, total, artifact.progress_interval, files_total=len(entries))
+        transfer = DirectoryTransfer(
+            self.source,
+            manifest,
+            spool,
+            PoolSettings(artifact.concurrency, artifact.part_size, artifact.retries, artifact.retry_backoff),
+            on_bytes=progress,
+            on_file=progress.file_done,
+        )
+        try:
+            slots = transfer.run()
+            if transfer.unverified:
+                log.warning(
+                    "files not verified",
+                    source=artifact.display_source,
+                    count=len(transfer.unverified),
+                    of=len(entries),
+                    first=transfer.unverified[:3],
+                    hint="give --sha256sums; S3 objects uploaded with a SHA-256 checksum are checked against it",
+                )
+            tree = staging / "tree"
+            for entry in entries:
+                spool.link_into(slots[entry.path], tree / entry.path)
+            objects = [
+                {"path": e.path, "size": e.size, "digest": str(e.digest) if e.digest else None, "pin": e.pin}
+                for e in entries
+            ]
+            record = Record(manifest.identity, None, total, "directory", objects, self._selection())
+            marker = publish(artifact, staging, record, self.siblings)
+        except ArchiveError:
+            spool.discard()
+            raise
+        spool.discard()
+        seconds = time.monotonic() - self.started
+        log.info(
+            "published",
+            source=artifact.display_source,
+            dest=str(artifact.dest),
+            format="directory",
+            identity=manifest.identity,
+            files=marker.files,
+            fetched=len(entries) - transfer.kept,
+            verified=len(entries) - len(transfer.unverified),
+            size=total,
+            entries=marker.entries[:10],
+            seconds=round(seconds, 2),
+            mb_per_s=round(total / max(seconds, 1e-9) / 1e6, 1),
+        )
+        return Result(artifact, False, total, marker.files, seconds)
+
+    def _selection(self) -> dict[str, Any]:
+        sums = self.sums() if self._manifest is not None and self._manifest.directory else None
+        return {
+            "include": list(self.artifact.include),
+            "exclude": list(self.artifact.exclude),
+            "sha256sums": _digest_of(sums),
+        }
+
+    def _skip(self, present: Marker) -> Result:
+        log.info(
+            "already present",
+            source=self.artifact.display_source,
+            dest=str(self.artifact.dest),
+            sha256=present.sha256,
+            identity=present.identity,
+            files=present.files,
+            published_at=present.published_at,
+        )
+        return Result(self.artifact, True, present.size, present.files, time.monotonic() - self.started)
 
 
-def _skip(artifact: Artifact, present: Marker, started: float) -> Result:
-    log.info(
-        "already present",
-        source=artifact.display_source,
-        dest=str(artifact.dest),
-        sha256=present.sha256,
-        files=present.files,
-        published_at=present.published_at,
-    )
-    return Result(artifact, True, present.size, present.files, time.monotonic() - started)
+def preview(artifact: Artifact) -> dict[str, Any]:
+    """What a dry run shows of a source that may be a directory: its manifest, resolved now."""
+    run = _Fetch(artifact, frozenset())
+    try:
+        manifest = run.manifest()
+    finally:
+        if run._source is not None:
+            run._source.close()
+    shown: dict[str, Any] = {"directory": manifest.directory}
+    if manifest.identity is not None:
+        shown["identity"] = manifest.identity
+    if manifest.directory:
+        shown["size"] = manifest.size
+        shown["left_out"] = manifest.left_out
+    shown["files"] = [entry.describe() for entry in manifest.entries]
+    return shown
+
+
+def _digest_of(sums: dict[str, str] | None) -> str | None:
+    if sums is None:
+        return None
+    return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+
+
+def _short(identity: str | None) -> str:
+    return "(unknown)" if identity is None else identity[:60]
 
 
 def _ensure_dest(artifact: Artifact) -> list[Path]:

@@ -11,17 +11,11 @@ hashing and unpacking still stream while later parts are in flight.
 
 from __future__ import annotations
 
-import json
-import os
 import queue
-import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
@@ -29,8 +23,9 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Cancelled, Channel
-from fetcher.errors import FetchError, LocalFilesystemError, TransientFetchError, local_error
-from fetcher.sources.base import CHUNK_SIZE, Source
+from fetcher.errors import FetchError, TransientFetchError
+from fetcher.sources.base import ObjectInfo, ObjectReader
+from fetcher.spool import Parts
 
 log = structlog.get_logger("fetcher")
 
@@ -39,106 +34,33 @@ class RangeNotHonoured(FetchError):
     """A part request came back whole (200) or with the wrong range: use one stream."""
 
 
-@dataclass(frozen=True)
-class Identity:
-    """What the spool holds: a later run may reuse it only for the very same object."""
+def fill_part(
+    reader: ObjectReader,
+    spool: Parts,
+    index: int,
+    position: list[int],
+    end: int,
+    stopped: Callable[[], bool],
+    on_bytes: Callable[[int], None] | None = None,
+) -> ObjectInfo:
+    """One attempt at bytes ``position[0]`` to ``end`` of a part, written at their offsets.
 
-    source: str
-    version: str
-    size: int
-    part_size: int
-
-
-class Spool:
-    """The object's bytes at their offsets, and the journal of parts safely on disk.
-
-    Parts are written by several threads at once; ``close`` waits for those
-    in the middle of a write, so no write can land on a recycled descriptor.
+    ``position[0]`` moves as bytes land, so that a retry asks only for the rest. The
+    caller commits the part once it is whole.
     """
-
-    def __init__(self, directory: Path, identity: Identity) -> None:
-        self.directory = directory
-        self.identity = identity
-        self.done: set[int] = set()
-        self._busy = 0
-        self._closed = False
-        self._idle = threading.Condition()
-        journal = directory / "journal"
-        try:
-            lines = journal.read_text(encoding="utf-8").split("\n")[:-1]  # a line cut short by a kill is no record
-            data = (directory / "data").stat()
-            if lines and json.loads(lines[0]) == asdict(identity) and data.st_size == identity.size:
-                self.done = {int(line) for line in lines[1:] if line.isdigit()}
-            else:  # another object, or its data was moved out (published) or lost
-                shutil.rmtree(directory, ignore_errors=True)
-        except (OSError, ValueError):
-            shutil.rmtree(directory, ignore_errors=True)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise local_error(exc, f"preparing the download spool in {directory}") from exc
-        try:
-            os.ftruncate(self._fd, identity.size)
-            self._journal = journal.open("a", encoding="utf-8")
-            if not self.done:
-                self._journal.write(json.dumps(asdict(identity)) + "\n")
-                self._journal.flush()
-        except OSError as exc:
-            os.close(self._fd)
-            raise local_error(exc, f"preparing the download spool in {directory}") from exc
-
-    @contextmanager
-    def _using(self) -> Iterator[int]:
-        with self._idle:
-            if self._closed:
+    with reader.open(position[0], end) as body:
+        if not body.partial or body.offset != position[0]:
+            raise RangeNotHonoured(f"{reader.display} did not honour a range request")
+        for chunk in body.chunks:
+            if stopped():
                 raise Cancelled
-            self._busy += 1
-        try:
-            yield self._fd
-        except OSError as exc:
-            raise local_error(exc, f"writing the download spool in {self.directory}") from exc
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
-
-    def write(self, offset: int, data: bytes) -> None:
-        with self._using() as fd:
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
-
-    def commit(self, index: int) -> None:
-        """Record a part as done, only once its bytes are on disk."""
-        with self._using() as fd:
-            os.fdatasync(fd)
-            with self._idle:
-                self._journal.write(f"{index}\n")
-                self._journal.flush()
-                self.done.add(index)
-
-    def read(self, start: int, end: int) -> Iterator[bytes]:
-        while start < end:
-            with self._using() as fd:
-                chunk = os.pread(fd, min(CHUNK_SIZE, end - start), start)
-            if not chunk:
-                raise LocalFilesystemError("the download spool is shorter than the parts it records")
-            start += len(chunk)
-            yield chunk
-
-    def close(self) -> None:
-        with self._idle:
-            if self._closed:
-                return
-            self._closed = True
-            self._idle.wait_for(lambda: self._busy == 0)
-        os.close(self._fd)
-        self._journal.close()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+            spool.write(position[0], chunk)
+            position[0] += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+        if position[0] < end:
+            raise TransientFetchError(f"part {index} of {reader.display} ended early")
+        return body.info
 
 
 class PartedDownload:
@@ -151,8 +73,8 @@ class PartedDownload:
 
     def __init__(
         self,
-        source: Source,
-        spool: Spool,
+        source: ObjectReader,
+        spool: Parts,
         *,
         concurrency: int,
         retries: int,
@@ -230,7 +152,7 @@ class PartedDownload:
 
     def _fetch(self, index: int) -> None:
         start, end = self.bounds(index)
-        position = start
+        done = [start]  # where a retry goes on from: what landed before a cut is kept
         for attempt in Retrying(
             retry=retry_if_exception_type(TransientFetchError),
             stop=stop_after_attempt(self._retries + 1),
@@ -239,16 +161,8 @@ class PartedDownload:
             sleep=self._sleep,
             reraise=True,
         ):
-            with attempt, self.source.open(position, end) as body:
-                if not body.partial or body.offset != position:
-                    raise RangeNotHonoured(f"{self.source.display} did not honour a range request")
-                for chunk in body.chunks:
-                    if self._stopped():
-                        raise Cancelled
-                    self.spool.write(position, chunk)
-                    position += len(chunk)
-                if position < end:
-                    raise TransientFetchError(f"part {index} of {self.source.display} ended early")
+            with attempt:
+                fill_part(self.source, self.spool, index, done, end, self._stopped)
         self.spool.commit(index)
 
     def _sleep(self, seconds: float) -> None:

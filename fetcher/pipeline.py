@@ -15,7 +15,6 @@ import bz2
 import hashlib
 import io
 import lzma
-import os
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +28,7 @@ from zlib_ng import zlib_ng  # the fastest on weight-like data here: 487 MB/s, i
 from fetcher.archives import is_header, unpack_tar, unpack_zip
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import ArchiveError, IntegrityError, local_error
+from fetcher.spool import ArtifactSpool
 from fetcher.unpack import Readable, SafeTree
 
 _CORRUPT: tuple[type[BaseException], ...] = (
@@ -351,15 +351,16 @@ def run(
     limits: Limits,
     expected_sha256: str | None,
     on_bytes: Callable[[int], None] | None = None,
-    spool_file: Callable[[], Path | None] = lambda: None,
+    spool: ArtifactSpool | None = None,
+    spooled: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     """Turn the source's bytes into files under ``staging/tree``; return the digest.
 
     Hashing runs in a thread of its own between the download and the rest,
     so that it overlaps both the network and the writing of files.
 
-    ``spool_file`` names a file that will hold all of the bytes by the end, if
-    there is one: a plain file is then moved from there, not written again.
+    ``spooled`` says when the download goes through ``spool``, which then holds all of
+    the bytes by the end: a plain file is moved from there, not written again.
     """
     digest = Digest(on_bytes)
 
@@ -371,7 +372,8 @@ def run(
     hashed, _hasher = produce_in_thread(hash_and_pass, HASHED_DEPTH, "fetcher-hash")
     try:
         # On success the hasher has ended: the reader was drained to its end marker.
-        return _run(ChunkReader(hashed), digest, extract, filename, staging, limits, expected_sha256, spool_file)
+        adopt = _Adopt(spool, spooled)
+        return _run(ChunkReader(hashed), digest, extract, filename, staging, limits, expected_sha256, adopt)
     finally:
         hashed.close()  # on failure, the hasher stops at its next chunk, or when the download is closed
 
@@ -384,7 +386,7 @@ def _run(
     staging: Path,
     limits: Limits,
     expected_sha256: str | None,
-    spool_file: Callable[[], Path | None],
+    adopt: _Adopt,
 ) -> Outcome:
     root = staging / "tree"
     try:
@@ -393,7 +395,7 @@ def _run(
         if extract not in ("auto", "none"):
             _check_declared(head, extract)
         if fmt == "file":
-            _save_file(reader, root / filename, spool_file)
+            _save_file(reader, root / filename, adopt)
         else:
             tree = SafeTree(
                 root,
@@ -443,18 +445,24 @@ class _Spooled(Exception):
     """The download went through its spool after all: the file is there, no need to write it again."""
 
 
+@dataclass(frozen=True)
+class _Adopt:
+    spool: ArtifactSpool | None
+    spooled: Callable[[], bool]
+
+
 class _UntilSpooled:
-    def __init__(self, reader: ChunkReader, spool_file: Callable[[], Path | None]) -> None:
+    def __init__(self, reader: ChunkReader, adopt: _Adopt) -> None:
         self._reader = reader
-        self._spool_file = spool_file
+        self._adopt = adopt
 
     def read(self, size: int = -1, /) -> bytes:
-        if self._spool_file() is not None:
+        if self._adopt.spooled():
             raise _Spooled
         return self._reader.read(size)
 
 
-def _save_file(reader: ChunkReader, target: Path, spool_file: Callable[[], Path | None]) -> None:
+def _save_file(reader: ChunkReader, target: Path, adopt: _Adopt) -> None:
     """Write a plain file as it arrives, or, once the download spools it, move the spool in place instead.
 
     The download decides to split only after its first part, when writing has begun:
@@ -463,22 +471,12 @@ def _save_file(reader: ChunkReader, target: Path, spool_file: Callable[[], Path 
     try:
         # A plain file is the download itself: no stripping, no unpack limits.
         tree = SafeTree(target.parent, strip_components=0, max_size=2**63, max_members=1)
-        tree.add_file(target.name, 0o644, _UntilSpooled(reader, spool_file))
+        tree.add_file(target.name, 0o644, _UntilSpooled(reader, adopt))
     except _Spooled:
         target.unlink(missing_ok=True)
         reader.drain()  # hash it; by its end, every byte is in the spool
-        spool = spool_file()
-        assert spool is not None
-        _adopt(spool, target)
-
-
-def _adopt(spool: Path, target: Path) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(spool, target)
-        os.chmod(target, 0o644)
-    except OSError as exc:
-        raise local_error(exc, "moving the downloaded file into staging") from None
+        assert adopt.spool is not None
+        adopt.spool.adopt(target)
 
 
 def _spool(reader: ChunkReader, path: Path) -> None:

@@ -18,6 +18,7 @@ from fetcher import STATE_DIR
 from fetcher.config import RunConfig, Values
 from fetcher.errors import UsageError
 from fetcher.redact import mask_headers, redact_url
+from fetcher.schemes import scheme_of
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Artifact:
     source: str
     dest: Path
     sha256: str | None
+    sha256sums: str | None
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
     extract: str
     filename: str
     strip_components: int
@@ -53,6 +57,11 @@ class Artifact:
     @property
     def scheme(self) -> str:
         return self.source.split("://", 1)[0].lower()
+
+    @property
+    def is_directory(self) -> bool | None:
+        """Whether the source names a directory, when its text alone tells (else its source decides)."""
+        return scheme_of(self.source).is_directory(self.source)
 
     @property
     def display_source(self) -> str:
@@ -83,6 +92,12 @@ class Artifact:
             "extract": self.extract,
             "filename": self.filename,
         }
+        if self.sha256sums is not None:
+            shown["sha256sums"] = redact_url(self.sha256sums) if "://" in self.sha256sums else self.sha256sums
+        if self.include:
+            shown["include"] = list(self.include)
+        if self.exclude:
+            shown["exclude"] = list(self.exclude)
         if self.strip_components:
             shown["strip_components"] = self.strip_components
         if self.owner is not None:
@@ -121,8 +136,11 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
             "dest": Path(values["dest"]),
             "filename": values["filename"] or default_filename(values["source"]),
             "headers": tuple(values["headers"] or ()),
+            "include": tuple(values["include"] or ()),
+            "exclude": tuple(values["exclude"] or ()),
         }
     )
+    check_directory_options(artifact, artifact.is_directory, where)
     # One of them would silently replace the other on the wire (httpx sends the URL's as Basic).
     credentials = [
         what
@@ -136,6 +154,24 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
     if len(credentials) > 1:
         raise UsageError(f"{where}credentials given twice, as {' and as '.join(credentials)}: keep one")
     return artifact
+
+
+def check_directory_options(artifact: Artifact, directory: bool | None, where: str = "") -> None:
+    """--sha256 names one stream's digest, --sha256sums a directory's: each only where it means something.
+
+    Called again by a source that finds out only when it resolves (an S3 key that is a prefix).
+    """
+    if directory and artifact.sha256 is not None:
+        raise UsageError(
+            f"{where}--sha256 verifies one file or archive, but {artifact.display_source} is a directory: "
+            "give its files' digests with --sha256sums (sha256sum's format)"
+        )
+    if directory is False and (artifact.sha256sums is not None or artifact.include or artifact.exclude):
+        given = "--sha256sums" if artifact.sha256sums is not None else "--include/--exclude"
+        raise UsageError(
+            f"{where}{given} applies to a directory (s3://bucket/prefix/, hf://org/model, file:///dir/), "
+            f"and {artifact.display_source} is one file: use --sha256"
+        )
 
 
 def read_bearer_token(path: Path) -> str:
@@ -157,7 +193,7 @@ def build_plan(config: RunConfig) -> list[Artifact]:
     plan = [_artifact(i, values, f"artifacts[{i}]: " if many else "") for i, values in enumerate(config.artifacts)]
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
-        if item.extract == "none":  # with auto the name matters only if it is no archive
+        if item.extract == "none" and not item.is_directory:  # with auto the name matters only if it is no archive
             spot = (item.dest.resolve(), item.filename)
             if spot in seen and plan[seen[spot]].source != item.source:
                 raise UsageError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import structlog
@@ -18,27 +19,40 @@ def human_bytes(count: float) -> str:
 
 
 class Progress:
-    """Called with each chunk's length; logs at most once per ``interval`` seconds."""
+    """Called with each chunk's length (from any thread); logs at most once per ``interval`` seconds.
 
-    def __init__(self, source: str, total: int | None, interval: float) -> None:
+    A directory's transfer also counts its files: ``files`` of ``files_total`` done.
+    """
+
+    def __init__(self, source: str, total: int | None, interval: float, files_total: int | None = None) -> None:
         self.source = source
         self.total = total
         self.interval = interval
         self.done = 0
+        self.files = 0
+        self.files_total = files_total
         self.started = time.monotonic()
         self._next = self.started + interval
+        self._lock = threading.Lock()
 
     def __call__(self, count: int) -> None:
-        self.done += count
-        now = time.monotonic()
-        if now >= self._next:
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if now < self._next:
+                return
             self._next = now + self.interval
-            log.info("progress", source=self.source, **self.figures(now))
+        log.info("progress", source=self.source, **self.figures(now))
+
+    def file_done(self, _entry: object) -> None:
+        with self._lock:
+            self.files += 1
 
     def figures(self, now: float | None = None) -> dict[str, object]:
         elapsed = max((now or time.monotonic()) - self.started, 1e-9)
         rate = self.done / elapsed
-        shown: dict[str, object] = {
+        shown: dict[str, object] = {"files": f"{self.files}/{self.files_total}"} if self.files_total else {}
+        shown |= {
             "bytes": self.done,
             "done": human_bytes(self.done),
             "mb_per_s": round(rate / 1e6, 1),

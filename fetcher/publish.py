@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 import time
@@ -32,55 +31,71 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from fetcher import STATE_DIR, __version__
-from fetcher.errors import IntegrityError, LocalFilesystemError, UsageError, local_error
+from fetcher.errors import LocalFilesystemError, UsageError, local_error
 from fetcher.plan import Artifact
+from fetcher.spool import ArtifactSpool
 
-SPOOL_PREFIX = "download-"
 JOURNAL = "journal.json"
 LOCK = "lock"
+MARKER_FORMAT = 2
 
 log = structlog.get_logger("fetcher")
 
 
 @dataclass(frozen=True)
+class Record:
+    """What was fetched, as the marker will record it."""
+
+    identity: str | None  # what the source was resolved to: a commit, a listing's digest (None: one object)
+    sha256: str | None  # one object's digest, as streamed (None: a directory, whose files each have one)
+    size: int
+    format: str  # tar, tar.gz, ..., zip, file, or directory
+    objects: list[dict[str, Any]]  # the manifest: path, size, digest and pin of every object
+    selection: dict[str, Any]  # --include, --exclude and the digest of --sha256sums: others mean fetching again
+
+
+@dataclass(frozen=True)
 class Marker:
-    """What was published, to skip the work when a restarted pod asks again."""
+    """What was published, to skip the work when a restarted pod asks again: JSON, read back as JSON."""
 
     source: str
-    sha256: str
+    identity: str | None
+    sha256: str | None
     size: int
     format: str
     files: int
     entries: list[str]  # top-level names this artifact put in dest
     stamps: dict[str, list[int]]  # every regular file published, relative to dest: [size, mtime_ns]
-    settings: str  # ownership and modes applied: other settings mean publishing again
+    objects: list[dict[str, Any]]
+    selection: dict[str, Any]
+    settings: dict[str, Any]  # ownership and modes applied: other settings mean publishing again
     published_at: str
     fetcher_version: str
-
-
-def spool_dir(artifact: Artifact) -> Path:
-    """Where a parallel download of this artifact keeps its parts, to resume from after a restart."""
-    return artifact.state_dir / f"{SPOOL_PREFIX}{artifact.key}"
+    marker_format: int = MARKER_FORMAT
 
 
 def _marker_path(artifact: Artifact) -> Path:
     return artifact.state_dir / f"{artifact.key}.json"
 
 
-def _settings(artifact: Artifact) -> str:
-    return f"owner={artifact.owner} file_mode={artifact.file_mode} dir_mode={artifact.dir_mode}"
+def settings_of(artifact: Artifact) -> dict[str, Any]:
+    owner = None if artifact.owner is None else list(artifact.owner)
+    return {"owner": owner, "file_mode": artifact.file_mode, "dir_mode": artifact.dir_mode}
 
 
-def _readable(settings: str) -> str:
-    """Settings as a person writes them: the marker keeps its own spelling, as it always has."""
-    settings = re.sub(
-        r"owner=\((\d+), (\d+|None)\)", lambda m: f"owner={m[1]}{'' if m[2] == 'None' else ':' + m[2]}", settings
-    )
-    return re.sub(r"(mode=)(\d+)", lambda m: f"{m[1]}{int(m[2]):04o}", settings)
+def _readable(settings: dict[str, Any]) -> str:
+    """Settings as a person writes them."""
+    owner = settings.get("owner")
+    shown = [f"owner={owner[0]}{'' if owner[1] is None else f':{owner[1]}'}" if owner else "owner=None"]
+    for name in ("file_mode", "dir_mode"):
+        mode = settings.get(name)
+        shown.append(f"{name}={mode:04o}" if isinstance(mode, int) else f"{name}=None")
+    return " ".join(shown)
 
 
 def read_marker(path: Path) -> Marker | None:
@@ -88,8 +103,31 @@ def read_marker(path: Path) -> Marker | None:
 
 
 def _parse_marker(text: str | None) -> Marker | None:
+    """The marker, or None. A marker of an older format still says which entries fetcher published
+    (so they stay fetcher's to replace), but never stands for the artifact: its settings are unknown."""
     try:
-        return Marker(**json.loads(text)) if text is not None else None
+        data = json.loads(text) if text is not None else None
+        if not isinstance(data, dict):
+            return None
+        if "marker_format" not in data:
+            data = {
+                name: data.get(name, default)
+                for name, default in (
+                    ("source", "?"),
+                    ("identity", None),
+                    ("sha256", None),
+                    ("size", 0),
+                    ("format", "?"),
+                    ("files", 0),
+                    ("entries", []),
+                    ("stamps", {}),
+                    ("objects", []),
+                    ("selection", {}),
+                    ("published_at", "?"),
+                    ("fetcher_version", "?"),
+                )
+            } | {"settings": {"older marker format": True}, "marker_format": 1}
+        return Marker(**data)
     except (ValueError, TypeError):
         return None
 
@@ -107,10 +145,17 @@ def stale(artifact: Artifact, marker: Marker) -> str | None:
     start, and any ordinary write changes one of them. Re-hashing a 20 GB
     model on each restart would cost more than most downloads.
     """
+    if marker.marker_format != MARKER_FORMAT:
+        return f"published by fetcher {marker.fetcher_version}, whose marker this one does not read"
     if artifact.sha256 is not None and marker.sha256 != artifact.sha256:
         return f"published with sha256 {marker.sha256}, now {artifact.sha256} is asked for"
-    if marker.settings != (settings := _settings(artifact)):
+    if marker.settings != (settings := settings_of(artifact)):
         return f"published with {_readable(marker.settings)}, now {_readable(settings)}"
+    for name in ("include", "exclude"):
+        if marker.selection.get(name, []) != list(getattr(artifact, name)):
+            return f"published with --{name} {marker.selection.get(name, [])}, now {list(getattr(artifact, name))}"
+    if (artifact.sha256sums is None) != (marker.selection.get("sha256sums") is None):
+        return "published " + ("without" if artifact.sha256sums is not None else "with") + " --sha256sums"
     for relative, (size, mtime_ns) in marker.stamps.items():
         try:
             info = (artifact.dest / relative).stat()
@@ -147,7 +192,8 @@ def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Ite
     lock = _lock(artifact)
     try:
         _recover(state)
-        _clean_leftovers(state, keep={f"{SPOOL_PREFIX}{key}" for key in siblings | {artifact.key}})
+        _clean_leftovers(state)
+        ArtifactSpool.clean(state, keep=set(siblings | {artifact.key}))
         staging = state / f"staging-{uuid.uuid4().hex[:12]}"
         try:
             staging.mkdir()
@@ -201,19 +247,15 @@ def _unlock(state: Path, fd: int) -> None:
         os.close(fd)
 
 
-def _clean_leftovers(state: Path, keep: set[str]) -> None:
+def _clean_leftovers(state: Path) -> None:
     """Remove what an earlier run left when it was killed mid-way.
 
-    That includes the download spools of objects no longer asked for (an
-    older version of the model, say): they can be as large as the model.
     Called only once no publish is pending, whose staging and trash these are.
     """
     for entry in state.iterdir():
         if entry.name.endswith(".tmp"):
             entry.unlink(missing_ok=True)
-        elif entry.name.startswith(("staging-", "trash-")) or (
-            entry.name.startswith(SPOOL_PREFIX) and entry.name not in keep
-        ):
+        elif entry.name.startswith(("staging-", "trash-")):
             remove_tree(entry)
 
 
@@ -234,34 +276,24 @@ class Journal:
     dir_mode: int | None
 
 
-def publish(
-    artifact: Artifact,
-    staging: Path,
-    *,
-    sha256: str,
-    size: int,
-    fmt: str,
-    expected_size: int | None,
-    siblings: frozenset[str] = frozenset(),
-) -> Marker:
-    """Verify, set ownership and modes, then move into dest under a journal, marker last."""
-    if artifact.sha256 is not None and sha256 != artifact.sha256:
-        raise IntegrityError(f"sha256 mismatch: expected {artifact.sha256}, got {sha256} ({size} bytes)")
-    if expected_size is not None and size != expected_size:
-        raise IntegrityError(f"size mismatch: the source announced {expected_size} bytes, {size} arrived")
+def publish(artifact: Artifact, staging: Path, record: Record, siblings: frozenset[str] = frozenset()) -> Marker:
+    """Set ownership and modes on what was verified, then move it into dest under a journal, marker last."""
     tree = staging / "tree"
     tree.mkdir(exist_ok=True)
     stamps = _finish_tree(artifact, tree)
     entries = sorted(os.listdir(tree))
     marker = Marker(
         source=artifact.display_source,
-        sha256=sha256,
-        size=size,
-        format=fmt,
+        identity=record.identity,
+        sha256=record.sha256,
+        size=record.size,
+        format=record.format,
         files=len(stamps),
         entries=entries,
         stamps=stamps,
-        settings=_settings(artifact),
+        objects=record.objects,
+        selection=record.selection,
+        settings=settings_of(artifact),
         published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         fetcher_version=__version__,
     )

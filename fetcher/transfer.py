@@ -10,14 +10,12 @@ flaky link is not failed by drops that are each recovered from.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -26,9 +24,10 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, SourceChangedError, TransientFetchError
-from fetcher.parts import Identity, PartedDownload, RangeNotHonoured, Spool
+from fetcher.parts import PartedDownload, RangeNotHonoured
 from fetcher.pipeline import SNIFF_BYTES
-from fetcher.sources.base import Body, ObjectInfo, Source, TooSlow
+from fetcher.sources.base import Body, ObjectInfo, ObjectReader, TooSlow
+from fetcher.spool import ArtifactSpool, Identity, Parts
 
 log = structlog.get_logger("fetcher")
 
@@ -42,18 +41,13 @@ class Parallelism:
 
     concurrency: int
     part_size: int
-    spool_dir: Path
+    spool: ArtifactSpool
     # A single connection at least this fast (bytes/s) already outruns unpacking on a
     # small node: more connections would only add the cost of spooling to disk.
     split_below: float
     # How many times its size an object starting with these bytes takes on the volume while it is
     # spooled: 1 for a plain file (moved out of the spool), 2 for a tar (spool and files), 3 for a zip.
     copies: Callable[[bytes], int]
-
-    @property
-    def no_room_flag(self) -> Path:
-        """Left by a parallel run that filled the disk: the next run of this artifact uses one stream."""
-        return self.spool_dir / "no-room"
 
 
 class Download:
@@ -67,7 +61,7 @@ class Download:
 
     def __init__(
         self,
-        source: Source,
+        source: ObjectReader,
         *,
         retries: int,
         backoff: float = 1.0,
@@ -82,7 +76,7 @@ class Download:
         self._backoff = backoff
         self._expect_html = expect_html
         self._parallelism = parallelism
-        self._spool: Spool | None = None
+        self._spool: Parts | None = None
         self._fill_spool = False  # after a fallback to one stream, keep the spool whole
         self._failures = 0
         self._offset_at_failure = 0
@@ -104,9 +98,9 @@ class Download:
         return iter(self._channel)
 
     @property
-    def spooled(self) -> Path | None:
-        """The file holding the whole object once it has arrived, when it went through the spool."""
-        return self._spool.directory / "data" if self._spool is not None else None
+    def spooled(self) -> bool:
+        """Whether the object goes through the spool, which holds all of it once it has arrived."""
+        return self._spool is not None
 
     def close(self, *, keep_spool: bool, disk_full: bool = False) -> None:
         """Stop the network threads; keep the spool only where a later run can resume from it.
@@ -116,17 +110,15 @@ class Download:
         """
         if self._channel is not None:
             self._channel.close()
-        self.source.close()
         spooled = self._spool is not None
         if self._spool is not None:
             self._spool.close()
         if (keep_spool and not disk_full) or self._parallelism is None:
             return
-        shutil.rmtree(self._parallelism.spool_dir, ignore_errors=True)
         if disk_full and spooled:
-            with contextlib.suppress(OSError):
-                self._parallelism.spool_dir.mkdir(parents=True, exist_ok=True)
-                self._parallelism.no_room_flag.touch()
+            self._parallelism.spool.mark_no_room()
+        else:
+            self._parallelism.spool.discard()
 
     # --- the network thread ------------------------------------------------
 
@@ -250,23 +242,23 @@ class Download:
             or info.size < 2 * settings.part_size
         ):
             return False
-        if settings.no_room_flag.exists():
+        if settings.spool.no_room:
             log.info("one stream: the last parallel attempt filled the disk", source=self.source.display)
             return False
         return True
 
-    def _open_spool(self) -> Spool:
+    def _open_spool(self) -> Parts:
         assert self._parallelism is not None and self.info is not None
         assert self.info.size is not None and self.info.version is not None
         identity = Identity(self.source.display, self.info.version, self.info.size, self._parallelism.part_size)
-        return Spool(self._parallelism.spool_dir, identity)
+        return self._parallelism.spool.parts(identity)
 
     def _room_to_spool(self, held: list[bytes]) -> bool:
         """Whether the volume holds the spool, besides the unpacked files when there are any."""
         assert self._parallelism is not None and self.info is not None and self.info.size is not None
         head = b"".join(held)[:SNIFF_BYTES]
         needed = self.info.size * self._parallelism.copies(head)
-        free = shutil.disk_usage(self._parallelism.spool_dir).free
+        free = shutil.disk_usage(self._parallelism.spool.directory).free
         if free < needed:
             log.info(
                 "one stream: too little free space to spool parallel parts",
@@ -276,7 +268,7 @@ class Download:
             )
         return free >= needed
 
-    def _first_part_slow(self, body: Body, channel: Channel, spool: Spool) -> bool:
+    def _first_part_slow(self, body: Body, channel: Channel, spool: Parts) -> bool:
         """Pass the first part on while timing the network; if it was slow, spool it and say so.
 
         Only the time spent waiting for the network counts, not the time the

@@ -1,23 +1,72 @@
-"""Sources by URL scheme; each module is imported only when its scheme is used."""
+"""Sources, looked up by scheme in ``fetcher.schemes``; each module is imported only when its scheme is used."""
 
 from __future__ import annotations
 
-from fetcher.plan import Artifact
-from fetcher.sources.base import Body, ObjectInfo, Source
+from pathlib import Path
 
-__all__ = ["Body", "ObjectInfo", "Source", "open_source"]
+from fetcher.errors import UsageError
+from fetcher.manifest import MAX_SUMS_BYTES, Entry, parse_sha256sums
+from fetcher.plan import Artifact
+from fetcher.redact import redact_url
+from fetcher.schemes import scheme_of
+from fetcher.sources.base import Body, Connection, ObjectInfo, One, Selection, Source, SpeedFloor
+
+__all__ = ["Body", "ObjectInfo", "One", "Source", "open_source", "read_sha256sums"]
+
+
+def connection(artifact: Artifact) -> Connection:
+    return Connection(
+        headers=artifact.headers,
+        bearer_token_file=artifact.bearer_token_file,
+        timeout=artifact.timeout,
+        concurrency=artifact.concurrency,
+        floor=SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time),
+        s3_anonymous=artifact.s3_anonymous,
+        s3_addressing_style=artifact.s3_addressing_style,
+    )
+
+
+def selection(artifact: Artifact) -> Selection:
+    return Selection(
+        filename=artifact.filename,
+        extract=artifact.extract,
+        sha256=artifact.sha256,
+        include=artifact.include,
+        exclude=artifact.exclude,
+    )
 
 
 def open_source(artifact: Artifact) -> Source:
-    # Imported here so an HTTP fetch never pays for importing boto3.
-    if artifact.scheme in ("http", "https"):
-        from fetcher.sources.http import HttpSource
+    source: Source = scheme_of(artifact.source).load()(artifact.source, connection(artifact), selection(artifact))
+    return source
 
-        return HttpSource(artifact)
-    if artifact.scheme == "s3":
-        from fetcher.sources.s3 import S3Source
 
-        return S3Source(artifact)
-    from fetcher.sources.file import FileSource
-
-    return FileSource(artifact)
+def read_sha256sums(artifact: Artifact) -> dict[str, str]:
+    """--sha256sums, from a file, a URL or S3: read whole (it is small), then parsed strictly."""
+    location = artifact.sha256sums
+    assert location is not None
+    where = f"--sha256sums {redact_url(location)}"
+    if "://" not in location:
+        try:
+            with Path(location).open("rb") as file:
+                data = file.read(MAX_SUMS_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"{where}: cannot read it: {exc.strerror}") from None
+    else:
+        reader = scheme_of(location).load()(location, connection(artifact), Selection())
+        try:
+            with reader.open(Entry("sha256sums", None, None)) as body:
+                data = b""
+                for chunk in body.chunks:
+                    data += chunk
+                    if len(data) > MAX_SUMS_BYTES:
+                        break
+        finally:
+            reader.close()
+    if len(data) > MAX_SUMS_BYTES:
+        raise UsageError(f"{where}: larger than {MAX_SUMS_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not UTF-8 text") from None
+    return parse_sha256sums(text, where)

@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from fetcher.errors import TransientFetchError
+from fetcher.manifest import SHA256, Digest, Entry, Manifest
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -68,6 +70,7 @@ class ObjectInfo:
     ranges: bool = False  # the source serves byte ranges, so parts can be fetched in parallel
     version: str | None = None  # ETag or S3 VersionId: identifies this exact object
     encoding: str | None = None  # a Content-Encoding the server applied anyway: the bytes are kept as sent
+    digest: Digest | None = None  # a whole-object digest the source vouches for (S3 ChecksumSHA256)
 
 
 @dataclass
@@ -85,20 +88,78 @@ class Body:
     partial: bool = False
 
 
+@dataclass(frozen=True)
+class Connection:
+    """How a source talks to its server: the settings a source needs, not the whole artifact."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    bearer_token_file: Path | None = None
+    timeout: float = 30.0
+    concurrency: int = 8
+    floor: SpeedFloor = SpeedFloor(0, 60.0)
+    s3_anonymous: bool = False
+    s3_addressing_style: str = "auto"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What of the source is wanted, and what vouches for it."""
+
+    filename: str = "download"  # a single object's name in dest, unless it is unpacked
+    extract: str = "auto"
+    sha256: str | None = None
+    sha256sums: dict[str, str] | None = None  # path -> digest, read from --sha256sums
+    sums_origin: str = "--sha256sums"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def single(self, locator: str = "") -> Manifest:
+        """The manifest of a source that names one object: a file to save, or an archive to unpack."""
+        digest = Digest(SHA256, self.sha256, "--sha256") if self.sha256 else None
+        entry = Entry(self.filename, None, digest, locator=locator, unpack=self.extract != "none")
+        return Manifest((entry,), directory=False)
+
+
 class Source(Protocol):
-    """An object that can be read whole or from an offset, as often as needed."""
+    """Where an artifact's objects come from: resolved to a manifest, then read object by object.
+
+    Every object is read whole or from an offset, as often as needed. Once a source has
+    seen an object, later reads of it are pinned to that version (ETag, VersionId,
+    mtime): a changed object fails with ``SourceChangedError`` instead of being stitched
+    onto bytes of the old one.
+    """
 
     display: str  # the location with secrets masked, for logs and errors
 
-    def open(self, start: int = 0, end: int | None = None) -> AbstractContextManager[Body]:
-        """Read bytes ``start`` to ``end`` (exclusive; None: the end of the object).
+    def resolve(self) -> Manifest:
+        """The objects that make up the artifact now. Raise TransientFetchError for what is worth retrying."""
+        ...
 
-        Raise TransientFetchError for what is worth retrying. Once a source has
-        seen the object, later opens are pinned to that version.
-        """
+    def open(self, entry: Entry, start: int = 0, end: int | None = None) -> AbstractContextManager[Body]:
+        """Read bytes ``start`` to ``end`` (exclusive; None: the end) of one object of the manifest."""
         ...
 
     def close(self) -> None: ...
+
+
+class ObjectReader(Protocol):
+    """One object, as a transfer reads it."""
+
+    display: str
+
+    def open(self, start: int = 0, end: int | None = None) -> AbstractContextManager[Body]: ...
+
+
+class One:
+    """One object of a source: what a transfer of that object is handed."""
+
+    def __init__(self, source: Source, entry: Entry, directory: bool) -> None:
+        self.source = source
+        self.entry = entry
+        self.display = f"{source.display.rstrip('/')}/{entry.path}" if directory else source.display
+
+    def open(self, start: int = 0, end: int | None = None) -> AbstractContextManager[Body]:
+        return self.source.open(self.entry, start, end)
 
 
 def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:

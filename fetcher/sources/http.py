@@ -13,7 +13,7 @@ import os
 import ssl
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -22,9 +22,10 @@ import httpx
 
 from fetcher import __version__
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
-from fetcher.plan import Artifact, read_bearer_token
+from fetcher.manifest import Entry, Manifest
+from fetcher.plan import read_bearer_token
 from fetcher.redact import redact_url
-from fetcher.sources.base import Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
+from fetcher.sources.base import Body, Connection, ObjectInfo, Selection, exact_range, parse_content_range
 from fetcher.sources.fast_http import fast_transport, tls_context
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -44,55 +45,89 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _headers(artifact: Artifact) -> dict[str, str]:
+def _headers(connection: Connection) -> dict[str, str]:
     headers = {"User-Agent": f"fetcher/{__version__}", "Accept-Encoding": "identity"}
-    headers.update(dict(artifact.headers))
-    if artifact.bearer_token_file is not None:
-        headers["Authorization"] = f"Bearer {read_bearer_token(artifact.bearer_token_file)}"
+    headers.update(dict(connection.headers))
+    if connection.bearer_token_file is not None:
+        headers["Authorization"] = f"Bearer {read_bearer_token(connection.bearer_token_file)}"
     return headers
 
 
-class HttpSource:
-    def __init__(self, artifact: Artifact) -> None:
-        self.url = artifact.source
-        self.display = artifact.display_source
-        self._origin = _origin(self.url)
+class Pin:
+    """What the first response said about one object, which pins every later range of it."""
+
+    def __init__(self) -> None:
+        self.seen: Validators | None = None
+
+
+class HttpClient:
+    """One httpx client per source: its connections pooled for all of its objects.
+
+    Our headers go with every request, and none of them (nor Authorization) to
+    another origin on a redirect. ``explain`` turns a server's own error
+    response into fetcher's error (the hub's X-Error-Code), before status codes judge it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        connection: Connection,
+        *,
+        explain: Callable[[httpx.Response, str], FetchError | None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._origin = _origin(url)
         # A proxy from the environment needs httpx's own transport. httpx builds one per proxy
         # and loads CAs for each at once, so it is handed ours (see _proxy_verify).
-        proxied = _proxied(self.url)
+        proxied = _proxied(url)
         self._client = httpx.Client(
-            headers=_headers(artifact),
+            headers=_headers(connection) | (headers or {}),
             event_hooks={"request": [self._drop_secrets_across_origins]},
-            timeout=httpx.Timeout(artifact.timeout),
+            timeout=httpx.Timeout(connection.timeout),
             follow_redirects=True,
-            verify=_proxy_verify(self.url) if _proxies() else True,
-            transport=None if proxied else fast_transport(artifact.concurrency + 1),
+            verify=_proxy_verify(url) if _proxies() else True,
+            transport=None if proxied else fast_transport(connection.concurrency + 1),
         )
-        self._seen: Validators | None = None  # what the first response said about the object
-        self._own_headers = {name for name, _ in artifact.headers} | {"Authorization"}
-        self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
+        self._own_headers = {name for name, _ in connection.headers} | {"Authorization"}
+        self._floor = connection.floor
+        self._explain = explain
 
     @contextmanager
-    def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
-        headers = self._seen.preconditions() if self._seen is not None else {}
+    def stream(
+        self, url: str, display: str, pin: Pin, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[Body, httpx.Response]]:
+        """GET ``url`` from ``start`` to ``end``, pinned to what ``pin`` saw first."""
+        headers = pin.seen.preconditions() if pin.seen is not None else {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        with self._errors(display, url), self._client.stream("GET", url, headers=headers) as response:
+            offset, exact = self._check(response, display, pin, start, end)
+            info = _info(response, offset, pin)
+            chunks = self._floor.watch(_chunks(response, display), display)
+            yield Body(info, offset, chunks, partial=exact), response
+
+    def get(self, url: str, display: str, params: dict[str, str] | None = None) -> httpx.Response:
+        """A small request, read whole (an API's JSON); errors sorted as for a download."""
+        with self._errors(display, url):
+            response = self._client.get(url, params=params)
+            self._judge(response, display)
+            return response
+
+    @contextmanager
+    def _errors(self, display: str, url: str) -> Iterator[None]:
         try:
-            with self._client.stream("GET", self.url, headers=headers) as response:
-                offset, exact = self._check(response, start, end)
-                info = self._info(response, offset)
-                yield Body(info, offset, self._floor.watch(self._chunks(response), self.display), partial=exact)
+            yield
         except httpx.TimeoutException as exc:
-            raise TransientFetchError(f"timed out talking to {self.display} ({type(exc).__name__})") from exc
+            raise TransientFetchError(f"timed out talking to {display} ({type(exc).__name__})") from exc
         except _NOT_TRANSIENT as exc:
-            raise FetchError(f"request to {self.display} failed: {type(exc).__name__}: {_reason(exc)}") from exc
+            raise FetchError(f"request to {display} failed: {type(exc).__name__}: {_reason(exc)}") from exc
         except httpx.ProxyError as exc:
-            raise _proxy_error(exc, self.display, urlsplit(self.url).scheme) from exc
+            raise _proxy_error(exc, display, urlsplit(url).scheme) from exc
         except httpx.TransportError as exc:
             if (refused := _certificate_refused(exc)) is not None:  # the same answer on every retry
                 where, why = _failed_at(exc), refused.verify_message
                 raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from exc
-            raise TransientFetchError(f"connection to {self.display} failed: {_reason(exc)}") from exc
+            raise TransientFetchError(f"connection to {display} failed: {_reason(exc)}") from exc
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
         """No user header, and no Authorization, goes to another origin (scheme, host or port).
@@ -103,69 +138,101 @@ class HttpSource:
             for name in self._own_headers:
                 request.headers.pop(name, None)
 
-    def _check(self, response: httpx.Response, start: int, end: int | None) -> tuple[int, bool]:
+    def _judge(self, response: httpx.Response, display: str) -> None:
+        """Raise what an error status means: retry it, or fail with the server's own reason."""
+        status = response.status_code
+        if status < 400 and status not in RETRYABLE_STATUS:
+            return
+        if self._explain is not None and (error := self._explain(response, display)) is not None:
+            raise error
+        if status in RETRYABLE_STATUS:
+            raise TransientFetchError(
+                f"HTTP {status} {response.reason_phrase} from {display}",
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        hint = " (check --header / --bearer-token-file)" if status in (401, 403) else ""
+        raise FetchError(f"HTTP {status} {response.reason_phrase} from {display}{hint}")
+
+    def _check(self, response: httpx.Response, display: str, pin: Pin, start: int, end: int | None) -> tuple[int, bool]:
         """Where the body starts, and whether it is exactly the range asked for."""
         status = response.status_code
         if status == 412 and _PRECONDITIONS & set(response.request.headers.keys()):
-            raise SourceChangedError(f"{self.display} changed during the download (its {self._seen} no longer matches)")
-        if status in RETRYABLE_STATUS:
-            raise TransientFetchError(
-                f"HTTP {status} {response.reason_phrase} from {self.display}",
-                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-            )
-        if status >= 400:
-            hint = " (check --header / --bearer-token-file)" if status in (401, 403) else ""
-            raise FetchError(f"HTTP {status} {response.reason_phrase} from {self.display}{hint}")
+            raise SourceChangedError(f"{display} changed during the download (its {pin.seen} no longer matches)")
+        self._judge(response, display)
         if status not in (200, 206):
-            raise FetchError(f"unexpected HTTP {status} {response.reason_phrase} from {self.display}")
-        self._pin(response)
+            raise FetchError(f"unexpected HTTP {status} {response.reason_phrase} from {display}")
+        _pin(response, display, pin)
         if status == 206:
             first, last, _size = parse_content_range(response.headers.get("Content-Range"))
             if first is None:
-                raise FetchError(f"{self.display} answered a range request without a usable Content-Range")
+                raise FetchError(f"{display} answered a range request without a usable Content-Range")
             return first, exact_range(first, last, start, end)
         return 0, exact_range(None, None, start, end)
 
-    def _pin(self, response: httpx.Response) -> None:
-        """Remember what identifies the object; a later response for another version is refused.
+    def close(self) -> None:
+        self._client.close()
 
-        The preconditions sent with later requests make the server refuse a changed object
-        (412); comparing each response's own validators catches a server that ignores them.
-        """
-        size = (
-            self._info(response, 0).size
-            if response.status_code == 206
-            else _int(response.headers.get("Content-Length"))
-        )
-        seen = Validators.of(response.headers, size)
-        if self._seen is None:
-            self._seen = seen
-        elif (why := self._seen.differs(seen)) is not None:
-            raise SourceChangedError(f"{self.display} changed during the download (another {why})")
 
-    def _info(self, response: httpx.Response, offset: int) -> ObjectInfo:
-        size: int | None = None
-        if response.status_code == 206:
-            size = parse_content_range(response.headers.get("Content-Range"))[2]
-        elif (length := response.headers.get("Content-Length", "")).isdigit():
-            size = int(length) + offset
-        ranges = response.status_code == 206 or response.headers.get("Accept-Ranges", "").lower() == "bytes"
-        version = self._seen.version if self._seen is not None else None
-        return ObjectInfo(
-            size=size,
-            content_type=response.headers.get("Content-Type"),
-            ranges=ranges and version is not None,  # parts must be pinned to one version
-            version=version,
-            encoding=response.headers.get("Content-Encoding", "identity").lower() or None,
-        )
+def _pin(response: httpx.Response, display: str, pin: Pin) -> None:
+    """Remember what identifies the object; a later response for another version is refused.
 
-    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
-        try:
-            yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
-        except httpx.TimeoutException as exc:
-            raise TransientFetchError(f"read from {self.display} timed out") from exc
-        except httpx.TransportError as exc:
-            raise TransientFetchError(f"connection to {self.display} dropped: {_reason(exc)}") from exc
+    The preconditions sent with later requests make the server refuse a changed object
+    (412); comparing each response's own validators catches a server that ignores them.
+    """
+    size = _size(response, 0) if response.status_code == 206 else _int(response.headers.get("Content-Length"))
+    seen = Validators.of(response.headers, size)
+    if pin.seen is None:
+        pin.seen = seen
+    elif (why := pin.seen.differs(seen)) is not None:
+        raise SourceChangedError(f"{display} changed during the download (another {why})")
+
+
+def _size(response: httpx.Response, offset: int) -> int | None:
+    if response.status_code == 206:
+        return parse_content_range(response.headers.get("Content-Range"))[2]
+    if (length := response.headers.get("Content-Length", "")).isdigit():
+        return int(length) + offset
+    return None
+
+
+def _info(response: httpx.Response, offset: int, pin: Pin) -> ObjectInfo:
+    ranges = response.status_code == 206 or response.headers.get("Accept-Ranges", "").lower() == "bytes"
+    version = pin.seen.version if pin.seen is not None else None
+    return ObjectInfo(
+        size=_size(response, offset),
+        content_type=response.headers.get("Content-Type"),
+        ranges=ranges and version is not None,  # parts must be pinned to one version
+        version=version,
+        encoding=response.headers.get("Content-Encoding", "identity").lower() or None,
+    )
+
+
+def _chunks(response: httpx.Response, display: str) -> Iterator[bytes]:
+    try:
+        yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
+    except httpx.TimeoutException as exc:
+        raise TransientFetchError(f"read from {display} timed out") from exc
+    except httpx.TransportError as exc:
+        raise TransientFetchError(f"connection to {display} dropped: {_reason(exc)}") from exc
+
+
+class HttpSource:
+    """One object at an http:// or https:// URL."""
+
+    def __init__(self, source: str, connection: Connection, selection: Selection) -> None:
+        self.url = source
+        self.display = redact_url(source)
+        self._selection = selection
+        self._client = HttpClient(source, connection)
+        self._pin = Pin()
+
+    def resolve(self) -> Manifest:
+        return self._selection.single()
+
+    @contextmanager
+    def open(self, entry: Entry, start: int = 0, end: int | None = None) -> Iterator[Body]:
+        with self._client.stream(self.url, self.display, self._pin, start, end) as (body, _response):
+            yield body
 
     def close(self) -> None:
         self._client.close()

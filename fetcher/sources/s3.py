@@ -8,10 +8,12 @@ are read by botocore itself.
 
 from __future__ import annotations
 
+import base64
 import os
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -22,9 +24,9 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from fetcher.errors import FetchError, SourceChangedError, TransientFetchError, UsageError
-from fetcher.plan import Artifact
+from fetcher.manifest import SHA256, Digest, Entry, Manifest, check_layout, listing_identity, relative_path
 from fetcher.redact import redact_url
-from fetcher.sources.base import CHUNK_SIZE, Body, ObjectInfo, SpeedFloor, exact_range, parse_content_range
+from fetcher.sources.base import CHUNK_SIZE, Body, Connection, ObjectInfo, Selection, exact_range, parse_content_range
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -159,17 +161,20 @@ def _unloadable(path: str) -> str | None:
 
 
 class S3Source:
-    def __init__(self, artifact: Artifact) -> None:
+    """An object, or every object under a prefix: ``s3://bucket/key`` or ``s3://bucket/prefix/``."""
+
+    def __init__(self, source: str, connection: Connection, selection: Selection) -> None:
         # s3://bucket/key, the key verbatim as in aws s3 cp: no %-decoding, '?' and '#' included
-        self.bucket, _, self.key = artifact.source[len("s3://") :].partition("/")
-        self.display = artifact.display_source
+        self.bucket, _, self.key = source[len("s3://") :].partition("/")
+        self.display = redact_url(source)
+        self._selection = selection
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=artifact.timeout,
-            read_timeout=artifact.timeout,
-            s3={"addressing_style": artifact.s3_addressing_style},  # type: ignore[arg-type]
-            signature_version=UNSIGNED if artifact.s3_anonymous else None,
-            max_pool_connections=max(10, artifact.concurrency + 1),
+            connect_timeout=connection.timeout,
+            read_timeout=connection.timeout,
+            s3={"addressing_style": connection.s3_addressing_style},  # type: ignore[arg-type]
+            signature_version=UNSIGNED if connection.s3_anonymous else None,
+            max_pool_connections=max(10, connection.concurrency + 1),
         )
         core = botocore.session.Session()
         self._client: S3Client = boto3.session.Session(botocore_session=core).client("s3", config=config)
@@ -183,25 +188,85 @@ class S3Source:
             if bundle
             else " (for a private CA, set AWS_CA_BUNDLE to its PEM bundle)"
         )
-        self._version: str | None = None
-        self._floor = SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time)
-        self._etag: str | None = None
+        self._floor = connection.floor
+        self._pins: dict[str, tuple[str | None, str | None]] = {}  # key -> (VersionId, ETag) first seen
+        self._checksums: set[str] = set()  # keys the listing says carry a SHA-256 checksum
+
+    # --- what the source names -----------------------------------------------------
+
+    def resolve(self) -> Manifest:
+        """One object, or the directory under a prefix; a key with no object but objects under
+        ``key/`` is that directory too (``aws s3 cp`` would need --recursive)."""
+        if self.key.endswith("/"):
+            return self._directory(self.key, note=None)
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "ChecksumMode": "ENABLED"}
+        try:
+            head = self._client.head_object(**request)
+        except _BOTOCORE as exc:
+            if not _missing(exc) or not self._list(self.key + "/", limit=1):
+                raise s3_error(exc, self.display, self._ca_hint) from exc
+            return self._directory(
+                self.key + "/", note=f"no object at {self.display}: took it as the directory {self.key}/"
+            )
+        manifest = self._selection.single(self.key)
+        if manifest.entries[0].digest is None and (digest := _whole_object_sha256(head)) is not None:
+            manifest = manifest.with_entries([replace(manifest.entries[0], digest=digest)])
+        return manifest
+
+    def _directory(self, prefix: str, note: str | None) -> Manifest:
+        objects = self._list(prefix)
+        entries: list[Entry] = []
+        for item in objects:
+            key = item["Key"]
+            if key.endswith("/") and item.get("Size", 0) == 0:  # a "folder" the console made
+                continue
+            path = relative_path(key[len(prefix) :], "S3 key")
+            if "SHA256" in item.get("ChecksumAlgorithm", []):
+                self._checksums.add(key)
+            entries.append(Entry(path, item["Size"], None, locator=key, pin=item.get("ETag")))
+        check_layout(entries, "S3 key")
+        return Manifest(tuple(entries), directory=True, identity=listing_identity(entries), note=note)
+
+    def _list(self, prefix: str, limit: int | None = None) -> list[Any]:
+        """Every object under ``prefix``, across ListObjectsV2's pages of 1,000."""
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if limit is not None:
+            request["MaxKeys"] = limit
+        objects: list[Any] = []
+        try:
+            while True:
+                page = self._client.list_objects_v2(**request)
+                objects.extend(page.get("Contents", []))
+                if limit is not None or not page.get("IsTruncated"):
+                    return objects
+                request["ContinuationToken"] = page["NextContinuationToken"]
+        except _BOTOCORE as exc:
+            raise s3_error(exc, f"s3://{self.bucket}/{prefix}", self._ca_hint) from exc
+
+    # --- reading an object -------------------------------------------------------------
 
     @contextmanager
-    def open(self, start: int = 0, end: int | None = None) -> Iterator[Body]:
-        request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+    def open(self, entry: Entry, start: int = 0, end: int | None = None) -> Iterator[Body]:
+        key = entry.locator or self.key
+        display = f"s3://{self.bucket}/{key}" if entry.locator != self.key else self.display
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if start or end is not None:
             request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        if self._version:
-            request["VersionId"] = self._version
-        elif self._etag:
-            request["IfMatch"] = self._etag
+        version, etag = self._pins.get(key, (None, entry.pin))
+        if version:
+            request["VersionId"] = version
+        elif etag:
+            request["IfMatch"] = etag
+        whole = start == 0 and end is None
+        if whole:
+            request["ChecksumMode"] = "ENABLED"
         try:
+            vouched = self._vouched(key, display) if start == 0 and not whole and key in self._checksums else None
             response = self._client.get_object(**request)
         except _BOTOCORE as exc:
-            raise s3_error(exc, self.display, self._ca_hint) from exc
-        self._version = self._version or response.get("VersionId")
-        self._etag = self._etag or response.get("ETag")
+            raise s3_error(exc, display, self._ca_hint) from exc
+        version, etag = version or response.get("VersionId"), etag or response.get("ETag")
+        self._pins[key] = (version, etag)
         stream = response["Body"]
         try:
             first, last, size = parse_content_range(response.get("ContentRange"))
@@ -213,13 +278,19 @@ class S3Source:
                 size=size,
                 content_type=response.get("ContentType"),
                 ranges=True,
-                version=self._version or self._etag,
+                version=version or etag,
+                digest=_whole_object_sha256(response) if whole else vouched,
             )
-            yield Body(info, offset, self._floor.watch(self._chunks(stream), self.display), partial=partial)
+            yield Body(info, offset, self._floor.watch(self._chunks(stream, display), display), partial=partial)
         finally:
             stream.close()
 
-    def _chunks(self, stream: Any) -> Iterator[bytes]:
+    def _vouched(self, key: str, display: str) -> Digest | None:
+        """The object's whole checksum, asked for apart: a ranged GET does not carry it."""
+        head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        return _whole_object_sha256(head)
+
+    def _chunks(self, stream: Any, display: str) -> Iterator[bytes]:
         """What has arrived, up to CHUNK_SIZE at a time.
 
         Not ``iter_chunks``: its reads wait for a whole chunk, so a server trickling bytes would
@@ -232,10 +303,34 @@ class S3Source:
                 while chunk := raw.read1(CHUNK_SIZE):
                     yield chunk
         except _LIBRARY as exc:
-            raise s3_error(exc, self.display, self._ca_hint) from exc
+            raise s3_error(exc, display, self._ca_hint) from exc
 
     def close(self) -> None:
         self._client.close()
+
+
+def _missing(exc: Exception) -> bool:
+    """A HEAD's 404: no object at the key (HEAD answers carry no error code of their own)."""
+    if not isinstance(exc, botocore.exceptions.ClientError):
+        return False
+    return str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
+
+
+def _whole_object_sha256(response: Any) -> Digest | None:
+    """S3's ChecksumSHA256, when it covers the whole object.
+
+    A multipart upload's checksum may be COMPOSITE, a checksum of the parts' checksums
+    (written ``<base64>-<parts>``): no whole object hashes to it.
+    """
+    value = response.get("ChecksumSHA256")
+    kind = response.get("ChecksumType")
+    if not value or kind not in (None, "FULL_OBJECT") or "-" in value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return Digest(SHA256, raw.hex(), "S3 ChecksumSHA256") if len(raw) == 32 else None
 
 
 def _reason(exc: Exception) -> str:

@@ -1,0 +1,230 @@
+"""The download spool: the one owner of ``dest/.fetcher/download-<key>/``.
+
+Whatever a restart may resume from lives here, and only this module
+creates, adopts or removes it:
+
+- one object split into parallel parts: ``data`` at the object's offsets,
+  and ``journal``, the parts safely on disk (``Parts``);
+- a directory's files: ``files/<slot>``, each renamed there only once it
+  is complete and verified, and ``files/<slot>.incomplete`` while it arrives;
+  a large file's parts under ``parts/<slot>/``. A slot is named by the file's
+  expected digest where there is one, so the files of a moved branch that did
+  not change are not fetched again;
+- ``no-room``: the last parallel attempt filled the disk, so the next uses one stream.
+
+The spool goes once its artifact is published, or once its bytes are known to be
+useless (a digest mismatch, an unsafe archive); a failure worth retrying keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fetcher.channel import Cancelled
+from fetcher.errors import LocalFilesystemError, local_error
+from fetcher.manifest import Entry
+from fetcher.sources.base import CHUNK_SIZE
+
+PREFIX = "download-"
+NO_ROOM = "no-room"
+
+
+class ArtifactSpool:
+    """One artifact's spool directory."""
+
+    def __init__(self, state_dir: Path, key: str) -> None:
+        self.directory = state_dir / f"{PREFIX}{key}"
+
+    # --- one object, in parts ---------------------------------------------------
+
+    def parts(self, identity: Identity) -> Parts:
+        """The object's parts, resumed when an earlier run spooled the very same object."""
+        return Parts(self.directory, identity)
+
+    @property
+    def whole(self) -> Path:
+        """The file that holds a split object's bytes once every part has landed."""
+        return self.directory / "data"
+
+    @property
+    def no_room(self) -> bool:
+        return (self.directory / NO_ROOM).exists()
+
+    def mark_no_room(self) -> None:
+        """Drop the parts, and tell the next run to use one stream."""
+        self.discard()
+        with contextlib.suppress(OSError):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / NO_ROOM).touch()
+
+    def adopt(self, target: Path) -> None:
+        """Move the spooled object to ``target`` in staging: a plain file is not written twice."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.whole, target)
+            os.chmod(target, 0o644)
+        except OSError as exc:
+            raise local_error(exc, "moving the downloaded file into staging") from None
+
+    # --- a directory's files --------------------------------------------------------
+
+    def slot(self, entry: Entry) -> str:
+        """A file's name in the spool: its digest, else what pins it (its path and version)."""
+        if entry.digest is not None:
+            return f"{entry.digest.algorithm}-{entry.digest.hex}"
+        pinned = f"{entry.locator}\0{entry.pin}\0{entry.size}".encode(errors="surrogateescape")
+        return "path-" + hashlib.sha256(pinned).hexdigest()[:32]
+
+    def complete(self, slot: str) -> Path:
+        return self.directory / "files" / slot
+
+    def incomplete(self, slot: str) -> Path:
+        path = self.directory / "files" / f"{slot}.incomplete"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise local_error(exc, f"preparing the download spool in {self.directory}") from exc
+        return path
+
+    def file_parts(self, slot: str, identity: Identity) -> Parts:
+        return Parts(self.directory / "parts" / slot, identity)
+
+    def finish(self, written: Path, slot: str) -> Path:
+        """A verified file takes its slot: from here on a restart keeps it."""
+        target = self.complete(slot)
+        try:
+            os.rename(written, target)
+        except OSError as exc:
+            raise local_error(exc, f"writing the download spool in {self.directory}") from exc
+        return target
+
+    def link_into(self, slot: str, target: Path) -> None:
+        """Put a spooled file at its place in staging (a hard link: the spool goes after the publish)."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.complete(slot), target)
+        except OSError as exc:
+            raise local_error(exc, "placing the downloaded files in staging") from exc
+
+    # --- its end -------------------------------------------------------------------------
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @staticmethod
+    def clean(state_dir: Path, keep: set[str]) -> None:
+        """Remove the spools of artifacts no longer asked for: they can be as large as the model."""
+        for entry in state_dir.glob(f"{PREFIX}*"):
+            if entry.name.removeprefix(PREFIX) not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the spool holds: a later run may reuse it only for the very same object."""
+
+    source: str
+    version: str
+    size: int
+    part_size: int
+
+
+class Parts:
+    """The object's bytes at their offsets, and the journal of parts safely on disk.
+
+    Parts are written by several threads at once; ``close`` waits for those
+    in the middle of a write, so no write can land on a recycled descriptor.
+    """
+
+    def __init__(self, directory: Path, identity: Identity) -> None:
+        self.directory = directory
+        self.identity = identity
+        self.done: set[int] = set()
+        self._busy = 0
+        self._closed = False
+        self._idle = threading.Condition()
+        journal = directory / "journal"
+        try:
+            lines = journal.read_text(encoding="utf-8").split("\n")[:-1]  # a line cut short by a kill is no record
+            data = (directory / "data").stat()
+            if lines and json.loads(lines[0]) == asdict(identity) and data.st_size == identity.size:
+                self.done = {int(line) for line in lines[1:] if line.isdigit()}
+            else:  # another object, or its data was moved out (published) or lost
+                shutil.rmtree(directory, ignore_errors=True)
+        except (OSError, ValueError):
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise local_error(exc, f"preparing the download spool in {directory}") from exc
+        try:
+            os.ftruncate(self._fd, identity.size)
+            self._journal = journal.open("a", encoding="utf-8")
+            if not self.done:
+                self._journal.write(json.dumps(asdict(identity)) + "\n")
+                self._journal.flush()
+        except OSError as exc:
+            os.close(self._fd)
+            raise local_error(exc, f"preparing the download spool in {directory}") from exc
+
+    @contextmanager
+    def _using(self) -> Iterator[int]:
+        with self._idle:
+            if self._closed:
+                raise Cancelled
+            self._busy += 1
+        try:
+            yield self._fd
+        except OSError as exc:
+            raise local_error(exc, f"writing the download spool in {self.directory}") from exc
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._using() as fd:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+
+    def commit(self, index: int) -> None:
+        """Record a part as done, only once its bytes are on disk."""
+        with self._using() as fd:
+            os.fdatasync(fd)
+            with self._idle:
+                self._journal.write(f"{index}\n")
+                self._journal.flush()
+                self.done.add(index)
+
+    def read(self, start: int, end: int) -> Iterator[bytes]:
+        while start < end:
+            with self._using() as fd:
+                chunk = os.pread(fd, min(CHUNK_SIZE, end - start), start)
+            if not chunk:
+                raise LocalFilesystemError("the download spool is shorter than the parts it records")
+            start += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
+            self._idle.wait_for(lambda: self._busy == 0)
+        os.close(self._fd)
+        self._journal.close()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
