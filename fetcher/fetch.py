@@ -144,9 +144,9 @@ class _Fetch:
     def manifest(self) -> Manifest:
         if self._manifest is None:
             artifact = self.artifact
+            sums = self.sums()  # before any listing: a mistake in it is the user's, found without the network
             resolved = self._retrying(self.source.resolve)
             check_directory_options(artifact, resolved.directory)
-            sums = self.sums() if resolved.directory else None
             origin = f"--sha256sums {Path(artifact.sha256sums).name}" if artifact.sha256sums else ""
             self._manifest = select(resolved, artifact.include, artifact.exclude, sums, origin, artifact.display_source)
             if resolved.note:

@@ -1,0 +1,283 @@
+"""Models as directories: S3 prefixes through moto's real server, and mounted folders.
+
+What a user sees: exit codes, the files in dest, the log lines, and what the
+server was asked for (moto's request log is not needed: the bucket's contents
+decide what may arrive).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import S3, run_fetcher, sha256, tree
+from tests.faults_support import Background, S3Front
+
+SHARD = random.Random(11).randbytes(3 * 2**20 + 123)  # split into parts at --part-size 1Mi
+MODEL = {
+    "config.json": b'{"hidden_size": 64}\n',
+    "tokenizer/vocab.txt": b"good\nbad\n",
+    "model-00001-of-00002.safetensors": SHARD,
+    "model-00002-of-00002.safetensors": SHARD[::-1],
+}
+
+
+def _bucket(s3: S3, name: str, files: dict[str, bytes], prefix: str = "models/llama/") -> str:
+    for path, data in files.items():
+        s3.put(name, prefix + path, data)
+    return f"s3://{name}/{prefix}"
+
+
+def _sums(files: dict[str, bytes], path: Path) -> Path:
+    path.write_text("".join(f"{sha256(data)}  {name}\n" for name, data in files.items()))
+    return path
+
+
+def test_an_s3_prefix_is_fetched_whole_and_verified_against_sha256sums(s3: S3, tmp_path: Path) -> None:
+    source = _bucket(s3, "dir-basic", MODEL)
+    s3.put("dir-basic", "models/llama-hf/other.bin", b"a sibling that shares only a string prefix")
+    sums = _sums(MODEL, tmp_path / "SHA256SUMS")
+    dest = tmp_path / "dest"
+
+    run = run_fetcher(
+        "--source", source, "--dest", str(dest), "--sha256sums", str(sums), "--part-size", "1Mi", env=s3.env
+    )
+
+    assert run.code == 0, run.stderr
+    assert tree(dest) == MODEL  # no llama-hf/other.bin: a sibling prefix is never included
+    published = run.event("published")
+    assert published["format"] == "directory"
+    assert published["verified"] == len(MODEL)
+    marker = json.loads(next((dest / ".fetcher").glob("*.json")).read_text())
+    assert {o["path"]: o["digest"] for o in marker["objects"]} == {p: f"sha256:{sha256(d)}" for p, d in MODEL.items()}
+    assert not list((dest / ".fetcher").glob("download-*"))  # the spool went with the publish
+
+
+def test_a_key_without_an_object_but_with_objects_under_it_is_a_directory(s3: S3, tmp_path: Path) -> None:
+    _bucket(s3, "dir-implicit", {"a.json": b"{}", "b/c.txt": b"c"})
+    run = run_fetcher("--source", "s3://dir-implicit/models/llama", "--dest", str(tmp_path), env=s3.env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"a.json": b"{}", "b/c.txt": b"c"}
+    assert "took it as the directory" in run.event("resolved")["note"]
+
+
+def test_more_than_a_thousand_objects_and_folder_markers(s3: S3, tmp_path: Path) -> None:
+    s3.client.create_bucket(Bucket="dir-many")
+    files = {f"shard/{i:04d}.txt": str(i).encode() for i in range(1005)}
+    for name, data in files.items():
+        s3.client.put_object(Bucket="dir-many", Key=f"p/{name}", Body=data)
+    s3.client.put_object(Bucket="dir-many", Key="p/shard/", Body=b"")  # a console "folder"
+    run = run_fetcher("--source", "s3://dir-many/p/", "--dest", str(tmp_path), env=s3.env, timeout=300)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == files
+    assert run.event("files not verified")["count"] == 1005  # said once, with the count
+
+
+@pytest.mark.parametrize(
+    ("keys", "why"),
+    [
+        (["p/a/../../x"], "'..' in its path"),
+        (["p//abs"], "absolute path"),
+        (["p/a//b", "p/a/b"], "lands on 'a/b'"),
+        (["p/a", "p/a/b"], "is a file"),
+        (["p/.fetcher/x"], "fetcher's state directory"),
+    ],
+)
+def test_hostile_keys_are_exit_5_before_anything_is_published(
+    s3: S3, tmp_path: Path, keys: list[str], why: str
+) -> None:
+    bucket = f"dir-hostile-{abs(hash(tuple(keys))) % 10**8}"
+    s3.client.create_bucket(Bucket=bucket)
+    for key in keys:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    run = run_fetcher("--source", f"s3://{bucket}/p/", "--dest", str(tmp_path / "dest"), env=s3.env)
+    assert run.code == 5, run.stderr
+    assert why in run.error
+    assert not (tmp_path / "dest").exists()
+
+
+def test_sha256sums_is_the_pin_missing_is_exit_4_unlisted_is_left_out(s3: S3, tmp_path: Path) -> None:
+    source = _bucket(s3, "dir-pin", {"a.txt": b"a", "extra.txt": b"not listed"})
+    sums = tmp_path / "sums"
+    sums.write_text(f"# made by sha256sum\n\n{sha256(b'a')} *./a.txt\n")
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d1"), "--sha256sums", str(sums), env=s3.env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "d1") == {"a.txt": b"a"}
+    assert run.event("downloading")["left_out"] == 1
+
+    sums.write_text(f"{sha256(b'a')}  a.txt\n{sha256(b'b')}  missing.txt\n")
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d2"), "--sha256sums", str(sums), env=s3.env)
+    assert run.code == 4
+    assert "'missing.txt' is listed in --sha256sums sums but missing from" in run.error
+
+
+def test_a_wrong_digest_in_sha256sums_is_exit_4_and_nothing_is_published(s3: S3, tmp_path: Path) -> None:
+    source = _bucket(s3, "dir-wrong", MODEL)
+    sums = _sums(MODEL | {"config.json": b"other"}, tmp_path / "sums")
+    dest = tmp_path / "dest"
+    run = run_fetcher("--source", source, "--dest", str(dest), "--sha256sums", str(sums), env=s3.env)
+    assert run.code == 4
+    assert "config.json: sha256 mismatch" in run.error
+    assert tree(dest) == {}
+
+
+def test_a_bad_sha256sums_line_is_exit_2_with_its_number(s3: S3, tmp_path: Path) -> None:
+    sums = tmp_path / "sums"
+    sums.write_text(f"{sha256(b'a')}  a.txt\nnot a sum line\n")
+    run = run_fetcher("--source", "s3://b/p/", "--dest", str(tmp_path / "d"), "--sha256sums", str(sums), env=s3.env)
+    assert run.code == 2
+    assert "line 2" in run.error
+
+
+def test_s3_checksum_sha256_verifies_without_a_manifest(s3: S3, tmp_path: Path) -> None:
+    s3.client.create_bucket(Bucket="dir-checksum")
+    for name, data in MODEL.items():
+        s3.client.put_object(Bucket="dir-checksum", Key=f"p/{name}", Body=data, ChecksumAlgorithm="SHA256")
+    run = run_fetcher("--source", "s3://dir-checksum/p/", "--dest", str(tmp_path), "--part-size", "1Mi", env=s3.env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == MODEL
+    assert run.all("files not verified") == []
+    assert run.event("published")["verified"] == len(MODEL)
+
+
+def test_sha256_with_a_directory_is_a_usage_error(s3: S3, tmp_path: Path) -> None:
+    run = run_fetcher("--source", "s3://b/p/", "--dest", str(tmp_path), "--sha256", "0" * 64, env=s3.env)
+    assert run.code == 2
+    assert "--sha256sums" in run.error
+
+
+def test_include_and_exclude_as_in_huggingface_hub(s3: S3, tmp_path: Path) -> None:
+    files = {"a.json": b"1", "original/params.json": b"2", "w.bin": b"3", "w.safetensors": b"4"}
+    source = _bucket(s3, "dir-select", files)
+    run = run_fetcher(
+        "--source", source, "--dest", str(tmp_path), "--include", "*.json", "--include", "*.safetensors",
+        "--exclude", "original/", env=s3.env,
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"a.json": b"1", "w.safetensors": b"4"}
+
+
+def test_a_restart_skips_with_one_listing_and_refetches_when_the_prefix_changed(s3: S3, tmp_path: Path) -> None:
+    source = _bucket(s3, "dir-restart", {"a.txt": b"a", "b.txt": b"b"})
+    dest = tmp_path / "dest"
+    assert run_fetcher("--source", source, "--dest", str(dest), env=s3.env).code == 0
+    again = run_fetcher("--source", source, "--dest", str(dest), env=s3.env)
+    assert again.code == 0
+    assert again.event("already present")
+
+    s3.put("dir-restart", "models/llama/b.txt", b"b, version 2")
+    third = run_fetcher("--source", source, "--dest", str(dest), env=s3.env)
+    assert third.code == 0, third.stderr
+    assert "fetching again" in [e["event"] for e in third.events]
+    assert tree(dest) == {"a.txt": b"a", "b.txt": b"b, version 2"}
+
+
+def test_a_restart_pinned_by_sha256sums_needs_no_network(s3: S3, tmp_path: Path) -> None:
+    source = _bucket(s3, "dir-offline", {"a.txt": b"a"})
+    sums = _sums({"a.txt": b"a"}, tmp_path / "sums")
+    dest = tmp_path / "dest"
+    assert run_fetcher("--source", source, "--dest", str(dest), "--sha256sums", str(sums), env=s3.env).code == 0
+    with socket.socket() as closed:  # an endpoint where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    offline = s3.env | {"AWS_ENDPOINT_URL": dead}
+    again = run_fetcher("--source", source, "--dest", str(dest), "--sha256sums", str(sums), env=offline)
+    assert again.code == 0, again.stderr
+    assert again.event("already present")
+
+
+def test_dry_run_lists_each_file_with_its_size_and_checksum_origin(s3: S3, tmp_path: Path) -> None:
+    source = _bucket(s3, "dir-dry", {"a.txt": b"a", "b.txt": b"bb"})
+    sums = _sums({"a.txt": b"a"}, tmp_path / "sums")
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), "--sha256sums", str(sums), "--dry-run", env=s3.env)
+    assert run.code == 0, run.stderr
+    (artifact,) = json.loads(run.stdout)["artifacts"]
+    assert artifact["files"] == [
+        {"path": "a.txt", "size": 1, "checksum": f"sha256:{sha256(b'a')} (from --sha256sums sums)"}
+    ]
+    assert artifact["left_out"] == 1
+    assert not (tmp_path / "d").exists()
+
+
+# --- mounted folders ----------------------------------------------------------------------
+
+
+def _folder(root: Path) -> Path:
+    for path, data in MODEL.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return root
+
+
+def test_a_folder_is_copied_and_verified(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "pvc" / "llama")
+    os.symlink("config.json", folder / "config-link.json")  # a link inside: its content is copied
+    sums = _sums(MODEL, tmp_path / "sums")
+    run = run_fetcher(
+        "--source", f"file://{folder}/", "--dest", str(tmp_path / "dest"), "--sha256sums", str(sums),
+        "--file-mode", "0444", "--part-size", "1Mi",
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == MODEL
+    assert (tmp_path / "dest" / "config.json").stat().st_mode & 0o777 == 0o444
+
+
+@pytest.mark.parametrize("kind", ["outside", "fifo"])
+def test_a_link_outside_or_a_fifo_in_a_folder_is_exit_5(tmp_path: Path, kind: str) -> None:
+    folder = _folder(tmp_path / "pvc")
+    if kind == "outside":
+        (tmp_path / "secret").write_text("no")
+        os.symlink(tmp_path / "secret", folder / "escape")
+    else:
+        os.mkfifo(folder / "pipe")
+    run = run_fetcher("--source", f"file://{folder}/", "--dest", str(tmp_path / "dest"))
+    assert run.code == 5, run.stderr
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_folder_restart_names_the_file_that_changed(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "pvc")
+    dest = tmp_path / "dest"
+    assert run_fetcher("--source", f"file://{folder}", "--dest", str(dest)).code == 0
+    (dest / "config.json").write_text("edited by hand")
+    again = run_fetcher("--source", f"file://{folder}", "--dest", str(dest))
+    assert again.code == 0, again.stderr
+    assert "config.json changed since it was published" in again.event("fetching again")["reason"]
+    assert tree(dest) == MODEL
+
+
+def test_kill_9_mid_directory_then_a_restart_keeps_every_verified_file(
+    s3: S3, s3_front: S3Front, tmp_path: Path
+) -> None:
+    small = {f"tok/{i}.json": f'{{"n": {i}}}'.encode() for i in range(4)}
+    files = small | {"model.safetensors": SHARD}
+    source = _bucket(s3, "dir-kill", files)
+    sums = _sums(files, tmp_path / "sums")
+    dest = tmp_path / "dest"
+    args = ("--source", source, "--dest", str(dest), "--sha256sums", str(sums), "--part-size", "1Mi")
+    s3_front.trickle = [100_000] * 64  # every GET slow: a shard's part takes seconds, a small file a moment
+    first = Background(*args, "--concurrency", "2", env=s3_front.env)
+    spooled = dest / ".fetcher"
+    deadline = time.monotonic() + 60
+    while len([p for p in spooled.glob("download-*/files/*") if not p.name.endswith(".incomplete")]) < len(small):
+        assert first.process.poll() is None and time.monotonic() < deadline, "".join(first.lines)
+        time.sleep(0.05)
+    first.process.kill()
+    first.finish()
+    s3_front.trickle = []
+    before = len(s3_front.requests)
+
+    again = run_fetcher(*args, env=s3_front.env)
+
+    assert again.code == 0, again.stderr
+    assert tree(dest) == files
+    fetched = {r.path.split("?")[0] for r in s3_front.requests[before:] if r.method == "GET"}
+    assert not any(name in path for path in fetched for name in small), fetched  # verified files were kept
+    assert any("model.safetensors" in path for path in fetched)
+    assert again.event("resuming")["files_verified_before"] == len(small)
