@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.faults_plugin", "tests.faults_support"]  # FAULTS.md; the S3 front: s3_front, s3_tls
+pytest_plugins = ["tests.faults_plugin", "tests.faults_support", "tests.fakehub"]  # FAULTS.md; s3_front, s3_tls; hub
 
 
 # --- archives -------------------------------------------------------------------
