@@ -33,6 +33,7 @@ from fetcher.publish import (
     previous,
     publish,
     stale,
+    stale_file,
     workspace,
 )
 from fetcher.spool import ArtifactSpool
@@ -304,6 +305,7 @@ class _Fetch:
             PoolSettings(artifact.concurrency, artifact.part_size, artifact.retries, artifact.retry_backoff),
             on_bytes=progress,
             on_file=progress.file_done,
+            published=self._published(),
         )
         try:
             slots = transfer.run()
@@ -345,6 +347,17 @@ class _Fetch:
             mb_per_s=round(total / max(seconds, 1e-9) / 1e6, 1),
         )
         return Result(artifact, False, total, marker.files, seconds)
+
+    def _published(self) -> dict[tuple[str, str], Path]:
+        """The files the last publish left in dest as it made them: (path, digest) -> where."""
+        earlier = previous(self.artifact)
+        if earlier is None or earlier.format != "directory":
+            return {}
+        return {
+            (o["path"], o["digest"]): self.artifact.dest / o["path"]
+            for o in earlier.objects
+            if isinstance(o.get("digest"), str) and stale_file(self.artifact.dest, o["path"], earlier) is None
+        }
 
     def _selection(self) -> dict[str, Any]:
         sums = self.sums() if self._manifest is not None and self._manifest.directory else None

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
@@ -31,7 +32,7 @@ from fetcher.channel import Cancelled
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
 from fetcher.manifest import SHA256, Digest, Entry, Hasher, Manifest
 from fetcher.parts import RangeNotHonoured, fill_part
-from fetcher.sources.base import One, Source
+from fetcher.sources.base import CHUNK_SIZE, One, Source
 from fetcher.spool import ArtifactSpool, Identity, Parts
 
 log = structlog.get_logger("fetcher")
@@ -73,6 +74,7 @@ class DirectoryTransfer:
         settings: PoolSettings,
         on_bytes: Callable[[int], None],
         on_file: Callable[[Entry], None],
+        published: dict[tuple[str, str], Path] | None = None,
     ) -> None:
         self._source = source
         self._manifest = manifest
@@ -80,6 +82,7 @@ class DirectoryTransfer:
         self._settings = settings
         self._on_bytes = on_bytes
         self._on_file = on_file
+        self._published = published or {}
         self._tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._pending = 0  # files not yet verified
         self._lock = threading.Lock()
@@ -95,7 +98,7 @@ class DirectoryTransfer:
             reader = One(self._source, entry, directory=True)
             slot = self._spool.slot(entry)
             slots[entry.path] = slot
-            if _whole(self._spool.complete(slot), entry.size):
+            if _whole(self._spool.complete(slot), entry.size) or self._reuse(entry, slot):
                 self.kept += 1
                 self._on_file(entry)
                 continue
@@ -126,6 +129,22 @@ class DirectoryTransfer:
         if self._error is not None:
             raise self._error
         return slots
+
+    def _reuse(self, entry: Entry, slot: str) -> bool:
+        """A file the last publish of this artifact holds with the same digest (a branch moved, the
+        shards did not): hashed again where it stands, then linked into the spool, not downloaded."""
+        if entry.digest is None or (path := self._published.get((entry.path, str(entry.digest)))) is None:
+            return False
+        hasher = Hasher(entry.digest.algorithm, entry.size)
+        try:
+            with open(path, "rb") as file:
+                while chunk := file.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+        except OSError:
+            return False
+        if hasher.hexdigest() != entry.digest.hex or hasher.size != entry.size:
+            return False
+        return self._spool.take(path, slot)
 
     # --- scheduling -----------------------------------------------------------------
 

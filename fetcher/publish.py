@@ -156,13 +156,23 @@ def stale(artifact: Artifact, marker: Marker) -> str | None:
             return f"published with --{name} {marker.selection.get(name, [])}, now {list(getattr(artifact, name))}"
     if (artifact.sha256sums is None) != (marker.selection.get("sha256sums") is None):
         return "published " + ("without" if artifact.sha256sums is not None else "with") + " --sha256sums"
-    for relative, (size, mtime_ns) in marker.stamps.items():
-        try:
-            info = (artifact.dest / relative).stat()
-        except OSError as exc:
-            return f"{relative}: {exc.strerror}"
-        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
-            return f"{relative} changed since it was published (size or mtime)"
+    for relative in marker.stamps:
+        if (why := stale_file(artifact.dest, relative, marker)) is not None:
+            return why
+    return None
+
+
+def stale_file(dest: Path, relative: str, marker: Marker) -> str | None:
+    """Why a published file is no longer as published (its size or mtime), if it is not."""
+    stamp = marker.stamps.get(relative)
+    if stamp is None:
+        return f"{relative} was not published"
+    try:
+        info = os.lstat(dest / relative)
+    except OSError as exc:
+        return f"{relative}: {exc.strerror}"
+    if (info.st_size, info.st_mtime_ns) != tuple(stamp) or not stat.S_ISREG(info.st_mode):
+        return f"{relative} changed since it was published (size or mtime)"
     return None
 
 

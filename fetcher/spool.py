@@ -107,6 +107,18 @@ class ArtifactSpool:
             raise local_error(exc, f"writing the download spool in {self.directory}") from exc
         return target
 
+    def take(self, published: Path, slot: str) -> bool:
+        """A verified file already in dest takes its slot too (a hard link, no copy); False if it cannot."""
+        target = self.complete(slot)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(published, target)
+        except FileExistsError:
+            return True
+        except OSError:
+            return False
+        return True
+
     def link_into(self, slot: str, target: Path) -> None:
         """Put a spooled file at its place in staging (a hard link: the spool goes after the publish)."""
         try:

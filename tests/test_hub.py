@@ -1,0 +1,179 @@
+"""hf:// sources against the fake hub (tests/fakehub.py), which huggingface_hub itself validates
+(tests/test_fakehub.py): the tree fetcher publishes is the one snapshot_download gives."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from huggingface_hub import snapshot_download
+
+from tests.conftest import run_fetcher, tree
+from tests.fakehub import FakeHub
+
+SHARD = random.Random(5).randbytes(3 * 2**20 + 17)
+REPO = {
+    "config.json": b'{"architectures": ["LlamaForCausalLM"]}\n',
+    "tokenizer.json": b'{"model": {"vocab": {"a": 0}}}\n',
+    "generation_config.json": b"{}\n",
+    "model-00001-of-00002.safetensors": SHARD,
+    "model-00002-of-00002.safetensors": SHARD[::-1],
+    "original/params.json": b'{"dim": 64}\n',
+    "original/consolidated.00.pth": b"pth" * 1000,
+}
+
+
+def _env(hub: FakeHub, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint, "FETCHER_PART_SIZE": "1Mi"} | extra
+
+
+def _snapshot(hub: FakeHub, repo: str, tmp_path: Path, **options: object) -> dict[str, bytes]:
+    local = tmp_path / "hf-snapshot"
+    snapshot_download(repo, endpoint=hub.endpoint, local_dir=local, cache_dir=tmp_path / "hf-cache", **options)  # type: ignore[arg-type]
+    return {k: v for k, v in tree(local).items() if not k.startswith(".cache/")}
+
+
+def test_a_repo_is_the_tree_snapshot_download_gives_every_file_verified(hub: FakeHub, tmp_path: Path) -> None:
+    commit = hub.add_repo("org/llama", REPO)
+    dest = tmp_path / "dest"
+
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(dest), env=_env(hub))
+
+    assert run.code == 0, run.stderr
+    assert tree(dest) == _snapshot(hub, "org/llama", tmp_path)
+    assert ".gitattributes" in tree(dest)
+    published = run.event("published")
+    assert published["identity"] == f"hf-commit:{commit}"
+    assert published["verified"] == len(REPO) + 1
+    assert run.all("files not verified") == []
+    marker = json.loads(next((dest / ".fetcher").glob("*.json")).read_text())
+    digests = {o["path"]: o["digest"] for o in marker["objects"]}
+    assert digests["config.json"].startswith("sha1-git:")
+    assert digests["model-00001-of-00002.safetensors"].startswith("sha256:")
+    assert marker["identity"] == f"hf-commit:{commit}"
+    cdn = [r for r in hub.requests if r.server == "cdn"]
+    assert any("Range" in r.headers or "range" in r.headers for r in cdn)  # shards came in ranged parts
+
+
+def test_include_exclude_match_snapshot_download_patterns(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/llama", REPO)
+    dest = tmp_path / "dest"
+    run = run_fetcher(
+        "--source", "hf://org/llama", "--dest", str(dest),
+        "--include", "*.json", "--include", "*.safetensors", "--exclude", "original/*",
+        env=_env(hub),
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    expected = _snapshot(
+        hub, "org/llama", tmp_path, allow_patterns=["*.json", "*.safetensors"], ignore_patterns=["original/*"]
+    )
+    assert tree(dest) == expected
+    assert "original/params.json" not in expected
+
+
+def test_a_pinned_commit_restarts_without_any_request(hub: FakeHub, tmp_path: Path) -> None:
+    commit = hub.add_repo("org/llama", {"config.json": b"{}"})
+    dest = tmp_path / "dest"
+    assert run_fetcher("--source", f"hf://org/llama@{commit}", "--dest", str(dest), env=_env(hub)).code == 0
+    before = len(hub.requests)
+    again = run_fetcher("--source", f"hf://org/llama@{commit}", "--dest", str(dest), env=_env(hub))
+    assert again.code == 0, again.stderr
+    assert again.event("already present")
+    assert hub.requests[before:] == []
+
+
+def test_a_moved_branch_costs_one_request_when_unchanged_and_refetches_when_moved(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/llama", {"config.json": b"{}", "w.safetensors": SHARD})
+    dest = tmp_path / "dest"
+    assert run_fetcher("--source", "hf://org/llama:main", "--dest", str(dest), env=_env(hub)).code == 0
+    before = len(hub.requests)
+    same = run_fetcher("--source", "hf://org/llama:main", "--dest", str(dest), env=_env(hub))
+    assert same.code == 0 and same.event("already present")
+    assert [r.path for r in hub.requests[before:]] == ["/api/models/org/llama/revision/main"]
+
+    moved = hub.commit("org/llama", {"config.json": b'{"v": 2}', "w.safetensors": SHARD})
+    before = len(hub.requests)
+    run = run_fetcher("--source", "hf://org/llama:main", "--dest", str(dest), env=_env(hub))
+    assert run.code == 0, run.stderr
+    assert moved in run.event("fetching again")["reason"]
+    assert tree(dest)["config.json"] == b'{"v": 2}'
+    assert not [r for r in hub.requests[before:] if r.server == "cdn"]  # the unchanged shard was not fetched again
+
+
+def test_a_corrupted_blob_is_exit_4_and_nothing_is_published(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/llama", REPO)
+    hub.corrupt("org/llama", "model-00002-of-00002.safetensors")
+    dest = tmp_path / "dest"
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(dest), env=_env(hub))
+    assert run.code == 4, run.stderr
+    assert "model-00002-of-00002.safetensors: sha256 mismatch" in run.error
+    assert "the hub (LFS sha256)" in run.error
+    assert tree(dest) == {}
+
+
+def test_a_gated_repo_says_what_to_do_and_the_token_never_reaches_the_cdn(hub: FakeHub, tmp_path: Path) -> None:
+    hub.token = "hf_secret_token_123456"
+    hub.add_repo("org/gated", REPO, gated=True)
+    run = run_fetcher("--source", "hf://org/gated", "--dest", str(tmp_path / "d1"), env=_env(hub))
+    assert run.code == 3
+    assert "gated (GatedRepo): accept its licence" in run.error
+    assert run.all("retrying") == []
+
+    token_file = tmp_path / "token"
+    token_file.write_text(hub.token + "\n")
+    dest = tmp_path / "d2"
+    run = run_fetcher(
+        "--source", "hf://org/gated", "--dest", str(dest), "--bearer-token-file", str(token_file), env=_env(hub)
+    )
+    assert run.code == 0, run.stderr
+    assert tree(dest) == _snapshot(hub, "org/gated", tmp_path, token=hub.token)
+    cdn = [r for r in hub.requests if r.server == "cdn"]
+    assert cdn and not [r for r in cdn if "authorization" in r.headers]
+    assert hub.token not in run.stderr
+
+
+def test_hf_token_from_the_environment(hub: FakeHub, tmp_path: Path) -> None:
+    hub.token = "hf_env_token_abcdef"
+    hub.add_repo("org/private", {"config.json": b"{}"}, private=True)
+    run = run_fetcher("--source", "hf://org/private", "--dest", str(tmp_path), env=_env(hub, HF_TOKEN=hub.token))
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path)["config.json"] == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("hf://org/absent", "was not found on"),
+        ("hf://org/llama@no-such-branch", "has no revision 'no-such-branch'"),
+    ],
+)
+def test_hub_errors_are_exit_3_one_line_not_retried(hub: FakeHub, tmp_path: Path, source: str, says: str) -> None:
+    hub.add_repo("org/llama", {"config.json": b"{}"})
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), env=_env(hub))
+    assert run.code == 3
+    assert says in run.error
+    assert run.all("retrying") == []
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_dataset_repo_and_pagination(hub: FakeHub, tmp_path: Path) -> None:
+    hub.page_size = 2
+    files = {f"data/{i}.csv": f"{i}\n".encode() for i in range(7)}
+    hub.add_repo("org/set", files, repo_type="dataset")
+    run = run_fetcher("--source", "hf://datasets/org/set", "--dest", str(tmp_path), env=_env(hub))
+    assert run.code == 0, run.stderr
+    assert {k: v for k, v in tree(tmp_path).items() if k != ".gitattributes"} == files
+
+
+def test_dry_run_shows_the_commit_and_each_files_checksum_origin(hub: FakeHub, tmp_path: Path) -> None:
+    commit = hub.add_repo("org/llama", {"config.json": b"{}", "w.safetensors": SHARD})
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(tmp_path / "d"), "--dry-run", env=_env(hub))
+    assert run.code == 0, run.stderr
+    (artifact,) = json.loads(run.stdout)["artifacts"]
+    assert artifact["identity"] == f"hf-commit:{commit}"
+    origins = {f["path"]: f["checksum"] for f in artifact["files"]}
+    assert origins["w.safetensors"].endswith("(from the hub (LFS sha256))")
+    assert origins["config.json"].endswith("(from the hub (git blob id))")
+    assert not (tmp_path / "d").exists()
