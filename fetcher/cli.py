@@ -92,7 +92,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 if artifact.bearer_token_file is not None and scheme_of(artifact.source).bearer_token:
                     read_bearer_token(artifact.bearer_token_file)
                 described = artifact.describe()
-                if artifact.is_directory is not False:  # resolved: each file, its size and its checksum's origin
+                if artifact.is_directory or scheme_of(artifact.source).names == ("file",):
+                    # resolved: each file, its size and its checksum's origin (an S3 key that may be a
+                    # prefix is not: a dry run asks nothing of the network that a directory does not need)
                     from fetcher.fetch import preview
 
                     described |= preview(artifact)

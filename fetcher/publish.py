@@ -132,12 +132,6 @@ def _parse_marker(text: str | None) -> Marker | None:
         return None
 
 
-def already_present(artifact: Artifact) -> Marker | None:
-    """The marker, if it matches this artifact and every file it lists is as published."""
-    marker = previous(artifact)
-    return marker if marker is not None and stale(artifact, marker) is None else None
-
-
 def stale(artifact: Artifact, marker: Marker) -> str | None:
     """Why this earlier publication cannot stand for the artifact asked for now, if it cannot.
 

@@ -117,17 +117,8 @@ class HttpClient:
     def _errors(self, display: str, url: str) -> Iterator[None]:
         try:
             yield
-        except httpx.TimeoutException as exc:
-            raise TransientFetchError(f"timed out talking to {display} ({type(exc).__name__})") from exc
-        except _NOT_TRANSIENT as exc:
-            raise FetchError(f"request to {display} failed: {type(exc).__name__}: {_reason(exc)}") from exc
-        except httpx.ProxyError as exc:
-            raise _proxy_error(exc, display, urlsplit(url).scheme) from exc
-        except httpx.TransportError as exc:
-            if (refused := _certificate_refused(exc)) is not None:  # the same answer on every retry
-                where, why = _failed_at(exc), refused.verify_message
-                raise FetchError(f"TLS certificate of {where} not trusted: {why}{_ca_hint()}") from exc
-            raise TransientFetchError(f"connection to {display} failed: {_reason(exc)}") from exc
+        except httpx.HTTPError as exc:
+            raise httpx_error(exc, display, url) from exc
 
     def _drop_secrets_across_origins(self, request: httpx.Request) -> None:
         """No user header, and no Authorization, goes to another origin (scheme, host or port).
@@ -210,10 +201,40 @@ def _info(response: httpx.Response, offset: int, pin: Pin) -> ObjectInfo:
 def _chunks(response: httpx.Response, display: str) -> Iterator[bytes]:
     try:
         yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
-    except httpx.TimeoutException as exc:
-        raise TransientFetchError(f"read from {display} timed out") from exc
-    except httpx.TransportError as exc:
-        raise TransientFetchError(f"connection to {display} dropped: {_reason(exc)}") from exc
+    except httpx.HTTPError as exc:
+        raise httpx_error(exc, display, str(response.url), reading=True) from exc
+
+
+# What each httpx exception means for fetcher, most specific first: one table, as httpx's own
+# HTTPCORE_EXC_MAP is for httpcore. Two need a closer look (see httpx_error): a refused
+# certificate is final whatever class carries it, and a proxy's refusal depends on its status.
+HTTPX_ERRORS: tuple[tuple[type[Exception], type[FetchError], str], ...] = (
+    (httpx.TimeoutException, TransientFetchError, "timed out talking to {source} ({name})"),
+    (httpx.UnsupportedProtocol, FetchError, "request to {source} failed: {name}: {reason}"),
+    (httpx.LocalProtocolError, FetchError, "request to {source} failed: {name}: {reason}"),
+    (httpx.TooManyRedirects, FetchError, "request to {source} failed: {name}: {reason}"),
+    (httpx.InvalidURL, FetchError, "request to {source} failed: {name}: {reason}"),
+    (httpx.TransportError, TransientFetchError, "connection to {source} failed: {reason}"),
+    (httpx.HTTPError, FetchError, "request to {source} failed: {name}: {reason}"),
+)
+_WHILE_READING = {
+    httpx.TimeoutException: "read from {source} timed out",
+    httpx.TransportError: "connection to {source} dropped: {reason}",
+}
+
+
+def httpx_error(exc: httpx.HTTPError, display: str, url: str, *, reading: bool = False) -> FetchError:
+    """The fetcher error an httpx exception stands for; raise it ``from exc`` to keep the cause."""
+    if isinstance(exc, httpx.ProxyError):
+        return _proxy_error(exc, display, urlsplit(url).scheme)
+    if isinstance(exc, httpx.TransportError) and (refused := _certificate_refused(exc)) is not None:
+        return FetchError(f"TLS certificate of {_failed_at(exc)} not trusted: {refused.verify_message}{_ca_hint()}")
+    for exc_type, kind, template in HTTPX_ERRORS:
+        if isinstance(exc, exc_type):
+            if reading:
+                template = next((t for cls, t in _WHILE_READING.items() if isinstance(exc, cls)), template)
+            return kind(template.format(source=display, name=type(exc).__name__, reason=_reason(exc)))
+    raise AssertionError("HTTPX_ERRORS ends with httpx.HTTPError")
 
 
 class HttpSource:
@@ -301,9 +322,6 @@ def _date(value: str | None) -> float | None:
         return email.utils.parsedate_to_datetime(value).timestamp() if value else None
     except (TypeError, ValueError):
         return None
-
-
-_NOT_TRANSIENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.TooManyRedirects, httpx.InvalidURL)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -203,8 +203,11 @@ class S3Source:
         try:
             head = self._client.head_object(**request)
         except _BOTOCORE as exc:
-            if not _missing(exc) or not self._list(self.key + "/", limit=1):
+            if not _missing(exc):
                 raise s3_error(exc, self.display, self._ca_hint) from exc
+            if not self._list(self.key + "/", limit=1):  # a missing bucket is NoSuchBucket here
+                # A HEAD's 404 carries no code: the bucket answered the listing, so it is the key.
+                raise FetchError(_MISSING.format(source=self.display, code="NoSuchKey")) from exc
             return self._directory(
                 self.key + "/", note=f"no object at {self.display}: took it as the directory {self.key}/"
             )
