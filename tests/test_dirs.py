@@ -281,3 +281,31 @@ def test_kill_9_mid_directory_then_a_restart_keeps_every_verified_file(
     assert not any(name in path for path in fetched for name in small), fetched  # verified files were kept
     assert any("model.safetensors" in path for path in fetched)
     assert again.event("resuming")["files_verified_before"] == len(small)
+
+
+def test_a_config_file_takes_the_directory_keys(s3: S3, tmp_path: Path) -> None:
+    files = {"a.json": b"1", "b.bin": b"2", "c.json": b"3"}
+    source = _bucket(s3, "dir-config", files)
+    sums = _sums(files, tmp_path / "sums")
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        f"dest: {tmp_path / 'dest'}\n"
+        "artifacts:\n"
+        f"  - source: {source}\n"
+        f"    sha256sums: {sums}\n"
+        "    include: ['*.json']\n"
+        "    exclude:\n      - c.*\n"
+    )
+    run = run_fetcher("--config", str(config), env=s3.env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == {"a.json": b"1"}
+    env = s3.env | {"FETCHER_INCLUDE": "*.json\n*.bin", "FETCHER_EXCLUDE": "a.*"}
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "env"), env=env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "env") == {"b.bin": b"2", "c.json": b"3"}
+
+
+def test_sha256sums_with_one_file_is_a_usage_error(tmp_path: Path) -> None:
+    run = run_fetcher("--source", "https://example.com/m.bin", "--dest", str(tmp_path), "--sha256sums", "/x")
+    assert run.code == 2
+    assert "--sha256sums applies to a directory" in run.error
