@@ -192,31 +192,44 @@ class DirectoryTransfer:
     # --- a whole file ---------------------------------------------------------------------
 
     def _whole_file(self, job: _File) -> None:
+        """One stream; a retry goes on from the byte where the last one broke, when the source
+        pins the file's version (else it starts again, hashing from 0)."""
         path = self._spool.incomplete(job.slot)
+        job.hasher = None
+        pinned = [False]
 
         def attempt() -> None:
-            job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, job.entry.size)
+            start = job.hasher.size if job.hasher is not None and pinned[0] else 0
+            if start == 0:
+                job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, job.entry.size)
+            hasher = job.hasher
+            assert hasher is not None
             try:
-                with open(path, "wb") as out, job.reader.open() as body:
+                with open(path, "r+b" if start else "wb") as out, job.reader.open(start) as body:
+                    if start and (body.offset != start or not body.partial):
+                        pinned[0] = False  # the server sent it all again: start over
+                        raise TransientFetchError(f"{job.reader.display} did not resume at byte {start}")
+                    pinned[0] = body.info.version is not None
                     if body.info.digest is not None and job.digest is None:
                         job.digest = body.info.digest
+                    out.seek(start)
+                    out.truncate()
                     for chunk in body.chunks:
                         if self._stopped():
                             raise Cancelled
                         out.write(chunk)
-                        job.hasher.update(chunk)
+                        hasher.update(chunk)
                         self._on_bytes(len(chunk))
                     out.flush()
                     os.fsync(out.fileno())
             except OSError as exc:
                 raise local_error(exc, f"writing the download spool in {self._spool.directory}") from exc
-            if job.entry.size is not None and job.hasher.size < job.entry.size:
+            if job.entry.size is not None and hasher.size < job.entry.size:
                 raise TransientFetchError(
-                    f"{job.reader.display} ended early, at byte {job.hasher.size} of {job.entry.size}"
+                    f"{job.reader.display} ended early, at byte {hasher.size} of {job.entry.size}"
                 )
 
         self._retrying(attempt, job.reader.display)
-        assert job.hasher is not None
         self._verified(job, path)
 
     # --- a file in parts -----------------------------------------------------------------

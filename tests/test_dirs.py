@@ -309,3 +309,19 @@ def test_sha256sums_with_one_file_is_a_usage_error(tmp_path: Path) -> None:
     run = run_fetcher("--source", "https://example.com/m.bin", "--dest", str(tmp_path), "--sha256sums", "/x")
     assert run.code == 2
     assert "--sha256sums applies to a directory" in run.error
+
+
+def test_a_cut_file_resumes_at_the_byte_where_it_broke(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    files = {"w.bin": SHARD}
+    source = _bucket(s3, "dir-cut", files)
+    sums = _sums(files, tmp_path / "sums")
+    s3_front.cuts = [10**9, 1_000_000]  # the listing whole, then the file cut
+    run = run_fetcher(
+        "--source", source, "--dest", str(tmp_path / "dest"), "--sha256sums", str(sums), "--concurrency", "1",
+        env=s3_front.env,
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == files
+    ranges = [r.headers.get("Range") for r in s3_front.gets() if "w.bin" in r.path]
+    assert ranges[-1] is not None and ranges[-1].startswith("bytes=") and ranges[-1] != "bytes=0-"
+    assert len(run.all("retrying")) == 1
