@@ -195,7 +195,9 @@ def test_a_restart_pinned_by_sha256sums_needs_no_network(s3: S3, tmp_path: Path)
 def test_dry_run_lists_each_file_with_its_size_and_checksum_origin(s3: S3, tmp_path: Path) -> None:
     source = _bucket(s3, "dir-dry", {"a.txt": b"a", "b.txt": b"bb"})
     sums = _sums({"a.txt": b"a"}, tmp_path / "sums")
-    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d"), "--sha256sums", str(sums), "--dry-run", env=s3.env)
+    run = run_fetcher(
+        "--source", source, "--dest", str(tmp_path / "d"), "--sha256sums", str(sums), "--dry-run", env=s3.env
+    )
     assert run.code == 0, run.stderr
     (artifact,) = json.loads(run.stdout)["artifacts"]
     assert artifact["files"] == [
