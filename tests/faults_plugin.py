@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-AREAS = ("network", "protocol", "s3", "archive", "publish", "disk", "process", "config", "secrets")
+AREAS = ("network", "protocol", "s3", "directory", "archive", "publish", "disk", "process", "config", "secrets")
 _KEY = "fault"
 
 

@@ -79,6 +79,9 @@ def test_more_than_a_thousand_objects_and_folder_markers(s3: S3, tmp_path: Path)
     assert run.event("files not verified")["count"] == 1005  # said once, with the count
 
 
+@pytest.mark.fault(
+    "a hostile S3 key (.., absolute, colliding, under .fetcher): exit 5, nothing published", exit=5, area="directory"
+)
 @pytest.mark.parametrize(
     ("keys", "why"),
     [
@@ -102,6 +105,7 @@ def test_hostile_keys_are_exit_5_before_anything_is_published(
     assert not (tmp_path / "dest").exists()
 
 
+@pytest.mark.fault("a file listed in --sha256sums missing from the prefix: exit 4", exit=4, area="directory")
 def test_sha256sums_is_the_pin_missing_is_exit_4_unlisted_is_left_out(s3: S3, tmp_path: Path) -> None:
     source = _bucket(s3, "dir-pin", {"a.txt": b"a", "extra.txt": b"not listed"})
     sums = tmp_path / "sums"
@@ -117,6 +121,7 @@ def test_sha256sums_is_the_pin_missing_is_exit_4_unlisted_is_left_out(s3: S3, tm
     assert "'missing.txt' is listed in --sha256sums sums but missing from" in run.error
 
 
+@pytest.mark.fault("an S3 object that does not match --sha256sums: exit 4, nothing published", exit=4, area="directory")
 def test_a_wrong_digest_in_sha256sums_is_exit_4_and_nothing_is_published(s3: S3, tmp_path: Path) -> None:
     source = _bucket(s3, "dir-wrong", MODEL)
     sums = _sums(MODEL | {"config.json": b"other"}, tmp_path / "sums")
@@ -127,6 +132,9 @@ def test_a_wrong_digest_in_sha256sums_is_exit_4_and_nothing_is_published(s3: S3,
     assert tree(dest) == {}
 
 
+@pytest.mark.fault(
+    "a malformed --sha256sums line: exit 2 naming the line, before any request", exit=2, area="directory"
+)
 def test_a_bad_sha256sums_line_is_exit_2_with_its_number(s3: S3, tmp_path: Path) -> None:
     sums = tmp_path / "sums"
     sums.write_text(f"{sha256(b'a')}  a.txt\nnot a sum line\n")
@@ -230,6 +238,7 @@ def test_a_folder_is_copied_and_verified(tmp_path: Path) -> None:
     assert (tmp_path / "dest" / "config.json").stat().st_mode & 0o777 == 0o444
 
 
+@pytest.mark.fault("a folder holding a link outside it, or a FIFO: exit 5", exit=5, area="directory")
 @pytest.mark.parametrize("kind", ["outside", "fifo"])
 def test_a_link_outside_or_a_fifo_in_a_folder_is_exit_5(tmp_path: Path, kind: str) -> None:
     folder = _folder(tmp_path / "pvc")
@@ -254,6 +263,7 @@ def test_a_folder_restart_names_the_file_that_changed(tmp_path: Path) -> None:
     assert tree(dest) == MODEL
 
 
+@pytest.mark.fault("kill -9 mid-directory: the restart keeps every verified file", exit=0, area="directory")
 def test_kill_9_mid_directory_then_a_restart_keeps_every_verified_file(
     s3: S3, s3_front: S3Front, tmp_path: Path
 ) -> None:
@@ -313,6 +323,7 @@ def test_sha256sums_with_one_file_is_a_usage_error(tmp_path: Path) -> None:
     assert "--sha256sums applies to a directory" in run.error
 
 
+@pytest.mark.fault("a directory file cut mid-body: resumed at the byte where it broke", exit=0, area="directory")
 def test_a_cut_file_resumes_at_the_byte_where_it_broke(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
     files = {"w.bin": SHARD}
     source = _bucket(s3, "dir-cut", files)

@@ -102,6 +102,9 @@ def test_a_moved_branch_costs_one_request_when_unchanged_and_refetches_when_move
     assert not [r for r in hub.requests[before:] if r.server == "cdn"]  # the unchanged shard was not fetched again
 
 
+@pytest.mark.fault(
+    "a hub file whose bytes do not match its LFS sha256: exit 4, nothing published", exit=4, area="directory"
+)
 def test_a_corrupted_blob_is_exit_4_and_nothing_is_published(hub: FakeHub, tmp_path: Path) -> None:
     hub.add_repo("org/llama", REPO)
     hub.corrupt("org/llama", "model-00002-of-00002.safetensors")
@@ -113,6 +116,9 @@ def test_a_corrupted_blob_is_exit_4_and_nothing_is_published(hub: FakeHub, tmp_p
     assert tree(dest) == {}
 
 
+@pytest.mark.fault(
+    "a gated repo without a token: exit 3 saying what to do; the token never reaches the CDN", exit=3, area="directory"
+)
 def test_a_gated_repo_says_what_to_do_and_the_token_never_reaches_the_cdn(hub: FakeHub, tmp_path: Path) -> None:
     hub.token = "hf_secret_token_123456"
     hub.add_repo("org/gated", REPO, gated=True)
@@ -142,6 +148,9 @@ def test_hf_token_from_the_environment(hub: FakeHub, tmp_path: Path) -> None:
     assert tree(tmp_path)["config.json"] == b"{}"
 
 
+@pytest.mark.fault(
+    "a missing repo or revision: exit 3 with the hub's X-Error-Code, not retried", exit=3, area="directory"
+)
 @pytest.mark.parametrize(
     ("source", "says"),
     [

@@ -1,8 +1,10 @@
-"""The one interface every source implements: open a byte range, read chunks.
+"""The one interface every source implements: resolve to a manifest, then open a byte range
+of one of its objects and read chunks.
 
-A source pins the object it first saw (ETag, S3 VersionId, file mtime), so a
-later range of a changed object fails with ``SourceChangedError`` instead of
-being stitched onto bytes of the old one.
+A source pins each object it first saw (ETag, S3 VersionId, file mtime, hub
+commit), so a later range of a changed object fails with ``SourceChangedError``
+instead of being stitched onto bytes of the old one. A source is handed the
+settings it needs (``Connection``, ``Selection``), never the whole artifact.
 """
 
 from __future__ import annotations

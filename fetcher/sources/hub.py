@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
-from fetcher.errors import FetchError
+from fetcher.errors import FetchError, TransientFetchError
 from fetcher.manifest import GIT_SHA1, SHA256, Digest, Entry, Manifest, check_layout, relative_path
 from fetcher.redact import redact_url
 from fetcher.schemes import parse_hf
@@ -64,6 +64,7 @@ class HubSource:
         )
         self._commit: str | None = self.revision if COMMIT.fullmatch(self.revision) else None
         self._pins: dict[str, Pin] = {}
+        self._cdn: dict[str, str] = {}  # resolve URL -> where it redirected: a round trip to the hub saved per part
 
     @property
     def _api(self) -> str:
@@ -123,10 +124,19 @@ class HubSource:
         url = f"{base}/{self.repo}/resolve/{entry.pin}/{quote(entry.locator)}"
         display = f"{self.display.rstrip('/')}/{entry.path}"
         pin = self._pins.setdefault(entry.locator, Pin())
-        with self._client.stream(url, display, pin, start, end) as (body, _response):
+        with self._client.stream(self._cdn.get(url, url), display, pin, start, end) as (body, response):
+            if str(response.url) != url:  # the CDN's signed URL: the other parts go there directly
+                self._cdn[url] = str(response.url)
             yield body
 
     def _explain(self, response: httpx.Response, display: str) -> FetchError | None:
+        asked = str(response.request.url)
+        for resolve, cdn in list(self._cdn.items()):
+            if cdn == asked and response.status_code in (401, 403, 404, 410):
+                del self._cdn[resolve]  # its signature expired: the hub signs a new one
+                return TransientFetchError(
+                    f"the CDN refused {display} (HTTP {response.status_code}): asking the hub again"
+                )
         code = response.headers.get("X-Error-Code")
         if code not in HUB_ERRORS:
             return None
