@@ -186,3 +186,20 @@ def test_dry_run_shows_the_commit_and_each_files_checksum_origin(hub: FakeHub, t
     assert origins["w.safetensors"].endswith("(from the hub (LFS sha256))")
     assert origins["config.json"].endswith("(from the hub (git blob id))")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_token_file_as_hf_auth_login_writes_it_and_a_broken_token_is_never_echoed(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    hub.token = "hf_file_token_abcdef"
+    hub.add_repo("org/private", {"config.json": b"{}"}, private=True)
+    (tmp_path / "hf-home").mkdir()
+    (tmp_path / "hf-home" / "token").write_text(hub.token + "\n")
+    run = run_fetcher(
+        "--source", "hf://org/private", "--dest", str(tmp_path / "d"), env=_env(hub, HF_HOME=str(tmp_path / "hf-home"))
+    )
+    assert run.code == 0, run.stderr
+    broken = "hf_broken\nX-Injected: 1"
+    run = run_fetcher("--source", "hf://org/private", "--dest", str(tmp_path / "e"), env=_env(hub, HF_TOKEN=broken))
+    assert run.code == 2
+    assert "hf_broken" not in run.stderr

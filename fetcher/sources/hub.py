@@ -9,8 +9,8 @@ digest. Files come from ``/{repo}/resolve/{commit}/{path}``, which sends LFS
 files to a CDN on another host: ranged and parallel GETs go there, without
 Authorization (see ``HttpClient``).
 
-``HF_ENDPOINT`` and ``HF_TOKEN`` are read as huggingface_hub reads them; a
-``--bearer-token-file`` (a mounted Secret) wins over ``HF_TOKEN``.
+``HF_ENDPOINT`` and ``HF_TOKEN`` (or the token file ``hf auth login`` writes) are read
+as huggingface_hub reads them; a ``--bearer-token-file`` (a mounted Secret) wins over them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
-from fetcher.errors import FetchError, TransientFetchError
+from fetcher.errors import FetchError, TransientFetchError, UsageError
 from fetcher.manifest import GIT_SHA1, SHA256, Digest, Entry, Manifest, check_layout, relative_path
 from fetcher.redact import redact_url
 from fetcher.schemes import parse_hf
@@ -56,6 +56,8 @@ class HubSource:
         self.display = redact_url(source)
         self.endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         token = None if connection.bearer_token_file else _env_token()
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):  # never echoed: still a secret
+            raise UsageError("the Hugging Face token (HF_TOKEN or its token file) must be one line of printable ASCII")
         self._client = HttpClient(
             self.endpoint,
             connection,
@@ -159,8 +161,15 @@ def _is_file(item: Any) -> bool:
 
 
 def _env_token() -> str | None:
-    """HF_TOKEN, as huggingface_hub reads it (its older name too)."""
+    """The token as huggingface_hub finds it: HF_TOKEN (or its older name), else the file that
+    ``hf auth login`` writes, at HF_TOKEN_PATH or $HF_HOME/token."""
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if token := os.environ.get(name, "").strip():
             return token
-    return None
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    path = os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
