@@ -321,8 +321,15 @@ class _Fetch:
             tree = staging / "tree"
             for entry in entries:
                 spool.link_into(slots[entry.path], tree / entry.path)
+            unverified = set(transfer.unverified)
             objects = [
-                {"path": e.path, "size": e.size, "digest": str(e.digest) if e.digest else None, "pin": e.pin}
+                {
+                    "path": e.path,
+                    "size": e.size,
+                    "digest": str(e.digest) if e.digest else transfer.digests.get(e.path),
+                    "verified": e.path not in unverified and (e.digest is not None or e.path in transfer.digests),
+                    "pin": e.pin,
+                }
                 for e in entries
             ]
             record = Record(manifest.identity, None, total, "directory", objects, self._selection())

@@ -159,7 +159,10 @@ def selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """
 
     def matches(patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(path, p + "*" if p.endswith("/") else p) for p in patterns)
+        normal = (p.replace("\\", "/") for p in patterns)  # as huggingface_hub: a backslash is a separator
+        return any(fnmatch.fnmatchcase(name, p + "*" if p.endswith("/") else p) for p in normal)
+
+    name = path.replace("\\", "/")
 
     return (not include or matches(include)) and not (exclude and matches(exclude))
 

@@ -85,13 +85,12 @@ class Artifact:
 
     def describe(self) -> dict[str, Any]:
         """The plan item as shown to people: secrets masked."""
-        shown: dict[str, Any] = {
-            "source": self.display_source,
-            "dest": str(self.dest),
-            "sha256": self.sha256 or "(not given: unverified)",
-            "extract": self.extract,
-            "filename": self.filename,
-        }
+        shown: dict[str, Any] = {"source": self.display_source, "dest": str(self.dest)}
+        if self.is_directory:  # its files' digests come from --sha256sums or the source: see the files
+            shown["sha256"] = "(per file)"
+        else:
+            shown |= {"sha256": self.sha256 or "(not given: unverified)", "extract": self.extract}
+            shown["filename"] = self.filename
         if self.sha256sums is not None:
             shown["sha256sums"] = redact_url(self.sha256sums) if "://" in self.sha256sums else self.sha256sums
         if self.include:

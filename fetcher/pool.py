@@ -89,6 +89,7 @@ class DirectoryTransfer:
         self._finished = threading.Event()
         self._error: BaseException | None = None
         self.unverified: list[str] = []
+        self.digests: dict[str, str] = {}  # path -> "algorithm:hex" of what arrived, verified or not
         self.kept = 0  # files verified by an earlier run, not fetched again
 
     def run(self) -> dict[str, str]:
@@ -314,6 +315,7 @@ class DirectoryTransfer:
                 )
         else:
             self.unverified.append(entry.path)
+        self.digests[entry.path] = f"{got.algorithm}:{got.hexdigest()}"
         self._spool.finish(written, job.slot)  # type: ignore[arg-type]
         if parts is not None:
             parts.remove()
