@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3, run_fetcher, sha256, tree
+from tests.conftest import S3, Origin, run_fetcher, sha256, tree
 from tests.faults_support import Background, S3Front
 
 SHARD = random.Random(11).randbytes(3 * 2**20 + 123)  # split into parts at --part-size 1Mi
@@ -338,3 +338,21 @@ def test_a_cut_file_resumes_at_the_byte_where_it_broke(s3: S3, s3_front: S3Front
     ranges = [r.headers.get("Range") for r in s3_front.gets() if "w.bin" in r.path]
     assert ranges[-1] is not None and ranges[-1].startswith("bytes=") and ranges[-1] != "bytes=0-"
     assert len(run.all("retrying")) == 1
+
+
+def test_sha256sums_from_s3_and_from_https(s3: S3, tmp_path: Path, origin: Origin) -> None:
+    files = {"a.txt": b"a", "b/c.txt": b"c"}
+    source = _bucket(s3, "dir-remote-sums", files)
+    text = "".join(f"{sha256(d)}  {p}\n" for p, d in files.items()).encode()
+    sums_s3 = s3.put("dir-remote-sums", "SHA256SUMS", text)
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d1"), "--sha256sums", sums_s3, env=s3.env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "d1") == files
+    sums_url = origin.add("/SHA256SUMS", text)
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d2"), "--sha256sums", sums_url, env=s3.env)
+    assert run.code == 0, run.stderr
+    assert run.event("published")["verified"] == 2
+    missing = origin.url("/nothing-here")
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "d3"), "--sha256sums", missing, env=s3.env)
+    assert run.code == 3
+    assert "404" in run.error
