@@ -203,3 +203,26 @@ def test_a_token_file_as_hf_auth_login_writes_it_and_a_broken_token_is_never_ech
     run = run_fetcher("--source", "hf://org/private", "--dest", str(tmp_path / "e"), env=_env(hub, HF_TOKEN=broken))
     assert run.code == 2
     assert "hf_broken" not in run.stderr
+
+
+def test_a_cdn_url_that_stops_working_mid_file_is_asked_of_the_hub_again(hub: FakeHub, tmp_path: Path) -> None:
+    import secrets
+    import threading
+    import time
+
+    hub.add_repo("org/llama", {"w.safetensors": SHARD})
+    hub.rate_limit(4 * 2**20)  # each 1 MiB part takes ~0.25 s: the others ask after the rotation
+
+    def rotate_after_first_cdn_get() -> None:
+        deadline = time.monotonic() + 30
+        while not any(r.server == "cdn" for r in hub.requests) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        hub._secret = secrets.token_bytes(32)  # every URL signed so far is refused from now on
+
+    rotator = threading.Thread(target=rotate_after_first_cdn_get, daemon=True)
+    rotator.start()
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(tmp_path), "--concurrency", "2", env=_env(hub))
+    rotator.join()
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path)["w.safetensors"] == SHARD
+    assert any("the CDN refused" in e["reason"] for e in run.all("retrying"))

@@ -66,6 +66,7 @@ class HubSource:
         )
         self._commit: str | None = self.revision if COMMIT.fullmatch(self.revision) else None
         self._pins: dict[str, Pin] = {}
+        self._signed: set[str] = set()  # every URL the hub redirected to: one it refuses is asked again
         self._cdn: dict[str, str] = {}  # resolve URL -> where it redirected: a round trip to the hub saved per part
 
     @property
@@ -129,16 +130,16 @@ class HubSource:
         with self._client.stream(self._cdn.get(url, url), display, pin, start, end) as (body, response):
             if str(response.url) != url:  # the CDN's signed URL: the other parts go there directly
                 self._cdn[url] = str(response.url)
+                self._signed.add(str(response.url))
             yield body
 
     def _explain(self, response: httpx.Response, display: str) -> FetchError | None:
         asked = str(response.request.url)
-        for resolve, cdn in list(self._cdn.items()):
-            if cdn == asked and response.status_code in (401, 403, 404, 410):
-                del self._cdn[resolve]  # its signature expired: the hub signs a new one
-                return TransientFetchError(
-                    f"the CDN refused {display} (HTTP {response.status_code}): asking the hub again"
-                )
+        if asked in self._signed and response.status_code in (401, 403, 404, 410):
+            for resolve, cdn in list(self._cdn.items()):  # its signature expired: the hub signs a new one
+                if cdn == asked:
+                    del self._cdn[resolve]
+            return TransientFetchError(f"the CDN refused {display} (HTTP {response.status_code}): asking the hub again")
         code = response.headers.get("X-Error-Code")
         if code not in HUB_ERRORS:
             return None
