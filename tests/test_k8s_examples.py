@@ -9,10 +9,15 @@ Then as a cluster would run them: `podman kube play`, which runs init containers
 does not start the app when an init container fails. Each example is played as written, except: the fetcher
 image is the local build; the app image (sentiment-agent:1.0, which does not exist) is the same local image
 running a few lines of Python that print what it finds in the model volume; https://models.example.com and
-the MinIO endpoint are loopback servers, and the placeholder sha256 is the served archive's; the pod uses
-the host's network (loopback); volume names get a test prefix; and restartPolicy is Never, because podman
-4.3 applies the pod's restart policy to init containers too (Always would re-run a finished init container
-in a loop, which a kubelet does not do).
+the MinIO endpoint are loopback servers, and the placeholder sha256 is the served archive's; the Hugging Face
+example's hub is tests/fakehub.py (HF_ENDPOINT is set to it; the placeholder commit and token are its own),
+and each placeholder line of a SHA256SUMS gets its file's digest; the pod uses the host's network
+(loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; and restartPolicy is Never,
+because podman 4.3 applies the pod's restart policy to init containers too (Always would re-run a finished
+init container in a loop, which a kubelet does not do).
+
+A dry run resolves what a source names (an S3 key that may be a prefix, a hub revision), so the offline
+checks serve each example from the same loopback servers.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import contextlib
 import json
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from fetcher import __version__
 from fetcher.config import OPTIONS
 from tests.conftest import S3, Origin, make_tar, run_fetcher, sha256
 from tests.container_support import ROOT, Podman, session
+from tests.fakehub import FakeHub
 
 pytestmark = pytest.mark.xdist_group("containers")  # one podman at a time, on one xdist worker
 
@@ -48,6 +55,10 @@ PLACEHOLDER_SHA256 = "PUT-THE-SHA256-OF-YOUR-ARCHIVE-HERE"
 VOCAB_SHA256 = "PUT-THE-SHA256-OF-vocab.txt-HERE"
 ORIGIN = "https://models.example.com"
 MINIO = "http://minio.minio.svc.cluster.local:9000"
+HF_REPO = "example-org/sentiment-v3"
+HF_COMMIT = "PUT-THE-40-HEX-COMMIT-HERE"
+HF_TOKEN = "PUT-YOUR-HUGGING-FACE-READ-TOKEN-HERE"
+SUMS_LINE = re.compile(r"PUT-THE-SHA256-OF-(\S+)-HERE  (\S+)")  # a SHA256SUMS line left for the reader
 
 FETCHER_ENV = {option.env for option in OPTIONS}
 # What boto3's credential chain and configuration read, as far as an example may set it.
@@ -65,6 +76,8 @@ AWS_ENV = {
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_ROLE_SESSION_NAME",
 }
+# What fetcher's hf:// source reads, as huggingface_hub reads it.
+HF_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"}
 LOCKED_DOWN = {
     "runAsNonRoot": True,
     "readOnlyRootFilesystem": True,
@@ -110,16 +123,41 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict
         if "secretRef" in source:
             env |= by_kind(docs, "Secret")[source["secretRef"]["name"]]["stringData"]
     for item in container.get("env", []):
-        env[item["name"]] = item["value"]
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = by_kind(docs, "Secret")[ref["name"]]["stringData"][ref["key"]]
+        else:
+            env[item["name"]] = item["value"]
     return env
+
+
+def from_secrets(container: dict[str, Any], docs: list[dict[str, Any]]) -> set[str]:
+    """The env names a Secret provides: envFrom secretRef, or a secretKeyRef."""
+    names = {
+        name
+        for source in container.get("envFrom", [])
+        if "secretRef" in source
+        for name in by_kind(docs, "Secret")[source["secretRef"]["name"]]["stringData"]
+    }
+    return names | {item["name"] for item in container.get("env", []) if "secretKeyRef" in item.get("valueFrom", {})}
 
 
 def ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
 
 
-def test_there_are_the_five_examples() -> None:
-    assert {p.stem for p in EXAMPLE_FILES} >= {"quickstart", "s3-credentials", "several-artifacts", "pvc", "deployment"}
+def test_there_are_the_seven_examples() -> None:
+    assert {p.stem for p in EXAMPLE_FILES} >= {
+        "quickstart",
+        "s3-credentials",
+        "several-artifacts",
+        "pvc",
+        "deployment",
+        "huggingface",
+        "s3-prefix",
+    }
+    listed = (EXAMPLES / "README.md").read_text()
+    assert all(f"`{p.name}`" in listed for p in EXAMPLE_FILES), "k8s-examples/README.md lists every example"
     quickstart = documents(EXAMPLES / "quickstart.yaml")
     assert set(by_kind(quickstart, "ConfigMap")["fetcher-config"]["data"]) == {
         "FETCHER_SOURCE",
@@ -132,7 +170,7 @@ def test_there_are_the_five_examples() -> None:
 
 
 def tool(name: str) -> str:
-    return str(Path(subprocess.sys.executable).parent / name)
+    return str(Path(sys.executable).parent / name)
 
 
 def test_yamllint() -> None:
@@ -197,35 +235,56 @@ def test_env_names_are_fetchers_own(path: Path) -> None:
     for spec in pod_specs(docs):
         for container in fetcher_containers(spec):
             env = container_env(docs, container)
-            unknown = set(env) - FETCHER_ENV - AWS_ENV
+            unknown = set(env) - FETCHER_ENV - AWS_ENV - HF_ENV
             assert not unknown, f"{path.name}: env names fetcher does not read: {sorted(unknown)}"
             secrets = {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
-            for secret in secrets:  # credentials only in Secrets, and nothing but AWS_* there
-                assert set(by_kind(docs, "Secret")[secret]["stringData"]) <= AWS_ENV
+            for secret in secrets:  # credentials only in Secrets, and nothing but AWS_* or HF_* there
+                assert set(by_kind(docs, "Secret")[secret]["stringData"]) <= AWS_ENV | HF_ENV
             for name, value in env.items():
                 if re.search(r"SECRET|TOKEN", name) and not name.endswith("_FILE"):
-                    assert any(name in by_kind(docs, "Secret")[s]["stringData"] for s in secrets), name
+                    assert name in from_secrets(container, docs), f"{path.name}: {name} is not from a Secret"
                 assert isinstance(value, str), f"{name}: env values are strings in Kubernetes"
 
 
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    """A hub whose private repos need this token: a played example proves its Secret reaches the hub."""
+    with FakeHub(token="hf_" + uuid.uuid4().hex) as hub:
+        yield hub
+
+
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=ids(EXAMPLE_FILES))
-def test_fetcher_accepts_the_configuration(path: Path, tmp_path: Path) -> None:
-    check_fetcher_accepts(path, tmp_path)
+def test_fetcher_accepts_the_configuration(
+    path: Path, tmp_path: Path, origin: Origin, s3: S3, fake_hub: FakeHub
+) -> None:
+    check_fetcher_accepts(path, tmp_path, serve(path, origin, s3, fake_hub))
 
 
-def test_the_readme_pod_is_valid_and_accepted(tmp_path: Path) -> None:
-    """The Pod in the README is the first one a reader copies: it is held to the examples' checks."""
+def test_the_readme_pods_are_valid_and_accepted(tmp_path: Path, origin: Origin, s3: S3, fake_hub: FakeHub) -> None:
+    """The Pods in the README are the first a reader copies: they are held to the examples' checks."""
     blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (manifest,) = [block for block in blocks if "kind: Pod" in block]
-    path = tmp_path / "readme-pod.yaml"
-    path.write_text(manifest)
-    result = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    manifests = [block for block in blocks if "kind: Pod" in block]
+    assert len(manifests) == 3, "the quickstart Pod, a Hugging Face model, an S3 prefix"
+    for number, manifest in enumerate(manifests):
+        path = tmp_path / f"readme-pod-{number}.yaml"
+        path.write_text(manifest)
+        result = subprocess.run(
+            [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        served = serve(path, origin, s3, fake_hub)
+        (tmp_path / path.stem).mkdir()
+        check_fetcher_accepts(path, tmp_path / path.stem, served, extra_env=s3.env)  # the S3 Pod has a role
     quickstart = by_kind(documents(EXAMPLES / "quickstart.yaml"), "ConfigMap")["fetcher-config"]
-    assert by_kind(documents(path), "ConfigMap")["fetcher-config"]["data"] == quickstart["data"]
-    check_fetcher_accepts(path, tmp_path)
+    first = documents(tmp_path / "readme-pod-0.yaml")
+    assert by_kind(first, "ConfigMap")["fetcher-config"]["data"] == quickstart["data"]
+    token_file = container_env(
+        documents(tmp_path / "readme-pod-1.yaml"),
+        fetcher_containers(pod_specs(documents(tmp_path / "readme-pod-1.yaml"))[0])[0],
+    )["FETCHER_BEARER_TOKEN_FILE"]
+    assert token_file.startswith("/var/run/secrets/"), "the README's hub token is a mounted Secret"
 
 
 def test_an_unedited_placeholder_is_an_obvious_usage_error(tmp_path: Path) -> None:
@@ -242,14 +301,48 @@ def test_an_unedited_placeholder_is_an_obvious_usage_error(tmp_path: Path) -> No
     assert "FETCHER_SHA256" in run.stderr and "64 hex digits" in run.stderr
 
 
-def check_fetcher_accepts(path: Path, tmp_path: Path, *, pinned: bool = True) -> None:
-    """`fetcher --dry-run` with the example's env, args and mounted config files; dest is the shared volume.
+def test_unedited_directory_placeholders_are_obvious_errors(tmp_path: Path, fake_hub: FakeHub) -> None:
+    """A SHA256SUMS left as written is exit 2 naming its line, before any request; a commit left as written
+    is the hub's RevisionNotFound, naming it, not a download of whatever the branch holds."""
+    docs = documents(EXAMPLES / "s3-prefix.yaml")
+    (sums,) = by_kind(docs, "ConfigMap")["sentiment-v4-sha256sums"]["data"].values()
+    (tmp_path / "SHA256SUMS").write_text(sums)
+    env = by_kind(docs, "ConfigMap")["fetcher-s3-prefix-config"]["data"] | {
+        "FETCHER_SHA256SUMS": str(tmp_path / "SHA256SUMS"),
+        "FETCHER_DEST": str(tmp_path / "models"),
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens: no request may be needed to say so
+        "AWS_ACCESS_KEY_ID": "fetcher-reader",
+        "AWS_SECRET_ACCESS_KEY": "change-me-to-the-real-secret",
+    }
+    run = run_fetcher("--dry-run", env=env)
+    assert run.code == 2, run.stderr
+    assert "line 2 is not 'SHA256  path'" in run.stderr
 
-    The examples hold placeholders where the reader's digests go; ``pinned`` puts real-looking ones there.
+    fake_hub.add_repo(HF_REPO, {"config.json": b"{}\n"}, private=True)
+    (init,) = fetcher_containers(pod_specs(documents(EXAMPLES / "huggingface.yaml"))[0])
+    source = next(item["value"] for item in init["env"] if item["name"] == "FETCHER_SOURCE")
+    run = run_fetcher(
+        env={
+            "FETCHER_SOURCE": source,
+            "FETCHER_DEST": str(tmp_path / "hf"),
+            "HF_ENDPOINT": fake_hub.endpoint,
+            "HF_TOKEN": str(fake_hub.token),
+        }
+    )
+    assert run.code == 3, run.stderr
+    assert f"no revision '{HF_COMMIT}' (RevisionNotFound)" in run.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def check_fetcher_accepts(path: Path, tmp_path: Path, served: Served, extra_env: dict[str, str] | None = None) -> None:
+    """`fetcher --dry-run` with the example's env, args and mounted files; dest is the shared volume.
+
+    The examples hold placeholders where the reader's digests, commit and token go: ``served`` puts what
+    the loopback servers hold there, as a dry run resolves directories (and S3 keys that may be one).
     """
     text = path.read_text()
-    if pinned:
-        text = text.replace(PLACEHOLDER_SHA256, "9f" * 32).replace(VOCAB_SHA256, "4b" * 32)
+    for old, new in served.replacements.items():
+        text = text.replace(old, new)
     path = tmp_path / path.name
     path.write_text(text)
     docs = documents(path)
@@ -257,21 +350,33 @@ def check_fetcher_accepts(path: Path, tmp_path: Path, *, pinned: bool = True) ->
         volumes = {v["name"]: v for v in spec["volumes"]}
         (container,) = fetcher_containers(spec)
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
-        env = {k: v for k, v in container_env(docs, container).items() if not k.startswith("AWS_")}
+        env = (extra_env or {}) | served.env | container_env(docs, container)
         args = list(container.get("args", []))
         for mount_path, mount in mounts.items():
-            config_map = volumes[mount["name"]].get("configMap")
-            if config_map:  # materialise the ConfigMap volume and point the args at it
-                local = tmp_path / mount["name"]
-                local.mkdir()
-                for key, text in by_kind(docs, "ConfigMap")[config_map["name"]]["data"].items():
-                    (local / key).write_text(text)
-                args = [a.replace(mount_path, str(local)) for a in args]
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                files = by_kind(docs, "ConfigMap")[volume["configMap"]["name"]]["data"]
+            elif "secret" in volume:
+                files = by_kind(docs, "Secret")[volume["secret"]["secretName"]]["stringData"]
+            else:
+                continue
+            local = tmp_path / mount["name"]  # materialise the volume and point the args and env at it
+            local.mkdir()
+            for key, content in files.items():
+                (local / key).write_text(content)
+            args = [a.replace(mount_path, str(local)) for a in args]
+            env = {k: v.replace(mount_path, str(local)) for k, v in env.items()}
         run = run_fetcher("--dry-run", *args, env=env)
         assert run.code == 0, run.stderr
         plan = json.loads(run.stdout)["artifacts"]
-        assert plan and all(a["sha256"] for a in plan), "every artifact is pinned by sha256"
+        assert plan
         for artifact in plan:
+            if artifact.get("directory"):
+                assert artifact["files"], f"{artifact['source']}: a directory of no files"
+                for file in artifact["files"]:
+                    assert not file["checksum"].startswith("(none"), f"{file['path']} would not be verified"
+            else:
+                assert re.fullmatch("[0-9a-f]{64}", artifact["sha256"]), "every file or archive is pinned by sha256"
             model_mount = next(m for p, m in mounts.items() if artifact["dest"].startswith(p))
             assert "configMap" not in volumes[model_mount["name"]]
             app_mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])]
@@ -296,6 +401,7 @@ class Served:
 
     replacements: dict[str, str]
     files: dict[str, bytes]  # what the app should see under /models
+    env: dict[str, str] = field(default_factory=dict)  # for fetcher: where the fake hub is
 
 
 def model_archive() -> tuple[bytes, dict[str, bytes]]:
@@ -303,11 +409,63 @@ def model_archive() -> tuple[bytes, dict[str, bytes]]:
         "sentiment-model/config.json": b'{"architectures": ["SentimentClassifier"]}\n',
         "sentiment-model/weights.safetensors": bytes(range(256)) * 512,
     }
-    archive = make_tar(dict(files))  # type: ignore[arg-type]
+    archive = make_tar(dict(files))
     return archive, files
 
 
-def serve(path: Path, origin: Origin, s3: S3, wrong_sha256: bool = False) -> Served:
+def model_files() -> dict[str, bytes]:
+    """A model as a directory: what a hub repo or an S3 prefix holds."""
+    return {
+        "config.json": b'{"architectures": ["SentimentClassifier"]}\n',
+        "model.safetensors": bytes(range(256)) * 4096,  # an LFS file: the hub sends it to its CDN
+        "tokenizer.json": b'{"model": {"type": "WordPiece"}}\n',
+    }
+
+
+def serve_hub(hub: FakeHub, wrong_sha256: bool) -> Served:
+    """The example's repo, private (so the token must reach the hub), with files its patterns leave out."""
+    wanted = model_files() | {"tokenizer.model": bytes(range(64)) * 16}
+    left_out = {
+        "README.md": b"# sentiment-v3\n",
+        "pytorch_model.bin": b"the same weights, pickled\n",
+        "original/params.json": b'{"dim": 768}\n',  # matches *.json: left out by the exclude
+    }
+    commit = hub.add_repo(HF_REPO, wanted | left_out, private=True)
+    if wrong_sha256:
+        hub.corrupt(HF_REPO, "model.safetensors")  # served with a byte flipped, every digest unchanged
+    return Served({HF_COMMIT: commit, HF_TOKEN: str(hub.token)}, wanted, {"HF_ENDPOINT": hub.endpoint})
+
+
+def serve_prefix(text: str, s3: S3, wrong_sha256: bool) -> Served:
+    """The files under the example's prefix, a file its SHA256SUMS does not list, and a sibling prefix."""
+    match = re.search(r"s3://([\w.-]+)/([\w./-]+/)", text)
+    assert match, "an S3 prefix"
+    bucket, prefix = match.groups()
+    files = model_files()
+    for name, data in files.items():
+        s3.put(bucket, prefix + name, data)
+    s3.put(bucket, prefix + "training-log.txt", b"not part of the model\n")
+    s3.put(bucket, prefix.rstrip("/") + "-rc1/config.json", b'{"rc": 1}\n')  # shares only a string prefix
+    replacements = {f"PUT-THE-SHA256-OF-{name}-HERE": sha256(data) for name, data in files.items()}
+    if wrong_sha256:
+        replacements["PUT-THE-SHA256-OF-model.safetensors-HERE"] = sha256(b"not the weights")
+    listed = {name for name, _ in SUMS_LINE.findall(text)}
+    assert listed == set(files), listed
+    return Served(replacements, files)
+
+
+def serve(path: Path, origin: Origin, s3: S3, hub: FakeHub, wrong_sha256: bool = False) -> Served:
+    text = path.read_text()
+    if HF_COMMIT in text:
+        return serve_hub(hub, wrong_sha256)
+    if SUMS_LINE.search(text):
+        served = serve_prefix(text, s3, wrong_sha256)
+        served.replacements |= {
+            MINIO: s3.endpoint,
+            "fetcher-reader": s3.env["AWS_ACCESS_KEY_ID"],
+            "change-me-to-the-real-secret": s3.env["AWS_SECRET_ACCESS_KEY"],
+        }
+        return served
     archive, files = model_archive()
     digest = sha256(b"not the archive") if wrong_sha256 else sha256(archive)
     origin.add("/sentiment-v3.tar.gz", archive)
@@ -426,10 +584,15 @@ def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
             for ref in ("configMapRef", "secretRef"):
                 if ref in source:
                     source[ref]["name"] = prefix + source[ref]["name"]
+        for value_from in (e["valueFrom"] for c in containers for e in c.get("env", []) if "valueFrom" in e):
+            for ref in ("configMapKeyRef", "secretKeyRef"):
+                if ref in value_from:
+                    value_from[ref]["name"] = prefix + value_from[ref]["name"]
         (init,) = spec["initContainers"]
         assert init["image"] == FETCHER_IMAGE
         init["image"] = image
         init.setdefault("env", []).append({"name": "FETCHER_RETRY_BACKOFF", "value": "0.05"})
+        init["env"] += [{"name": name, "value": value} for name, value in served.env.items()]
         # Keep the finished init container (podman removes it by default), so its log and exit code can be read.
         for where in {id(metadata): metadata, id(doc["metadata"]): doc["metadata"]}.values():
             where.setdefault("annotations", {})["io.podman.annotations.init.container.type"] = "always"
@@ -492,15 +655,15 @@ def play(path: Path, served: Served, tmp_path: Path, kube: list[Played], prefix:
     return played
 
 
-PLAYED = ["quickstart", "s3-credentials", "several-artifacts", "pvc", "deployment"]
+PLAYED = ["quickstart", "s3-credentials", "several-artifacts", "pvc", "deployment", "huggingface", "s3-prefix"]
 
 
 @pytest.mark.parametrize("name", PLAYED)
 def test_kube_play_the_app_sees_the_verified_model(
-    name: str, origin: Origin, s3: S3, tmp_path: Path, kube: list[Played]
+    name: str, origin: Origin, s3: S3, fake_hub: FakeHub, tmp_path: Path, kube: list[Played]
 ) -> None:
     path = EXAMPLES / f"{name}.yaml"
-    served = serve(path, origin, s3)
+    served = serve(path, origin, s3, fake_hub)
 
     played = play(path, served, tmp_path, kube)
 
@@ -511,15 +674,25 @@ def test_kube_play_the_app_sees_the_verified_model(
     init = played.state(played.init)
     assert init["ExitCode"] == 0 and init["Status"] == "exited"
     published = [e for e in played.events(played.init) if e.get("event") == "published"]
-    assert published and all(e["verified"] for e in published)
+    assert published
+    for event in published:
+        if event["format"] == "directory":  # every file verified: by the hub's digests, or the SHA256SUMS
+            assert event["verified"] == event["files"] == len(served.files), event
+        else:
+            assert event["verified"] is True, event
+    if name == "huggingface":  # the Secret's token went to the hub, and never to its CDN
+        hub_seen = [r.headers.get("authorization") for r in fake_hub.requests if r.server == "hub"]
+        cdn_seen = [r.headers.get("authorization") for r in fake_hub.requests if r.server == "cdn"]
+        assert hub_seen and set(hub_seen) == {f"Bearer {fake_hub.token}"}
+        assert cdn_seen and set(cdn_seen) == {None}
 
 
-@pytest.mark.parametrize("name", ["quickstart", "several-artifacts", "s3-credentials"])
+@pytest.mark.parametrize("name", ["quickstart", "several-artifacts", "s3-credentials", "huggingface", "s3-prefix"])
 def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
-    name: str, origin: Origin, s3: S3, tmp_path: Path, kube: list[Played]
+    name: str, origin: Origin, s3: S3, fake_hub: FakeHub, tmp_path: Path, kube: list[Played]
 ) -> None:
     path = EXAMPLES / f"{name}.yaml"
-    served = serve(path, origin, s3, wrong_sha256=True)
+    served = serve(path, origin, s3, fake_hub, wrong_sha256=True)
 
     played = play(path, served, tmp_path, kube)
 
@@ -535,10 +708,10 @@ def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
 
 
 def test_kube_play_pvc_a_new_pod_does_not_download_again(
-    origin: Origin, s3: S3, tmp_path: Path, kube: list[Played]
+    origin: Origin, s3: S3, fake_hub: FakeHub, tmp_path: Path, kube: list[Played]
 ) -> None:
     path = EXAMPLES / "pvc.yaml"
-    served = serve(path, origin, s3)
+    served = serve(path, origin, s3, fake_hub)
     prefix = f"fetcher-test-{uuid.uuid4().hex[:6]}-"
 
     first = play(path, served, tmp_path, kube, prefix)
