@@ -115,7 +115,7 @@ class _Fetch:
             return None
         identity = self._identity()
         if identity != marker.identity:
-            return f"{self.artifact.display_source} is now {_short(identity)}, published was {_short(marker.identity)}"
+            return f"{self.artifact.display_source} is now {identity}, published was {marker.identity}"
         return None
 
     def _identity(self) -> str | None:
@@ -292,7 +292,7 @@ class _Fetch:
             source=artifact.display_source,
             identity=manifest.identity,
             files=len(entries),
-            left_out=manifest.left_out or None,
+            left_out=manifest.left_out,
             size=total,
             size_h=human_bytes(total),
         )
@@ -351,20 +351,26 @@ class _Fetch:
             size=total,
             entries=marker.entries[:10],
             seconds=round(seconds, 2),
-            mb_per_s=round(total / max(seconds, 1e-9) / 1e6, 1),
+            mb_per_s=round((total - transfer.kept_bytes) / max(seconds, 1e-9) / 1e6, 1),
         )
         return Result(artifact, False, total, marker.files, seconds)
 
-    def _published(self) -> dict[tuple[str, str], Path]:
-        """The files the last publish left in dest as it made them: (path, digest) -> where."""
+    def _published(self) -> dict[tuple[str, str], tuple[Path, str | None]]:
+        """The files the last publish left in dest as it made them.
+
+        Keyed by (path, expected digest) for a verified file, else by (path, "pin:" its version);
+        each with where it is and the digest it had when published.
+        """
         earlier = previous(self.artifact)
         if earlier is None or earlier.format != "directory":
             return {}
-        return {
-            (o["path"], o["digest"]): self.artifact.dest / o["path"]
-            for o in earlier.objects
-            if isinstance(o.get("digest"), str) and stale_file(self.artifact.dest, o["path"], earlier) is None
-        }
+        found: dict[tuple[str, str], tuple[Path, str | None]] = {}
+        for o in earlier.objects:
+            if stale_file(self.artifact.dest, o["path"], earlier) is not None:
+                continue
+            key = o["digest"] if o.get("verified") else f"pin:{o.get('pin')}"
+            found[(o["path"], str(key))] = (self.artifact.dest / o["path"], o.get("digest"))
+        return found
 
     def _selection(self) -> dict[str, Any]:
         sums = self.sums() if self._manifest is not None and self._manifest.directory else None
@@ -409,10 +415,6 @@ def _digest_of(sums: dict[str, str] | None) -> str | None:
     if sums is None:
         return None
     return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
-
-
-def _short(identity: str | None) -> str:
-    return "(unknown)" if identity is None else identity[:60]
 
 
 def _ensure_dest(artifact: Artifact) -> list[Path]:

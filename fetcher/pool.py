@@ -73,8 +73,8 @@ class DirectoryTransfer:
         spool: ArtifactSpool,
         settings: PoolSettings,
         on_bytes: Callable[[int], None],
-        on_file: Callable[[Entry], None],
-        published: dict[tuple[str, str], Path] | None = None,
+        on_file: Callable[[int | None, bool], None],
+        published: dict[tuple[str, str], tuple[Path, str | None]] | None = None,
     ) -> None:
         self._source = source
         self._manifest = manifest
@@ -90,7 +90,8 @@ class DirectoryTransfer:
         self._error: BaseException | None = None
         self.unverified: list[str] = []
         self.digests: dict[str, str] = {}  # path -> "algorithm:hex" of what arrived, verified or not
-        self.kept = 0  # files verified by an earlier run, not fetched again
+        self.kept = 0  # files verified by an earlier run, or left in dest by the last publish: not fetched
+        self.kept_bytes = 0
 
     def run(self) -> dict[str, str]:
         slots: dict[str, str] = {}
@@ -101,7 +102,8 @@ class DirectoryTransfer:
             slots[entry.path] = slot
             if _whole(self._spool.complete(slot), entry.size) or self._reuse(entry, slot):
                 self.kept += 1
-                self._on_file(entry)
+                self.kept_bytes += entry.size or 0
+                self._on_file(entry.size, False)
                 continue
             todo.append(_File(entry, reader, slot, digest=entry.digest))
         if self.kept:
@@ -132,19 +134,32 @@ class DirectoryTransfer:
         return slots
 
     def _reuse(self, entry: Entry, slot: str) -> bool:
-        """A file the last publish of this artifact holds with the same digest (a branch moved, the
-        shards did not): hashed again where it stands, then linked into the spool, not downloaded."""
-        if entry.digest is None or (path := self._published.get((entry.path, str(entry.digest)))) is None:
+        """A file the last publish of this artifact left in dest, unchanged at the source (a branch
+        moved, the shards did not; one object of a prefix changed, the others did not): hashed again
+        where it stands, then linked into the spool, not downloaded.
+
+        A file with an expected digest must have it; one without must be the same version
+        (its ETag or mtime) and still hash to what was recorded when it was published.
+        """
+        key = str(entry.digest) if entry.digest is not None else f"pin:{entry.pin}"
+        if (found := self._published.get((entry.path, key))) is None or (entry.digest is None and entry.pin is None):
             return False
-        hasher = Hasher(entry.digest.algorithm, entry.size)
+        path, recorded = found
+        algorithm, _, expected = (str(entry.digest) if entry.digest is not None else recorded or "").partition(":")
+        if not expected:
+            return False
+        hasher = Hasher(algorithm, entry.size)
         try:
             with open(path, "rb") as file:
                 while chunk := file.read(CHUNK_SIZE):
                     hasher.update(chunk)
         except OSError:
             return False
-        if hasher.hexdigest() != entry.digest.hex or hasher.size != entry.size:
+        if hasher.hexdigest() != expected or (entry.size is not None and hasher.size != entry.size):
             return False
+        if entry.digest is None:
+            self.digests[entry.path] = f"{algorithm}:{expected}"
+            self.unverified.append(entry.path)
         return self._spool.take(path, slot)
 
     # --- scheduling -----------------------------------------------------------------
@@ -319,7 +334,7 @@ class DirectoryTransfer:
         self._spool.finish(written, job.slot)  # type: ignore[arg-type]
         if parts is not None:
             parts.remove()
-        self._on_file(entry)
+        self._on_file(entry.size, True)
         with self._lock:
             self._pending -= 1
             if self._pending == 0:

@@ -30,6 +30,7 @@ class Progress:
         self.interval = interval
         self.done = 0
         self.files = 0
+        self.kept = 0  # bytes an earlier run fetched: done, but not at this run's rate
         self.files_total = files_total
         self.started = time.monotonic()
         self._next = self.started + interval
@@ -44,13 +45,17 @@ class Progress:
             self._next = now + self.interval
         log.info("progress", source=self.source, **self.figures(now))
 
-    def file_done(self, _entry: object) -> None:
+    def file_done(self, size: int | None, fetched: bool) -> None:
+        """A file is in place; one kept from an earlier run counts as done, but not toward the rate."""
         with self._lock:
             self.files += 1
+            if not fetched and size:
+                self.done += size
+                self.kept += size
 
     def figures(self, now: float | None = None) -> dict[str, object]:
         elapsed = max((now or time.monotonic()) - self.started, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.kept) / elapsed
         shown: dict[str, object] = {"files": f"{self.files}/{self.files_total}"} if self.files_total else {}
         shown |= {
             "bytes": self.done,

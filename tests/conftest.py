@@ -435,12 +435,15 @@ class Run:
 
 
 def _clean_env() -> dict[str, str]:
-    # Nothing of the caller's that would change what fetcher does: its own settings, AWS's, CA bundles, proxies.
+    # Nothing of the caller's that would change what fetcher does: its own settings, AWS's, the hub's, CA
+    # bundles, proxies.
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("FETCHER_", "AWS_", "SSL_CERT_")) and not k.lower().endswith("_proxy")
+        if not k.startswith(("FETCHER_", "AWS_", "SSL_CERT_", "HF_", "HUGGING_FACE_"))
+        and not k.lower().endswith("_proxy")
     }
+    env["HF_HOME"] = "/nonexistent"  # no token file of the developer's
     env["AWS_CONFIG_FILE"] = "/nonexistent"
     env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent"
     env["AWS_EC2_METADATA_DISABLED"] = "true"

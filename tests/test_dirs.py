@@ -356,3 +356,18 @@ def test_sha256sums_from_s3_and_from_https(s3: S3, tmp_path: Path, origin: Origi
     run = run_fetcher("--source", source, "--dest", str(tmp_path / "d3"), "--sha256sums", missing, env=s3.env)
     assert run.code == 3
     assert "404" in run.error
+
+
+def test_a_changed_prefix_fetches_only_the_object_that_changed(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    files = {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000, "c.bin": b"c" * 1000}
+    source = _bucket(s3, "dir-one-changed", files)
+    dest = tmp_path / "dest"
+    assert run_fetcher("--source", source, "--dest", str(dest), env=s3_front.env).code == 0
+    s3.put("dir-one-changed", "models/llama/b.bin", b"B" * 1000)
+    before = len(s3_front.requests)
+    run = run_fetcher("--source", source, "--dest", str(dest), env=s3_front.env)
+    assert run.code == 0, run.stderr
+    assert tree(dest) == files | {"b.bin": b"B" * 1000}
+    objects = [r.path for r in s3_front.requests[before:] if r.method == "GET" and "list-type" not in r.path]
+    assert objects == ["/dir-one-changed/models/llama/b.bin"]
+    assert run.event("published")["fetched"] == 1
