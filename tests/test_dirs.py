@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import time
 from pathlib import Path
@@ -371,3 +372,25 @@ def test_a_changed_prefix_fetches_only_the_object_that_changed(s3: S3, s3_front:
     objects = [r.path for r in s3_front.requests[before:] if r.method == "GET" and "list-type" not in r.path]
     assert objects == ["/dir-one-changed/models/llama/b.bin"]
     assert run.event("published")["fetched"] == 1
+
+
+@pytest.mark.fault(
+    "SIGTERM mid-directory: exit 143, nothing published, verified files kept", exit=143, area="directory"
+)
+def test_sigterm_mid_directory_publishes_nothing_and_keeps_what_was_verified(
+    s3: S3, s3_front: S3Front, tmp_path: Path
+) -> None:
+    files = {"a.json": b"{}", "model.safetensors": SHARD}
+    source = _bucket(s3, "dir-term", files)
+    dest = tmp_path / "dest"
+    s3_front.trickle = [10**9, 200_000, 200_000]  # the listing at once; a.json in a moment, the shard slowly
+    running = Background(
+        "--source", source, "--dest", str(dest), "--concurrency", "2", "--progress-interval", "0.2", env=s3_front.env
+    )
+    running.wait_for("progress")  # bytes are arriving
+    running.process.send_signal(signal.SIGTERM)
+    run = running.finish()
+    assert run.code == 143, run.stderr
+    assert "stopped by SIGTERM" in run.error
+    assert tree(dest) == {}
+    assert [p.name for p in dest.glob(".fetcher/download-*/files/*") if not p.name.endswith(".incomplete")]
