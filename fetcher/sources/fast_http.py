@@ -58,6 +58,7 @@ class LargeReadStream(httpcore.NetworkStream):
         self._tls = tls
         sock = stream.get_extra_info("socket")
         self._tls_socket = sock if isinstance(sock, ssl.SSLSocket) else None
+        self._ssl_object = stream.get_extra_info("ssl_object")
         self._buffer = memoryview(bytearray(READ_SIZE)) if self._tls_socket is not None else memoryview(b"")
         self._ended = False
 
@@ -74,25 +75,32 @@ class LargeReadStream(httpcore.NetworkStream):
         non-blocking and the loop stops at the first record not yet on the socket.
         That is one EAGAIN per call, where asking whether more had arrived cost a
         settimeout (ioctl) and a poll per record, and records land in place instead
-        of being allocated one by one and joined.
+        of being allocated one by one and joined. The reads go to the SSL object
+        itself, which ``SSLSocket.recv_into`` reaches through two Python calls.
         """
         if self._ended:
             return b""
         view = self._buffer
+        read = self._ssl_object.read
+        got = 0
         try:
             sock.settimeout(timeout)
-            got = sock.recv_into(view)
-            if not got:
-                return b""
-            sock.settimeout(0.0)
             while got < READ_SIZE:
                 try:
-                    size = sock.recv_into(view[got:])
+                    size = read(READ_SIZE - got, view[got:])
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    if not got:
+                        raise  # a timeout of 0, and nothing there: as httpcore's own read
                     break  # nothing more has arrived: hand on what has
+                except ssl.SSLEOFError:  # no close_notify: an end, as SSLSocket.read makes it by default
+                    if not getattr(sock, "suppress_ragged_eofs", True):
+                        raise
+                    size = 0
                 if not size:
-                    self._ended = True  # hand over what came before the end first
+                    self._ended = got > 0  # hand over what came before the end first
                     break
+                if not got:
+                    sock.settimeout(0.0)  # the first record was waited for; the others only taken
                 got += size
             sock.settimeout(timeout)
         except TimeoutError as exc:  # httpcore's own mapping, as in its SyncStream.read
