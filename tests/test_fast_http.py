@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from fetcher.config import build_parser, resolve
+from fetcher.errors import TransientFetchError
 from fetcher.plan import build_plan
 from fetcher.sources import fast_http, open_source
 from fetcher.sources.fast_http import READ_SIZE, fast_transport, tls_context
@@ -46,14 +47,18 @@ def test_stock_httpx_reads_64k_so_the_fast_path_still_matters(origin: Origin) ->
     assert max(chunks) <= HTTPCORE_DEFAULT_READ
 
 
-def _chunk_sizes(url: str, dest: Path) -> list[int]:
+def _chunks(url: str, dest: Path, start: int = 0) -> list[bytes]:
     [artifact] = build_plan(resolve(build_parser().parse_args(["--source", url, "--dest", str(dest)]), {}))
     source = open_source(artifact)
     try:
-        with source.open(0) as body:
-            return [len(c) for c in body.chunks]
+        with source.open(start) as body:
+            return list(body.chunks)
     finally:
         source.close()
+
+
+def _chunk_sizes(url: str, dest: Path) -> list[int]:
+    return [len(c) for c in _chunks(url, dest)]
 
 
 def test_the_http_source_uses_the_fast_path(origin: Origin, tmp_path: Path) -> None:
@@ -193,3 +198,21 @@ def test_a_direct_body_fails_as_it_would_through_h11(
     assert type(got) is type(expected)
     assert str(got) == str(expected)
     assert isinstance(got, httpx.RemoteProtocolError if fault == "cut" else httpx.ReadTimeout)
+
+
+def test_the_http_source_gets_a_range_read_directly_whole(
+    either_origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fast_http, "DIRECT_BODY", 0)
+    url = either_origin.add("/big.bin", BODY, etag='"v1"')
+    assert b"".join(_chunks(url, tmp_path, start=3_000_000)) == BODY[3_000_000:]
+    assert either_origin.hits("/big.bin")[0].headers["Range"] == "bytes=3000000-"
+
+
+def test_a_direct_body_cut_short_is_worth_a_retry(
+    either_origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fast_http, "DIRECT_BODY", 0)
+    url = either_origin.add("/big.bin", BODY, cut_after=[3 * READ_SIZE])
+    with pytest.raises(TransientFetchError, match=r"dropped: .*peer closed connection without sending complete"):
+        _chunks(url, tmp_path)
