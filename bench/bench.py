@@ -654,12 +654,11 @@ class Bench:
 
     # --- profile -------------------------------------------------------------------------------
 
-    def profile(self, data: Data, nginx: Nginx) -> str:
+    def profile(self, tool: Tool, key: str) -> str:
         pyspy = VENVS / "tools" / "bin" / "py-spy"
         dest = self.fresh_dest("profile")
-        tool = self.fetcher_tool(f"{nginx.url}/model.tar.gz", data.sha("model.tar.gz"), Path("model/model.safetensors"))
-        raw = self.logdir / "profile-targz.txt"
-        svg = self.logdir / "profile-targz.svg"
+        raw = self.logdir / f"profile-{key}.txt"
+        svg = self.logdir / f"profile-{key}.svg"
         for fmt, out in (("raw", raw), ("flamegraph", svg)):
             cmd = [
                 str(pyspy),
@@ -686,7 +685,7 @@ class Bench:
             self.clean(dest)
             dest.mkdir()
         self.clean(dest)
-        return summarize_profile(raw, svg)
+        return summarize_profile(raw, svg, key)
 
 
 _WAITING = (
@@ -708,7 +707,7 @@ _CATEGORIES = {
 }
 
 
-def summarize_profile(raw: Path, svg: Path | None = None) -> str:
+def summarize_profile(raw: Path, svg: Path | None = None, key: str = "targz") -> str:
     """py-spy --native raw stacks -> text. Samples parked in a futex (Condition.wait, a lock, the GIL) count as waiting."""
     total = waiting = 0
     by_thread: dict[str, list[int]] = {}
@@ -741,7 +740,7 @@ def summarize_profile(raw: Path, svg: Path | None = None) -> str:
     busy = total - waiting or 1
     where = f"raw: {rel(raw)}" + (f", flamegraph: {rel(svg)}" if svg else "")
     lines = [
-        f"py-spy --native at 200 Hz over one tar.gz run ({where}): {total} samples of running threads, "
+        f"py-spy --native at 200 Hz over one {key} run ({where}): {total} samples of running threads, "
         f"{waiting / total:.0%} of them parked in a futex (Condition.wait, a lock, a queue or the GIL); "
         f"the shares below are of the other {busy}",
         "",
@@ -826,7 +825,7 @@ def report(
     data: Data,
     results: list[dict[str, object]],
     kill: dict[str, object] | None,
-    profile: str | None,
+    profile: tuple[str, str] | None,
     elapsed: float,
 ) -> str:
     args = bench.args
@@ -942,7 +941,7 @@ def report(
         *[f"- {line}" for line in bench.command_lines],
     ]
     if profile:
-        out += ["", "Profile of one fetcher tar.gz run:", "", "```", profile, "```"]
+        out += ["", f"Profile of one fetcher {profile[0]} run:", "", "```", profile[1], "```"]
     return "\n".join(out) + "\n"
 
 
@@ -979,7 +978,13 @@ def main() -> int:
         action="store_false",
         help="skip the (untimed) sha256 check of every output",
     )
-    ap.add_argument("--profile", action="store_true", help="also profile one fetcher tar.gz run with py-spy")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="targz",
+        metavar="CASE",
+        help="also profile one fetcher run of CASE (default targz; one of --cases) with py-spy",
+    )
     ap.add_argument(
         "--out",
         type=Path,
@@ -997,6 +1002,8 @@ def main() -> int:
     args.pairs = args.pairs or (1 if args.quick else 3)
     out_path = args.out.resolve() if args.out else (CACHE / "results-quick.md" if args.quick else HERE / "results.md")
     cases = set(args.cases.split(","))
+    if args.profile and args.profile not in cases | {"targz"}:
+        ap.error(f"--profile {args.profile}: not among --cases")
     started = time.monotonic()
 
     bench = Bench(args)
@@ -1199,8 +1206,11 @@ def main() -> int:
             kill = bench.kill_restart(data, nginx)
         profile = None
         if args.profile:
-            log("profile: one fetcher tar.gz run under py-spy")
-            profile = bench.profile(data, nginx)
+            log(f"profile: one fetcher {args.profile} run under py-spy")
+            tool = next((c.fetcher for c in all_cases if c.key == args.profile), None)
+            if tool is None:  # targz, when not among the cases
+                tool = bench.fetcher_tool(f"{nginx.url}/model.tar.gz", T, inner)
+            profile = (args.profile, bench.profile(tool, args.profile))
         text = report(bench, data, results, kill, profile, time.monotonic() - started)
         out_path.write_text(text)
         raw_json = bench.logdir / "runs.json"
