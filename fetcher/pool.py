@@ -350,6 +350,8 @@ class DirectoryTransfer:
 
     def _retrying(self, attempt: Callable[[], None], display: str, part: int | None = None) -> None:
         def log_retry(state: RetryCallState) -> None:
+            if self._stopped():  # another file failed and its failure is the one reported: no noise after it
+                raise Cancelled
             exc = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
             log.warning(

@@ -102,6 +102,7 @@ class ArtifactSpool:
         """A verified file takes its slot: from here on a restart keeps it."""
         target = self.complete(slot)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)  # a directory of large files only has none yet
             os.rename(written, target)
         except OSError as exc:
             raise local_error(exc, f"writing the download spool in {self.directory}") from exc

@@ -394,3 +394,14 @@ def test_sigterm_mid_directory_publishes_nothing_and_keeps_what_was_verified(
     assert "stopped by SIGTERM" in run.error
     assert tree(dest) == {}
     assert [p.name for p in dest.glob(".fetcher/download-*/files/*") if not p.name.endswith(".incomplete")]
+
+
+def test_a_folder_of_large_files_only(tmp_path: Path) -> None:
+    folder = tmp_path / "pvc"
+    folder.mkdir()
+    files = {"a.safetensors": SHARD, "b.safetensors": SHARD[::-1]}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    run = run_fetcher("--source", f"file://{folder}/", "--dest", str(tmp_path / "dest"), "--part-size", "1Mi")
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == files

@@ -51,7 +51,7 @@ def _chunks(url: str, dest: Path, start: int = 0) -> list[bytes]:
     [artifact] = build_plan(resolve(build_parser().parse_args(["--source", url, "--dest", str(dest)]), {}))
     source = open_source(artifact)
     try:
-        with source.open(start) as body:
+        with source.open(source.resolve().entries[0], start) as body:
             return list(body.chunks)
     finally:
         source.close()
