@@ -177,12 +177,13 @@ class _Fetch:
     def _fetch(self) -> Result:
         artifact = self.artifact
         with workspace(artifact, self.siblings) as staging:
-            if (present := previous(artifact)) is not None and self._changed(present) is None:
-                return self._skip(present)  # another pod sharing the volume just did it
+            present = previous(artifact)  # read again under the lock: another pod may just have published
+            if present is not None and self._changed(present) is None:
+                return self._skip(present)
             check_owner(artifact, staging)
             manifest = self.manifest()
             if manifest.directory:
-                return self._directory(manifest, staging)
+                return self._directory(manifest, staging, present)
             return self._single(manifest, staging)
 
     def _single(self, manifest: Manifest, staging: Path) -> Result:
@@ -280,7 +281,7 @@ class _Fetch:
         )
         return Result(artifact, False, outcome.size, marker.files, seconds)
 
-    def _directory(self, manifest: Manifest, staging: Path) -> Result:
+    def _directory(self, manifest: Manifest, staging: Path, earlier: Marker | None) -> Result:
         """Many files over one pool of connections, each verified, then published as one tree."""
         from fetcher.pool import DirectoryTransfer, PoolSettings
 
@@ -305,7 +306,7 @@ class _Fetch:
             PoolSettings(artifact.concurrency, artifact.part_size, artifact.retries, artifact.retry_backoff),
             on_bytes=progress,
             on_file=progress.file_done,
-            published=self._published(),
+            published=self._published(earlier),
         )
         try:
             slots = transfer.run()
@@ -355,13 +356,12 @@ class _Fetch:
         )
         return Result(artifact, False, total, marker.files, seconds)
 
-    def _published(self) -> dict[tuple[str, str], tuple[Path, str | None]]:
+    def _published(self, earlier: Marker | None) -> dict[tuple[str, str], tuple[Path, str | None]]:
         """The files the last publish left in dest as it made them.
 
         Keyed by (path, expected digest) for a verified file, else by (path, "pin:" its version);
         each with where it is and the digest it had when published.
         """
-        earlier = previous(self.artifact)
         if earlier is None or earlier.format != "directory":
             return {}
         found: dict[tuple[str, str], tuple[Path, str | None]] = {}

@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fetcher import STATE_DIR
@@ -85,7 +85,6 @@ class Manifest:
     identity: str | None = None  # a commit, a digest of the listing: equal identity, same files
     note: str | None = None  # what resolving had to decide, for the log ("took it as a directory")
     left_out: int = 0  # objects the source holds that --sha256sums or --include/--exclude left out
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int | None:

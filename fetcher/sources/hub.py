@@ -103,7 +103,7 @@ class HubSource:
             raise FetchError(f"{self.endpoint} kept paging the tree of {self.repo} past {MAX_PAGES} pages")
         check_layout(entries, "repo file")
         note = None if commit == self.revision else f"{self.repo}@{self.revision} is commit {commit}"
-        return Manifest(tuple(entries), directory=True, identity=identity, note=note, extra={"commit": commit})
+        return Manifest(tuple(entries), directory=True, identity=identity, note=note)
 
     def _entry(self, item: dict[str, Any], commit: str) -> Entry:
         path = item.get("path")
