@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -323,17 +324,22 @@ class Moto:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
 
-    def upload(self, path: Path, key: str) -> None:
+    def client(self) -> Any:
+        """A boto3 S3 client of this server (boto3 lives in the tools venv only: imported here)."""
         import boto3
-        from boto3.s3.transfer import TransferConfig
 
-        s3 = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
             region_name="us-east-1",
         )
+
+    def upload(self, path: Path, key: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        s3 = self.client()
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=S3_BUCKET)
         t0 = time.monotonic()

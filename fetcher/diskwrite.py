@@ -34,15 +34,30 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class FileWriter:
-    """Writes one file's bytes in order; ``close`` leaves them all written (not yet fsynced)."""
+    """Writes one file's bytes in order; ``close`` leaves them all written (not yet fsynced).
 
-    def __init__(self, fd: int, buffer: DirectBuffer) -> None:
+    ``offset`` is where ``fd`` stands: a spooled file can be written on from the middle.
+    """
+
+    def __init__(self, fd: int, buffer: DirectBuffer, offset: int = 0) -> None:
         self._fd = fd
         self._buffer = buffer
-        self._offset = 0
+        self._offset = offset  # everything before it is in the file
         self._direct = False
         self._filled = 0  # bytes waiting in the buffer, in direct mode
-        self._flushed = 0  # buffered mode: everything before this offset is queued for writeback
+        self._flushed = offset  # buffered mode: everything before this offset is queued for writeback
+
+    @property
+    def written(self) -> int:
+        """The offset before which every byte is in the file, not in the buffer."""
+        return self._offset
+
+    def flush(self) -> None:
+        """Write out the buffer's whole blocks; a partial one waits for more (or ``close``)."""
+        if self._direct:
+            whole = self._filled - self._filled % BLOCK
+            if whole:
+                self._write_direct(whole)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -65,9 +80,7 @@ class FileWriter:
 
     def close(self) -> None:
         if self._direct:
-            whole = self._filled - self._filled % BLOCK
-            if whole:
-                self._write_direct(whole)
+            self.flush()
             _set_direct(self._fd, False)
             self._write_buffered(self._buffer.view[: self._filled])
             self._filled = 0
@@ -113,6 +126,13 @@ class DirectBuffer:
         if self._map is None:
             self._map = mmap.mmap(-1, BUFFER)
         return memoryview(self._map)
+
+    def close(self) -> None:
+        """Give the buffer's memory back now, not when the collector gets to it."""
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held: the collector frees it instead
+                self._map.close()
+            self._map = None
 
     def put(self, at: int, data: memoryview) -> int:
         """Copy what fits at ``at``; how much that was."""

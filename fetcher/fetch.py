@@ -303,7 +303,9 @@ class _Fetch:
             self.source,
             manifest,
             spool,
-            PoolSettings(artifact.concurrency, artifact.part_size, artifact.retries, artifact.retry_backoff),
+            PoolSettings(
+                artifact.concurrency, artifact.part_size, artifact.retries, artifact.retry_backoff, artifact.split_below
+            ),
             on_bytes=progress,
             on_file=progress.file_done,
             published=self._published(earlier),

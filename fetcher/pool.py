@@ -1,16 +1,17 @@
 """A directory's transfer: every file of a manifest over one pool of ``--concurrency`` connections.
 
-Small files go whole, in parallel with each other; a large one is split into
-ranged parts as a single object is (``parts.fill_part``), its parts sharing the
-same workers, so one pool serves a tokenizer and four shards alike. Each
-worker holds one chunk at a time: the whole run's memory is bounded by the
-pool, not by the files.
+Small files go whole, in parallel with each other. A large one starts as one
+stream, hashed and written around the page cache as it arrives; only when its
+first part came slower than ``--split-below`` is the rest fetched in ranged
+parts as a single object's are (``parts.fill_part``), sharing the same workers,
+so one pool serves a tokenizer and four shards alike. Each worker holds one
+chunk at a time: the whole run's memory is bounded by the pool, not by the files.
 
-Every file is hashed in order as it lands: whole files as they stream, split
-ones by whichever worker completes the next part in sequence, reading it back
-from the spool while it is still in the page cache. A file takes its place in
-the spool (``spool.ArtifactSpool``) only once its size and digest match, so a
-restart after a kill keeps every verified file, and the parts of the others.
+Every file is hashed in order as it lands: streams as they arrive, split files
+by whichever worker completes the next part in sequence, reading it back from
+the spool while it is still in the page cache. A file takes its place in the
+spool (``spool.ArtifactSpool``) only once its size and digest match, so a
+restart after a kill keeps every verified file, and the journalled parts of the others.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from pathlib import Path
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from fetcher import memory
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Cancelled
+from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
 from fetcher.manifest import SHA256, Digest, Entry, Hasher, Manifest
 from fetcher.parts import RangeNotHonoured, fill_part
@@ -40,12 +43,23 @@ log = structlog.get_logger("fetcher")
 Task = Callable[[], None]
 
 
+# A stream journals its parts this many at a time (64 MiB at the default --part-size): an
+# fdatasync per part held each stream up on the disk, while a restart after a kill fetches
+# again at most this much of a file that was arriving at LAN speed.
+COMMIT_EVERY = 8
+
+# How much slower than --split-below a first part may come because fetcher itself was busy
+# (a core's worth of CPU), and still be kept on one stream: see _worth_splitting.
+CPU_SLOWDOWN = 4
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     concurrency: int
     part_size: int
     retries: int
     backoff: float
+    split_below: float  # bytes/s: a large file whose first part arrives slower is split (--split-below)
 
 
 @dataclass
@@ -166,16 +180,16 @@ class DirectoryTransfer:
 
     def _plan(self, job: _File) -> None:
         size, part_size = job.entry.size, self._settings.part_size
-        if size is None or size < 2 * part_size or self._settings.concurrency < 2:
+        if size is None or size < 2 * part_size:
             self._tasks.put(lambda: self._whole_file(job))
             return
         job.count = -(-size // part_size)
         identity = Identity(job.slot, job.entry.pin or "", size, part_size)
         job.parts = self._spool.file_parts(job.slot, identity)
-        if 0 in job.parts.done:  # an earlier run got this far: ranges work, go straight to every part
+        if 0 in job.parts.done:  # an earlier run got this far: go straight to every part
             self._queue_parts(job)
         else:
-            self._tasks.put(lambda: self._part(job, 0))  # the others once ranges are seen to work
+            self._tasks.put(lambda: self._stream(job))
 
     def _queue_parts(self, job: _File) -> None:
         assert job.parts is not None
@@ -250,33 +264,146 @@ class DirectoryTransfer:
 
     # --- a file in parts -----------------------------------------------------------------
 
+    def _stream(self, job: _File) -> None:
+        """One stream from byte 0, hashed and written (around the page cache) as it arrives.
+
+        If the first part came slower than ``split_below``, the stream ends there and
+        the rest of the file is fetched in parallel parts; else it carries on to the end.
+        Why: at LAN speed one stream per file already keeps two cores busy, and
+        splitting only adds requests, a read-back to hash, and thread hand-offs
+        (measured on the hf bench row: 1.6 s of CPU in parts, 1.0 s streamed). A slow
+        connection, such as a capped CDN, is where parallel parts pay off.
+
+        The stream's parts are journalled COMMIT_EVERY at a time, so a restart
+        resumes a pinned file in parts; a cut resumes at its byte.
+        """
+        parts, size, part_size = job.parts, job.entry.size, self._settings.part_size
+        assert parts is not None and size is not None
+        split: list[bool] = []  # [True] once the first part came too slowly
+        resumable = [False]  # a retry may go on from the byte where the last attempt broke
+
+        def attempt() -> None:
+            start = job.hasher.size if job.hasher is not None and resumable[0] else 0
+            if start == 0:
+                job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, size)
+            hasher = job.hasher
+            assert hasher is not None
+            with job.reader.open(start) as body, parts.stream(start) as out:
+                if start and (body.offset != start or not body.partial):
+                    resumable[0] = False  # the server sent it all again: start over
+                    raise TransientFetchError(f"{job.reader.display} did not resume at byte {start}")
+                if body.info.digest is not None and job.digest is None:
+                    job.digest = body.info.digest
+                pinned = resumable[0] = body.info.ranges and body.info.version is not None
+                may_split = pinned and start == 0 and self._settings.concurrency > 1
+                committed, waited = start // part_size, 0.0
+                cpu_began, wall_began = time.process_time(), time.monotonic()
+                chunks = iter(body.chunks)
+                while True:
+                    began = time.monotonic()
+                    chunk = next(chunks, None)
+                    waited += time.monotonic() - began
+                    if chunk is None:
+                        break
+                    if self._stopped():
+                        raise Cancelled
+                    if may_split and hasher.size + len(chunk) >= part_size:
+                        may_split = False
+                        head, chunk = chunk[: part_size - hasher.size], chunk[part_size - hasher.size :]
+                        self._take(out, hasher, head)
+                        if self._worth_splitting(job, waited, cpu_began, wall_began):
+                            split.append(True)
+                            return
+                    self._take(out, hasher, chunk)
+                    if pinned and hasher.size // part_size - committed >= COMMIT_EVERY:
+                        out.flush()
+                        parts.commit(*range(committed, out.written // part_size))
+                        committed = out.written // part_size
+            if hasher.size < size:
+                raise TransientFetchError(f"{job.reader.display} ended early, at byte {hasher.size} of {size}")
+
+        self._retrying(attempt, job.reader.display)
+        if split:
+            parts.commit(0)
+            job.hashed = 1
+            self._queue_parts(job)
+            return
+        job.hashed = job.count
+        parts.close()
+        self._verified(job, parts.directory / "data", parts)
+
+    def _worth_splitting(self, job: _File, waited: float, cpu_began: float, wall_began: float) -> bool:
+        """Whether the first part came slowly because of its connection, not because of fetcher.
+
+        Slower than ``split_below`` is split, unless it was within a factor of
+        CPU_SLOWDOWN of it while fetcher kept a whole core busy: then the CPU set the
+        pace (several files streaming at once on a small node), and more connections
+        would only add work under the GIL. Measured on the S3 bench row: a first run
+        whose four streams came at 78-141 MB/s each on a busy two-core host took 2.1 s
+        split, 0.9 s when not. A connection slower than that is slow whatever fetcher does.
+        """
+        part_size, rate = self._settings.part_size, self._settings.part_size / max(waited, 1e-6)
+        if rate >= self._settings.split_below:
+            return False
+        busy = (time.process_time() - cpu_began) / max(time.monotonic() - wall_began, 1e-6)
+        mb_per_s = round(rate / 1e6, 1)
+        if busy >= 1.0 and rate * CPU_SLOWDOWN >= self._settings.split_below:
+            log.info(
+                "one stream: fetcher is the limit, not the connection",
+                file=job.reader.display,
+                first_part_mb_per_s=mb_per_s,
+                cores_busy=round(busy, 2),
+            )
+            return False
+        log.info(
+            "splitting",
+            file=job.reader.display,
+            first_part_mb_per_s=mb_per_s,
+            concurrency=self._settings.concurrency,
+            part_size=part_size,
+        )
+        return True
+
+    def _take(self, out: FileWriter, hasher: Hasher, chunk: bytes) -> None:
+        try:
+            out.write(chunk)
+        except OSError as exc:
+            raise local_error(exc, f"writing the download spool in {self._spool.directory}") from exc
+        hasher.update(chunk)
+        self._on_bytes(len(chunk))
+
     def _part(self, job: _File, index: int) -> None:
-        assert job.parts is not None and job.entry.size is not None
+        parts, size = job.parts, job.entry.size
+        if parts is None:  # the file went back to one stream
+            return
+        assert size is not None
         start = index * self._settings.part_size
-        end = min(start + self._settings.part_size, job.entry.size)
+        end = min(start + self._settings.part_size, size)
         position = [start]
 
         def attempt() -> None:
-            info = fill_part(job.reader, job.parts, index, position, end, self._stopped, self._on_bytes)  # type: ignore[arg-type]
+            info = fill_part(job.reader, parts, index, position, end, self._stopped, self._on_bytes)
             if info.digest is not None and job.digest is None:
                 job.digest = info.digest
 
         try:
             self._retrying(attempt, job.reader.display, part=index)
         except RangeNotHonoured:
-            if index != 0:
-                raise
+            self._unsplit(job)
+            return
+        parts.commit(index)  # Cancelled if the file went back to one stream meanwhile
+        self._advance(job)
+
+    def _unsplit(self, job: _File) -> None:
+        """A server that said it serves ranges sent a part whole after all: the file goes on one stream."""
+        with job.lock:
+            if job.parts is None:  # another part found out first
+                return
             log.info("one stream: the server does not serve ranges of this file", file=job.reader.display)
-            job.parts.close()
+            job.parts.close()  # parts still in flight stop at their next write
             job.parts.remove()
             job.parts = None
-            self._whole_file(job)
-            return
-        job.parts.commit(index)
-        if index == 0:
-            self._queue_parts(job)
-        else:
-            self._advance(job)
+        self._tasks.put(lambda: self._whole_file(job))
 
     def _advance(self, job: _File) -> None:
         """Hash the parts that are next in order; the worker that completes the file verifies it.
@@ -284,12 +411,14 @@ class DirectoryTransfer:
         A worker that finds the hash taken by another leaves its part to that one, which
         looks again after letting go: no part is left unhashed.
         """
-        assert job.parts is not None
-        parts = job.parts
+        if (parts := job.parts) is None:
+            return
         while True:
             if not job.lock.acquire(blocking=False):
                 return
             try:
+                if job.parts is not parts:  # the file went back to one stream, which hashes it itself
+                    return
                 if job.hasher is None:
                     job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, job.entry.size)
                 while job.hashed < job.count and job.hashed in parts.done:
@@ -298,6 +427,7 @@ class DirectoryTransfer:
                     for chunk in parts.read(start, end):
                         job.hasher.update(chunk)
                     job.hashed += 1
+                    memory.give_back()  # see fetcher.memory: without it, RSS grows with every part
                 if job.hashed == job.count:
                     parts.close()
                     self._verified(job, parts.directory / "data", parts)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fetcher.channel import Cancelled
+from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import LocalFilesystemError, local_error
 from fetcher.manifest import Entry
 from fetcher.sources.base import CHUNK_SIZE
@@ -212,14 +213,39 @@ class Parts:
                 written = os.pwrite(fd, view, offset)
                 view, offset = view[written:], offset + written
 
-    def commit(self, index: int) -> None:
-        """Record a part as done, only once its bytes are on disk."""
+    @contextmanager
+    def stream(self, offset: int) -> Iterator[FileWriter]:
+        """A writer of the bytes from ``offset`` on, in order, on a descriptor of its own.
+
+        Why: one fast stream per file is written around the page cache (see
+        ``fetcher.diskwrite``), as a single object is; parallel parts keep ``write``.
+        """
+        where = f"writing the download spool in {self.directory}"
+        with self._using():  # Cancelled once closed; OSError: a local error
+            fd = os.open(self.directory / "data", os.O_WRONLY | os.O_CLOEXEC)
+        buffer = DirectBuffer()
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            writer = FileWriter(fd, buffer, offset)
+            try:
+                yield writer  # the caller maps errors of its writes: its own reads must not pass for local ones
+            finally:  # on an error too: what was hashed must be in the file before a retry goes on after it
+                try:
+                    writer.close()
+                except OSError as exc:
+                    raise local_error(exc, where) from exc
+        finally:
+            os.close(fd)
+            buffer.close()
+
+    def commit(self, *indices: int) -> None:
+        """Record parts as done, only once their bytes are on disk: one fdatasync for them all."""
         with self._using() as fd:
             os.fdatasync(fd)
             with self._idle:
-                self._journal.write(f"{index}\n")
+                self._journal.write("".join(f"{index}\n" for index in indices))
                 self._journal.flush()
-                self.done.add(index)
+                self.done.update(indices)
 
     def read(self, start: int, end: int) -> Iterator[bytes]:
         while start < end:

@@ -275,6 +275,7 @@ class FakeHub:
     def __init__(self, *, token: str | None = None, page_size: int = 1000) -> None:
         self.token = token  # when set, private and gated repos need "Authorization: Bearer <token>"
         self.page_size = page_size
+        self.ignore_ranges = False  # say Accept-Ranges, then answer a Range with the whole file (200)
         self.requests: list[Request] = []
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._cdn_repos: dict[str, _Repo] = {}
@@ -742,7 +743,7 @@ class FakeHub:
         if handler.headers.get("If-None-Match", "").strip() in ("*", f'"{etag}"'):
             return _Reply(304, headers)
         try:
-            wanted = _byte_range(handler.headers.get("Range"), blob.size)
+            wanted = None if self.ignore_ranges else _byte_range(handler.headers.get("Range"), blob.size)
         except _Unsatisfiable:
             return _Reply(416, {**headers, "Content-Range": f"bytes */{blob.size}"}, b"")
         start, end = wanted if wanted is not None else (0, blob.size)

@@ -13,6 +13,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,18 @@ def test_a_folder_restart_names_the_file_that_changed(tmp_path: Path) -> None:
     assert tree(dest) == MODEL
 
 
+def _kill_once(first: Background, reached: Callable[[], bool], front: S3Front) -> int:
+    """kill -9 the run once ``reached`` holds, then lift the front's trickle; how many requests it had seen."""
+    deadline = time.monotonic() + 60
+    while not reached():
+        assert first.process.poll() is None and time.monotonic() < deadline, "".join(first.lines)
+        time.sleep(0.05)
+    first.process.kill()
+    first.finish()
+    front.trickle = []
+    return len(front.requests)
+
+
 @pytest.mark.fault("kill -9 mid-directory: the restart keeps every verified file", exit=0, area="directory")
 def test_kill_9_mid_directory_then_a_restart_keeps_every_verified_file(
     s3: S3, s3_front: S3Front, tmp_path: Path
@@ -275,16 +288,12 @@ def test_kill_9_mid_directory_then_a_restart_keeps_every_verified_file(
     dest = tmp_path / "dest"
     args = ("--source", source, "--dest", str(dest), "--sha256sums", str(sums), "--part-size", "1Mi")
     s3_front.trickle = [100_000] * 64  # every GET slow: a shard's part takes seconds, a small file a moment
-    first = Background(*args, "--concurrency", "2", env=s3_front.env)
     spooled = dest / ".fetcher"
-    deadline = time.monotonic() + 60
-    while len([p for p in spooled.glob("download-*/files/*") if not p.name.endswith(".incomplete")]) < len(small):
-        assert first.process.poll() is None and time.monotonic() < deadline, "".join(first.lines)
-        time.sleep(0.05)
-    first.process.kill()
-    first.finish()
-    s3_front.trickle = []
-    before = len(s3_front.requests)
+
+    def small_files_verified() -> bool:
+        return len([p for p in spooled.glob("download-*/files/*") if not p.name.endswith(".incomplete")]) >= len(small)
+
+    before = _kill_once(Background(*args, "--concurrency", "2", env=s3_front.env), small_files_verified, s3_front)
 
     again = run_fetcher(*args, env=s3_front.env)
 
@@ -294,6 +303,35 @@ def test_kill_9_mid_directory_then_a_restart_keeps_every_verified_file(
     assert not any(name in path for path in fetched for name in small), fetched  # verified files were kept
     assert any("model.safetensors" in path for path in fetched)
     assert again.event("resuming")["files_verified_before"] == len(small)
+
+
+@pytest.mark.fault("kill -9 mid-stream: the restart fetches only the parts not journalled", exit=0, area="directory")
+def test_kill_9_mid_stream_then_a_restart_fetches_only_what_was_not_journalled(
+    s3: S3, s3_front: S3Front, tmp_path: Path
+) -> None:
+    big = random.Random(12).randbytes(12 * 2**20 + 7)
+    files = {"big.bin": big, "config.json": b"{}"}
+    source = _bucket(s3, "dir-stream-kill", files)
+    sums = _sums(files, tmp_path / "sums")
+    dest = tmp_path / "dest"
+    args = ("--source", source, "--dest", str(dest), "--sha256sums", str(sums), "--part-size", "1Mi")
+    args += ("--split-below", "1")  # one stream, however slowly it comes
+    s3_front.trickle = [10**9, 4_000_000, 4_000_000]  # the listing at once, big.bin over seconds
+
+    def eight_parts_journalled() -> bool:
+        journals = (dest / ".fetcher").glob("download-*/parts/*/journal")
+        return sum(len(j.read_text().splitlines()) - 1 for j in journals) >= 8
+
+    before = _kill_once(Background(*args, "--concurrency", "2", env=s3_front.env), eight_parts_journalled, s3_front)
+
+    again = run_fetcher(*args, env=s3_front.env)
+
+    assert again.code == 0, again.stderr
+    assert tree(dest) == files
+    gets = [r for r in s3_front.requests[before:] if "big.bin" in r.path and r.method == "GET"]
+    ranges = [r.headers.get("Range", "") for r in gets]
+    assert ranges and all(r.startswith("bytes=") for r in ranges), ranges
+    assert min(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges) >= 8 * 2**20, ranges
 
 
 def test_a_config_file_takes_the_directory_keys(s3: S3, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_a_repo_is_the_tree_snapshot_download_gives_every_file_verified(hub: Fak
     commit = hub.add_repo("org/llama", REPO)
     dest = tmp_path / "dest"
 
-    run = run_fetcher("--source", "hf://org/llama", "--dest", str(dest), env=_env(hub))
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(dest), env=_env(hub, FETCHER_SPLIT_BELOW="100G"))
 
     assert run.code == 0, run.stderr
     assert tree(dest) == _snapshot(hub, "org/llama", tmp_path)
@@ -55,6 +55,31 @@ def test_a_repo_is_the_tree_snapshot_download_gives_every_file_verified(hub: Fak
     assert marker["identity"] == f"hf-commit:{commit}"
     cdn = [r for r in hub.requests if r.server == "cdn"]
     assert any("Range" in r.headers or "range" in r.headers for r in cdn)  # shards came in ranged parts
+    assert len(run.all("splitting")) == 2
+
+
+def test_a_cdn_that_ignores_ranges_after_all_gets_each_shard_on_one_stream(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/llama", REPO)
+    hub.ignore_ranges = True  # says Accept-Ranges, sends 200 and the whole shard to a part's request
+    dest = tmp_path / "dest"
+
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(dest), env=_env(hub, FETCHER_SPLIT_BELOW="100G"))
+
+    assert run.code == 0, run.stderr
+    assert {k: v for k, v in tree(dest).items() if k in REPO} == REPO
+    assert len(run.all("one stream: the server does not serve ranges of this file")) == 2
+
+
+def test_shards_arriving_faster_than_split_below_stream_whole(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/llama", REPO)
+    env = _env(hub, FETCHER_SPLIT_BELOW="1")  # any first part is faster than 1 byte/s
+
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(tmp_path / "dest"), env=env)
+
+    assert run.code == 0, run.stderr
+    assert run.all("splitting") == []
+    shards = [r for r in hub.requests if r.server == "cdn" and "safetensors" in r.path]
+    assert len(shards) == 2 and not any("range" in {k.lower() for k in r.headers} for r in shards)
 
 
 def test_include_exclude_match_snapshot_download_patterns(hub: FakeHub, tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ class Connection:
     headers: tuple[tuple[str, str], ...] = ()
     bearer_token_file: Path | None = None
     timeout: float = 30.0
-    concurrency: int = 8
+    concurrency: int = 16
     floor: SpeedFloor = SpeedFloor(0, 60.0)
     s3_anonymous: bool = False
     s3_addressing_style: str = "auto"
