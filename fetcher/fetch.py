@@ -349,7 +349,7 @@ class _Fetch:
             format="directory",
             identity=manifest.identity,
             files=marker.files,
-            fetched=len(entries) - transfer.kept,
+            fetched=len(entries) - transfer.kept - transfer.copies,
             verified=len(entries) - len(transfer.unverified),
             size=total,
             entries=marker.entries[:10],

@@ -105,11 +105,13 @@ class DirectoryTransfer:
         self.unverified: list[str] = []
         self.digests: dict[str, str] = {}  # path -> "algorithm:hex" of what arrived, verified or not
         self.kept = 0  # files verified by an earlier run, or left in dest by the last publish: not fetched
+        self.copies = 0  # files whose slot (digest) another file of the manifest already fills: not fetched
         self.kept_bytes = 0
 
     def run(self) -> dict[str, str]:
         slots: dict[str, str] = {}
         todo: list[_File] = []
+        planned: set[str] = set()
         for entry in self._manifest.entries:
             reader = One(self._source, entry, directory=True)
             slot = self._spool.slot(entry)
@@ -119,6 +121,12 @@ class DirectoryTransfer:
                 self.kept_bytes += entry.size or 0
                 self._on_file(entry.size, False)
                 continue
+            if slot in planned:  # the same bytes under another path: fetched once, linked to both
+                self.copies += 1
+                self.kept_bytes += entry.size or 0
+                self._on_file(entry.size, False)
+                continue
+            planned.add(slot)
             todo.append(_File(entry, reader, slot, digest=entry.digest))
         if self.kept:
             log.info("resuming", source=self._source.display, files_verified_before=self.kept, files_to_fetch=len(todo))

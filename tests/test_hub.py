@@ -70,6 +70,20 @@ def test_a_cdn_that_ignores_ranges_after_all_gets_each_shard_on_one_stream(hub: 
     assert len(run.all("one stream: the server does not serve ranges of this file")) == 2
 
 
+def test_files_with_the_same_content_are_fetched_once_and_all_published(hub: FakeHub, tmp_path: Path) -> None:
+    files = REPO | {"copy/model-00001-of-00002.safetensors": SHARD, "copy/config.json": REPO["config.json"]}
+    hub.add_repo("org/llama", files)
+    dest = tmp_path / "dest"
+
+    run = run_fetcher("--source", "hf://org/llama", "--dest", str(dest), env=_env(hub, FETCHER_SPLIT_BELOW="100G"))
+
+    assert run.code == 0, run.stderr
+    assert {k: v for k, v in tree(dest).items() if k in files} == files
+    assert run.event("published")["fetched"] == len(files) + 1 - 2  # .gitattributes; the two copies not fetched
+    shard_gets = [r for r in hub.requests if r.server == "hub" and r.path.endswith("00001-of-00002.safetensors")]
+    assert len(shard_gets) == 1, shard_gets
+
+
 def test_shards_arriving_faster_than_split_below_stream_whole(hub: FakeHub, tmp_path: Path) -> None:
     hub.add_repo("org/llama", REPO)
     env = _env(hub, FETCHER_SPLIT_BELOW="1")  # any first part is faster than 1 byte/s
