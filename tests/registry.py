@@ -32,6 +32,7 @@ import base64
 import datetime
 import gzip
 import hashlib
+import http.client
 import ipaddress
 import json
 import re
@@ -43,7 +44,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -488,26 +489,51 @@ class Registry:
             self.blobs = BlobStore(self.storage_dir, self.pki.server_context() if self.tls else None)
             config["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": self.blobs.url + "/"}}]}
         config_file = self.workdir / "config.yml"
-        config_file.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        with self.log_file.open("ab") as log:
-            self._process = subprocess.Popen(
-                [binary, "serve", str(config_file)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self._wait_listening()
-        return self
+        for _attempt in range(5):  # the free port may be taken by another test before the registry binds it
+            config["http"]["addr"] = self.host
+            config_file.write_text(json.dumps(config, indent=2))  # JSON is YAML
+            with self.log_file.open("ab") as log:
+                self._process = subprocess.Popen(
+                    [binary, "serve", str(config_file)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            if self._wait_listening():
+                return self
+            self.port = _free_port()
+            self.host = f"127.0.0.1:{self.port}"
+            self.url = f"{self.scheme}://{self.host}"
+        raise RuntimeError(f"docker-registry found no free port:\n{self.log_file.read_text()}")
 
-    def _wait_listening(self) -> None:
+    def _wait_listening(self) -> bool:
+        """True once it listens; False if it lost its port to someone else."""
         deadline = time.monotonic() + 15
         assert self._process is not None
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited {self._process.returncode}:\n{self.log_file.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.02)  # polling its start-up: there is no readiness signal to wait on
+                log = self.log_file.read_text()
+                if "address already in use" in log[-500:]:
+                    return False
+                raise RuntimeError(f"docker-registry exited {self._process.returncode}:\n{log}")
+            if self._answers():
+                return True
+            time.sleep(0.02)  # polling its start-up: there is no readiness signal to wait on
         raise RuntimeError(f"docker-registry did not listen on {self.host}:\n{self.log_file.read_text()}")
+
+    def _answers(self) -> bool:
+        """Whether the registry (not whoever else holds the port) answers GET /v2/."""
+        connection: http.client.HTTPConnection
+        if self.ca_file:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=1, context=context)
+        else:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        try:
+            connection.request("GET", "/v2/")
+            response = connection.getresponse()
+            return response.getheader("Docker-Distribution-Api-Version") == "registry/2.0"
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -738,6 +764,39 @@ class Registry:
                 entry["platform"]["variant"] = variant[0]
             entries.append(entry)
         return self.put_manifest(repo, tag, {"schemaVersion": 2, "mediaType": media_type, "manifests": entries}, client)
+
+    def push_image(
+        self, repo: str, tag: str, layers: Sequence[Mapping[str, bytes]], *, compression: str = "gzip"
+    ) -> str:
+        """``podman build`` an image FROM scratch, one layer per mapping of path -> bytes, and ``podman push`` it.
+
+        A modelcar: ``push_image("org/modelcar", "v1", [{"models/config.json": ..., "models/w.bin": ...}])``.
+        Returns the manifest digest. The local image is removed again; mark the test
+        ``pytest.mark.xdist_group("containers")`` as the other podman tests are.
+        """
+        from tests.container_support import find_podman
+
+        podman = find_podman()
+        context = self.workdir / "image" / secrets.token_hex(4)
+        steps = ["FROM scratch"]
+        for number, files in enumerate(layers):
+            for path, data in files.items():
+                (context / f"layer{number}" / path).parent.mkdir(parents=True, exist_ok=True)
+                (context / f"layer{number}" / path).write_bytes(data)
+            steps.append(f"COPY layer{number}/ /")
+        (context / "Containerfile").write_text("\n".join(steps) + "\n")
+        target = self.ref(repo, tag)
+        podman.run("build", "--quiet", "--network=none", "--tag", target, str(context))
+        digest_file = context / "digest"
+        trust = ["--cert-dir", str(self.cert_dir)] if self.cert_dir else ["--tls-verify=false"]
+        creds = ["--creds", f"{self.username}:{self.password}"] if self.auth != "none" else []
+        try:
+            podman.run(
+                "push", *trust, *creds, "--compression-format", compression, "--digestfile", str(digest_file), target
+            )
+        finally:
+            podman.run("rmi", "--force", target, check=False)
+        return digest_file.read_text().strip()
 
     def get_manifest(self, repo: str, reference: str, client: Any = None) -> bytes:
         """The manifest's bytes as the registry serves them."""

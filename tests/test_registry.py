@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import socket
 import tarfile
 import time
 from pathlib import Path
@@ -221,3 +222,30 @@ def test_an_index_of_two_platforms(registry: Registry) -> None:
     }
     for entry in index["manifests"]:
         assert entry["size"] == len(registry.get_manifest("org/multi", entry["digest"]))
+
+
+@pytest.mark.xdist_group("containers")  # one podman at a time, on one xdist worker
+def test_a_modelcar_image_pushed_by_podman(registry_token: Registry) -> None:
+    weights = b"modelcar weights" * 1000
+    digest = registry_token.push_image("org/modelcar", "v1", [{"models/config.json": b"{}"}, {"models/w.bin": weights}])
+    manifest = json.loads(registry_token.get_manifest("org/modelcar", "v1"))
+    assert digest == digest_of(registry_token.get_manifest("org/modelcar", digest))
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [TAR_GZIP, TAR_GZIP]
+    blob = registry_token.get_blob("org/modelcar", manifest["layers"][1]["digest"])
+    with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
+        member = archive.extractfile("models/w.bin")
+        assert member is not None and member.read() == weights
+    assert registry_token.token is not None
+    assert "scope=repository%3Aorg%2Fmodelcar%3Apull%2Cpush" in registry_token.token.requests[0].path
+
+
+def test_a_port_taken_before_the_registry_binds_it_is_given_up(tmp_path: Path) -> None:
+    registry = Registry(tmp_path, tls=False)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", registry.port))
+        squatter.listen()
+        taken = registry.port
+        with registry:
+            assert registry.port != taken and registry.host == f"127.0.0.1:{registry.port}"
+            registry.push_modelpack("org/model", "v1", {"w.bin": WEIGHTS})
+        assert "address already in use" in registry.log_file.read_text()
