@@ -863,16 +863,3 @@ def registry_redirect(make_registry: Callable[..., Registry]) -> Registry:
     """htpasswd, with blob reads redirected (307) to ``registry_redirect.blobs`` on 127.0.0.2."""
     return make_registry(auth="htpasswd", redirect=True)
 
-
-__all__ = [
-    "Blob",
-    "BlobStore",
-    "Registry",
-    "TokenService",
-    "make_registry",
-    "registry",
-    "registry_basic",
-    "registry_http",
-    "registry_redirect",
-    "registry_token",
-]
