@@ -862,4 +862,3 @@ def registry_token(make_registry: Callable[..., Registry]) -> Registry:
 def registry_redirect(make_registry: Callable[..., Registry]) -> Registry:
     """htpasswd, with blob reads redirected (307) to ``registry_redirect.blobs`` on 127.0.0.2."""
     return make_registry(auth="htpasswd", redirect=True)
-
