@@ -90,6 +90,14 @@ def parse_part_size(text: str) -> int:
     return value
 
 
+def parse_platform(text: str) -> str:
+    """os/arch[/variant], as docker's --platform takes it."""
+    value = text.strip().lower()
+    if not re.fullmatch(r"[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_]+)?", value):
+        raise ValueError("expected os/arch or os/arch/variant, e.g. linux/amd64 or linux/arm64/v8")
+    return value
+
+
 def parse_concurrency(text: str) -> int:
     value = parse_count(text)
     if not 1 <= value <= 64:
@@ -328,6 +336,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_members", parse_count, "refuse archives with more members than this", 1_000_000, metavar="N"),
     Option("progress_interval", parse_seconds, "seconds between progress log lines", 5.0, metavar="SECONDS"),
     Option("s3_anonymous", parse_bool, "unsigned S3 requests, for public buckets", False, is_flag=True),
+    Option(
+        "registry_auth_file",
+        _path,
+        "docker config.json with registry credentials (a mounted kubernetes.io/dockerconfigjson Secret)",
+        metavar="PATH",
+    ),
+    Option(
+        "oci_platform",
+        parse_platform,
+        "the platform to take from a multi-platform OCI index; unset: linux and this node's architecture",
+        metavar="OS/ARCH[/VARIANT]",
+    ),
+    Option(
+        "oci_plain_http",
+        parse_bool,
+        "talk to the registry over plain HTTP (never done without this, not even for loopback)",
+        False,
+        is_flag=True,
+    ),
     Option(
         "s3_addressing_style",
         _choice("auto", "path", "virtual"),

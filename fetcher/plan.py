@@ -53,6 +53,9 @@ class Artifact:
     progress_interval: float
     s3_anonymous: bool
     s3_addressing_style: str
+    registry_auth_file: Path | None
+    oci_platform: str | None
+    oci_plain_http: bool
 
     @property
     def scheme(self) -> str:

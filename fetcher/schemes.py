@@ -25,6 +25,29 @@ _HF = re.compile(
     r"(?:[@:](?P<revision>[\w./-]{1,255}))?/?"
 )
 
+# oci://REGISTRY/REPO[:TAG][@sha256:HEX]: the registry is a host with an optional port; the repo,
+# lower-case path components as the distribution spec allows them.
+_OCI = re.compile(
+    r"oci://(?P<registry>[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?)/"
+    r"(?P<repo>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+)
+
+
+@dataclass(frozen=True)
+class OciReference:
+    """What an oci:// source names: a repository of a registry, at a tag or a digest (the tag then only shown)."""
+
+    registry: str  # as given: host[:port]
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry for: the digest when there is one, else the tag (``latest`` if none)."""
+        return self.digest or self.tag or "latest"
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -86,6 +109,24 @@ def parse_hf(text: str) -> tuple[str, str, str]:
     match = _HF.fullmatch(text)
     assert match is not None, "checked by config"
     return ("dataset" if match["kind"] == "datasets" else "model"), match["repo"], match["revision"] or "main"
+
+
+def _check_oci(text: str, parts: SplitResult) -> None:
+    if not _OCI.fullmatch(text):
+        raise ValueError(
+            "an OCI source looks like oci://registry/repo:tag, oci://registry/repo@sha256:HEX or both "
+            "(repository names in lower case)"
+        )
+
+
+def parse_oci(text: str) -> OciReference:
+    """The parts of a checked oci:// source. Docker Hub's short names get their ``library/``, as docker gives them."""
+    match = _OCI.fullmatch(text)
+    assert match is not None, "checked by config"
+    registry, repo = match["registry"], match["repo"]
+    if registry in ("docker.io", "index.docker.io", "registry-1.docker.io") and "/" not in repo:
+        repo = f"library/{repo}"
+    return OciReference(registry, repo, match["tag"], match["digest"])
 
 
 def _check_http(text: str, parts: SplitResult) -> None:
@@ -154,6 +195,13 @@ SCHEMES: tuple[Scheme, ...] = (
         bearer_token=True,
     ),
     Scheme(
+        ("oci",),
+        "oci://registry/repo:tag",
+        _check_oci,
+        "fetcher.sources.oci:OciSource",
+        lambda _text: True,
+    ),
+    Scheme(
         ("file",),
         "file:///path or file:///dir/",
         _check_file,
@@ -184,7 +232,7 @@ def check_source(text: str) -> str:
         raise ValueError("the URL holds a control character or a line break")
     try:
         parts = urlsplit(text)
-        if scheme.names != ("hf",):  # hf://gpt2:main is a revision, not a port
+        if scheme.names not in (("hf",), ("oci",)):  # hf://gpt2:main is a revision, oci://r/repo:tag a tag
             _ = parts.port  # raises on a malformed port
     except ValueError as exc:
         raise ValueError(_url_problem(str(exc))) from None

@@ -40,7 +40,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.faults_plugin", "tests.faults_support", "tests.fakehub"]  # FAULTS.md; s3_front, s3_tls; hub
+pytest_plugins = [
+    "tests.faults_plugin",
+    "tests.faults_support",
+    "tests.fakehub",
+    "tests.registry",
+]  # FAULTS.md; s3_front, s3_tls; hub; registries
 
 
 # --- archives -------------------------------------------------------------------

@@ -304,6 +304,7 @@ class BlobStore:
     def __init__(self, root: Path, tls: ssl.SSLContext | None) -> None:
         self.root = root
         self.requests: list[Seen] = []
+        self.rate: int | None = None  # bytes/s to send bodies at (a slow bucket), None: at once
         store = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -345,8 +346,16 @@ class BlobStore:
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
                 self.end_headers()
-                if body:
+                if body and store.rate is None:
                     self.wfile.write(data[start:end])
+                elif body:
+                    step = max(1, store.rate // 20)
+                    try:
+                        for offset in range(start, end, step):
+                            self.wfile.write(data[offset : min(end, offset + step)])
+                            time.sleep(step / store.rate)
+                    except OSError:  # the client went away (killed)
+                        self.close_connection = True
 
         self.server = _Server(Handler, "127.0.0.2", tls)
         self.url = self.server.url

@@ -33,8 +33,6 @@ from tests.registry import (
     Registry,
 )
 
-pytest_plugins = ["tests.registry"]
-
 WEIGHTS = bytes(range(256)) * 400
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 

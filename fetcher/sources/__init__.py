@@ -23,6 +23,9 @@ def connection(artifact: Artifact) -> Connection:
         floor=SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time),
         s3_anonymous=artifact.s3_anonymous,
         s3_addressing_style=artifact.s3_addressing_style,
+        registry_auth_file=artifact.registry_auth_file,
+        oci_platform=artifact.oci_platform,
+        oci_plain_http=artifact.oci_plain_http,
     )
 
 

@@ -101,6 +101,9 @@ class Connection:
     floor: SpeedFloor = SpeedFloor(0, 60.0)
     s3_anonymous: bool = False
     s3_addressing_style: str = "auto"
+    registry_auth_file: Path | None = None
+    oci_platform: str | None = None  # None: linux and this node's architecture
+    oci_plain_http: bool = False
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,9 @@ class HttpClient:
         *,
         explain: Callable[[httpx.Response, str], FetchError | None] | None = None,
         headers: dict[str, str] | None = None,
+        auth: httpx.Auth | None = None,
     ) -> None:
-        self._origin = _origin(url)
+        self._origin = origin(url)
         # A proxy from the environment needs httpx's own transport. httpx builds one per proxy
         # and loads CAs for each at once, so it is handed ours (see _proxy_verify).
         proxied = _proxied(url)
@@ -87,6 +88,7 @@ class HttpClient:
             follow_redirects=True,
             verify=_proxy_verify(url) if _proxies() else True,
             transport=None if proxied else fast_transport(connection.concurrency + 1),
+            auth=auth,
         )
         self._own_headers = {name for name, _ in connection.headers} | {"Authorization"}
         self._floor = connection.floor
@@ -106,10 +108,19 @@ class HttpClient:
             chunks = self._floor.watch(_chunks(response, display), display)
             yield Body(info, offset, chunks, partial=exact), response
 
-    def get(self, url: str, display: str, params: dict[str, str] | None = None) -> httpx.Response:
+    def get(
+        self, url: str, display: str, params: dict[str, str] | None = None, accept: str | None = None
+    ) -> httpx.Response:
         """A small request, read whole (an API's JSON); errors sorted as for a download."""
         with self._errors(display, url):
-            response = self._client.get(url, params=params)
+            response = self._client.get(url, params=params, headers={"Accept": accept} if accept else None)
+            self._judge(response, display)
+            return response
+
+    def head(self, url: str, display: str, accept: str | None = None) -> httpx.Response:
+        """A HEAD, for what its headers say (a registry's Docker-Content-Digest)."""
+        with self._errors(display, url):
+            response = self._client.head(url, headers={"Accept": accept} if accept else None)
             self._judge(response, display)
             return response
 
@@ -125,7 +136,7 @@ class HttpClient:
 
         httpx itself drops only Authorization, and keeps it on an http-to-https redirect.
         """
-        if _origin(str(request.url)) != self._origin:
+        if origin(str(request.url)) != self._origin:
             for name in self._own_headers:
                 request.headers.pop(name, None)
 
@@ -229,6 +240,8 @@ def httpx_error(exc: httpx.HTTPError, display: str, url: str, *, reading: bool =
         return _proxy_error(exc, display, urlsplit(url).scheme)
     if isinstance(exc, httpx.TransportError) and (refused := _certificate_refused(exc)) is not None:
         return FetchError(f"TLS certificate of {_failed_at(exc)} not trusted: {refused.verify_message}{_ca_hint()}")
+    if isinstance(exc, httpx.ConnectError) and "WRONG_VERSION_NUMBER" in str(exc):  # no retry makes it speak TLS
+        return FetchError(f"{_failed_at(exc)} answered TLS with something else: is it plain HTTP?{_plain_hint(url)}")
     for exc_type, kind, template in HTTPX_ERRORS:
         if isinstance(exc, exc_type):
             if reading:
@@ -324,7 +337,8 @@ def _date(value: str | None) -> float | None:
         return None
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port: what a secret may not leave."""
     parts = urlsplit(url)
     return parts.scheme, parts.hostname or "", parts.port
 
@@ -381,6 +395,10 @@ def _failed_at(exc: httpx.TransportError) -> str:
         return redact_url(str(exc.request.url))
     except RuntimeError:  # no request attached
         return "the server"
+
+
+def _plain_hint(url: str) -> str:
+    return " (for a registry served so, --oci-plain-http)" if url.startswith("https://") and "/v2/" in url else ""
 
 
 def _ca_hint() -> str:

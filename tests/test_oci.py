@@ -1,0 +1,371 @@
+"""oci:// sources: what a user writes, the credentials Kubernetes holds, and what each layer becomes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import platform
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fetcher.errors import ArchiveError, UsageError
+from fetcher.schemes import check_source, parse_oci
+from fetcher.sources.oci import layer_path, parse_challenge, registry_credentials
+from tests.conftest import Run, run_fetcher, sha256, tree
+from tests.faults_support import Background
+from tests.registry import OCI_MANIFEST, AccessLine, Blob, Registry
+
+HEX = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("source", "registry", "repo", "reference"),
+    [
+        ("oci://ghcr.io/org/model:v1", "ghcr.io", "org/model", "v1"),
+        ("oci://127.0.0.1:5000/models/llama", "127.0.0.1:5000", "models/llama", "latest"),
+        (f"oci://reg.example/m@sha256:{HEX}", "reg.example", "m", f"sha256:{HEX}"),
+        (f"oci://reg.example/m:v2@sha256:{HEX}", "reg.example", "m", f"sha256:{HEX}"),  # the tag then ignored
+        ("oci://docker.io/ubuntu:24.04", "docker.io", "library/ubuntu", "24.04"),
+    ],
+)
+def test_references_as_docker_reads_them(source: str, registry: str, repo: str, reference: str) -> None:
+    ref = parse_oci(check_source(source))
+    assert (ref.registry, ref.repository, ref.reference) == (registry, repo, reference)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["oci://ghcr.io/Org/Model:v1", "oci://ghcr.io/", "oci://ghcr.io/m@sha256:abc", "oci://ghcr.io/m:-bad"],
+)
+def test_a_malformed_reference_is_exit_2_with_the_forms_it_takes(source: str, tmp_path: Path) -> None:
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "dest"))
+    assert run.code == 2
+    assert "oci://registry/repo:tag" in run.event("failed")["error"]
+
+
+def _config(tmp_path: Path, auths: dict[str, object]) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"auths": auths}))
+    return path
+
+
+@pytest.mark.parametrize("key", ["reg.example:5000", "https://reg.example:5000", "https://reg.example:5000/v2/"])
+def test_credentials_under_any_key_docker_writes(tmp_path: Path, key: str) -> None:
+    auth = base64.b64encode(b"robot:s3cr:et").decode()
+    path = _config(tmp_path, {"other.example": {"auth": "eDp5"}, key: {"auth": auth}})
+    assert registry_credentials(path, "reg.example:5000") == ("robot", "s3cr:et")
+
+
+def test_docker_hub_credentials_and_username_password_entries(tmp_path: Path) -> None:
+    path = _config(tmp_path, {"https://index.docker.io/v1/": {"username": "me", "password": "pw"}})
+    assert registry_credentials(path, "docker.io") == ("me", "pw")
+    assert registry_credentials(path, "ghcr.io") is None
+
+
+def test_a_malformed_auth_entry_is_a_usage_error_that_shows_no_secret(tmp_path: Path) -> None:
+    path = _config(tmp_path, {"reg.example": {"auth": base64.b64encode(b"no-colon-secret").decode()}})
+    with pytest.raises(UsageError) as caught:
+        registry_credentials(path, "reg.example")
+    assert "no-colon-secret" not in str(caught.value)
+
+
+def test_a_challenge_is_read_into_its_parameters() -> None:
+    scheme, params = parse_challenge(
+        'Bearer realm="https://auth.example/token",service="reg",scope="repository:m:pull"'
+    )
+    assert scheme == "bearer"
+    assert params == {"realm": "https://auth.example/token", "service": "reg", "scope": "repository:m:pull"}
+
+
+MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
+
+
+@pytest.mark.parametrize(
+    ("media_type", "annotations", "artifact_type", "path"),
+    [
+        ("application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "w/model.safetensors"}, MODELPACK,
+         "w/model.safetensors"),
+        ("application/vnd.oci.image.layer.v1.tar", {"org.opencontainers.image.title": "config.json"},
+         "application/vnd.unknown.artifact.v1", "config.json"),
+        ("application/vnd.docker.ai.gguf.v3", {}, "application/vnd.docker.ai.model.config.v0.1+json",
+         f"sha256-{HEX}.gguf"),
+    ],
+)  # fmt: skip
+def test_each_kind_of_layer_becomes_the_file_its_artifact_names(
+    media_type: str, annotations: dict[str, str], artifact_type: str, path: str
+) -> None:
+    assert layer_path(media_type, f"sha256:{HEX}", annotations, artifact_type) == path
+
+
+@pytest.mark.parametrize(
+    ("media_type", "annotations", "artifact_type", "said"),
+    [
+        ("application/vnd.oci.image.layer.v1.tar+gzip", {}, "application/vnd.oci.image.config.v1+json", "tar+gzip"),
+        ("application/vnd.cncf.model.weight.v1.tar", {"org.cncf.model.filepath": "w"}, MODELPACK, "not supported yet"),
+        ("application/vnd.cncf.model.weight.v1.raw", {}, MODELPACK, "org.cncf.model.filepath"),
+        ("application/x-foo", {"org.opencontainers.image.title": "d", "io.deis.oras.content.unpack": "true"},
+         "application/vnd.unknown.artifact.v1", "not supported yet"),
+    ],
+)  # fmt: skip
+def test_a_layer_that_is_no_models_file_is_refused_naming_it(
+    media_type: str, annotations: dict[str, str], artifact_type: str, said: str
+) -> None:
+    with pytest.raises(ArchiveError) as caught:
+        layer_path(media_type, f"sha256:{HEX}", annotations, artifact_type)
+    assert said in str(caught.value)
+
+
+# --- against Debian's docker-registry (tests/registry.py), artifacts pushed by the oras client ---------
+
+WEIGHTS = random.Random(7).randbytes(3 * 2**20 + 5)
+MODEL = {"model.safetensors": WEIGHTS, "config.json": b'{"hidden_size": 64}\n', "tokenizer/vocab.txt": b"a\nb\n"}
+
+
+def _pull(registry: Registry, reference: str, dest: Path, *args: str, **env: str) -> Run:
+    ca = {"SSL_CERT_FILE": str(registry.ca_file)} if registry.ca_file else {}
+    plain = () if registry.tls else ("--oci-plain-http",)
+    return run_fetcher("--source", f"oci://{reference}", "--dest", str(dest), *plain, *args, env=ca | env)
+
+
+def _fetcher_requests(registry: Registry) -> list[AccessLine]:
+    return [line for line in registry.access_log() if line.user_agent.startswith("fetcher/")]
+
+
+@pytest.mark.fault("a ModelPack artifact pulled by tag: every layer verified, the digest recorded", exit=0, area="oci")
+def test_a_modelpack_artifact_lands_as_its_files_pinned_to_its_digest(registry: Registry, tmp_path: Path) -> None:
+    digest = registry.push_modelpack("org/llama", "v1", MODEL)
+    dest = tmp_path / "dest"
+
+    run = _pull(registry, registry.ref("org/llama", "v1"), dest)
+
+    assert run.code == 0, run.stderr
+    assert tree(dest) == MODEL
+    assert run.event("published")["identity"].startswith(f"oci:{digest} linux/")
+    assert digest in run.event("resolved")["note"]
+    marker = json.loads(next((dest / ".fetcher").glob("*.json")).read_text())
+    assert {o["path"]: o["digest"] for o in marker["objects"]} == {p: "sha256:" + sha256(d) for p, d in MODEL.items()}
+
+    before = len(_fetcher_requests(registry))
+    again = _pull(registry, registry.ref("org/llama", "v1"), dest)
+    assert again.code == 0 and again.event("already present")
+    assert [(r.method, "/manifests/v1" in r.path) for r in _fetcher_requests(registry)[before:] if r.status != 401] == [
+        ("HEAD", True)
+    ]  # one HEAD by tag, nothing downloaded
+
+    before = len(_fetcher_requests(registry))
+    pinned = _pull(registry, registry.ref("org/llama", digest), tmp_path / "pinned")
+    assert pinned.code == 0 and tree(tmp_path / "pinned") == MODEL
+    assert _pull(registry, registry.ref("org/llama", digest), tmp_path / "pinned").event("already present")
+    after_first = [r for r in _fetcher_requests(registry)[before:] if "manifests" in r.path]
+    assert all(digest in r.path for r in after_first)  # by digest from the start: no tag lookup
+
+
+def test_a_restart_pinned_by_digest_makes_no_request(registry_http: Registry, tmp_path: Path) -> None:
+    digest = registry_http.push_modelpack("org/llama", None, MODEL)
+    dest = tmp_path / "dest"
+    assert _pull(registry_http, registry_http.ref("org/llama", digest), dest).code == 0
+    before = len(registry_http.access_log())
+
+    again = _pull(registry_http, registry_http.ref("org/llama", digest), dest)
+
+    assert again.code == 0 and again.event("already present")
+    assert len(registry_http.access_log()) == before
+
+
+def test_oras_files_land_by_their_title_and_a_packed_directory_is_refused(registry: Registry, tmp_path: Path) -> None:
+    registry.push_oras("org/files", "v1", {"model.safetensors": WEIGHTS, "config.json": b"{}\n"})
+    run = _pull(registry, registry.ref("org/files", "v1"), tmp_path / "files")
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "files") == {"model.safetensors": WEIGHTS, "config.json": b"{}\n"}
+
+    registry.push_oras("org/dir", "v1", {"config.json": b"{}\n"}, {"tokenizer": {"vocab.txt": b"a\n"}})
+    refused = _pull(registry, registry.ref("org/dir", "v1"), tmp_path / "dir")
+    assert refused.code == 5
+    assert "not supported yet" in refused.event("failed")["error"]
+    assert not (tmp_path / "dir").exists() or tree(tmp_path / "dir") == {}
+
+
+@pytest.mark.fault("a layer corrupted in the registry's storage", exit=4, area="oci")
+def test_a_corrupted_blob_is_exit_4_and_nothing_is_published(registry: Registry, tmp_path: Path) -> None:
+    registry.push_modelpack("org/llama", "v1", MODEL)
+    path = registry.blob_path("sha256:" + sha256(WEIGHTS))
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 1
+    path.write_bytes(bytes(data))
+
+    run = _pull(registry, registry.ref("org/llama", "v1"), tmp_path / "dest")
+
+    assert run.code == 4
+    assert "sha256 mismatch" in run.event("failed")["error"]
+    assert not (tmp_path / "dest" / "model.safetensors").exists()
+
+
+@pytest.mark.fault("a missing tag", exit=3, area="oci")
+def test_a_missing_tag_is_exit_3_naming_it(registry: Registry, tmp_path: Path) -> None:
+    registry.push_modelpack("org/llama", "v1", MODEL)
+    run = _pull(registry, registry.ref("org/llama", "v9"), tmp_path / "dest")
+    assert run.code == 3
+    assert "org/llama:v9 was not found" in run.event("failed")["error"]
+    assert run.all("retrying") == []
+
+
+def test_https_to_a_plain_http_registry_is_exit_3_pointing_at_the_flag(registry_http: Registry, tmp_path: Path) -> None:
+    registry_http.push_modelpack("org/llama", "v1", MODEL)
+    source = f"oci://{registry_http.ref('org/llama', 'v1')}"
+    run = run_fetcher("--source", source, "--dest", str(tmp_path / "dest"))  # no --oci-plain-http: TLS is tried
+    assert run.code == 3
+    assert "--oci-plain-http" in run.event("failed")["error"]
+    assert run.all("retrying") == []
+
+
+def test_basic_auth_from_a_docker_config_and_wrong_credentials_are_final(
+    registry_basic: Registry, tmp_path: Path
+) -> None:
+    registry_basic.push_modelpack("org/llama", "v1", MODEL)
+    good = registry_basic.docker_config(tmp_path / "good.json", key=f"https://{registry_basic.host}")
+    run = _pull(
+        registry_basic, registry_basic.ref("org/llama", "v1"), tmp_path / "dest", FETCHER_REGISTRY_AUTH_FILE=str(good)
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == MODEL
+    assert registry_basic.password not in run.stderr
+
+    bad = registry_basic.docker_config(tmp_path / "bad.json", password="wrong-password")
+    before = len(_fetcher_requests(registry_basic))
+    refused = _pull(
+        registry_basic, registry_basic.ref("org/llama", "v1"), tmp_path / "d2", FETCHER_REGISTRY_AUTH_FILE=str(bad)
+    )
+    assert refused.code == 3
+    assert "check --registry-auth-file" in refused.event("failed")["error"]
+    assert refused.all("retrying") == []
+    assert len(_fetcher_requests(registry_basic)) - before <= 2  # the challenge, then the refusal
+
+
+@pytest.mark.fault("token auth: credentials go to the token service only, then a bearer token", exit=0, area="oci")
+def test_token_auth_with_credentials_and_anonymous_public_pulls(registry_token: Registry, tmp_path: Path) -> None:
+    registry_token.push_modelpack("org/private", "v1", MODEL)
+    registry_token.push_modelpack("public/model", "v1", MODEL)
+    config = registry_token.docker_config(tmp_path / "config.json")
+
+    run = _pull(
+        registry_token, registry_token.ref("org/private", "v1"), tmp_path / "a", FETCHER_REGISTRY_AUTH_FILE=str(config)
+    )
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "a") == MODEL
+    sent = [r.headers.get("Authorization", "") for r in registry_token.token.requests]
+    assert sent and all(h.startswith("Basic ") for h in sent)
+
+    public = _pull(registry_token, registry_token.ref("public/model", "v1"), tmp_path / "b")
+    assert public.code == 0, public.stderr
+    assert registry_token.token.requests[-1].headers.get("Authorization") is None  # anonymous, as ghcr.io wants
+
+    private = _pull(registry_token, registry_token.ref("org/private", "v1"), tmp_path / "c")
+    assert private.code == 3
+    assert private.all("retrying") == []
+
+
+@pytest.mark.fault("blobs redirected to another host: it never gets the credentials", exit=0, area="oci")
+def test_blobs_redirected_to_another_host_get_no_credentials(registry_redirect: Registry, tmp_path: Path) -> None:
+    registry_redirect.push_modelpack("org/llama", "v1", MODEL)
+    config = registry_redirect.docker_config(tmp_path / "config.json")
+
+    run = _pull(
+        registry_redirect,
+        registry_redirect.ref("org/llama", "v1"),
+        tmp_path / "dest",
+        FETCHER_REGISTRY_AUTH_FILE=str(config),
+    )
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == MODEL
+    assert registry_redirect.blobs is not None and registry_redirect.blobs.requests
+    for request in registry_redirect.blobs.requests:
+        assert "authorization" not in {k.lower() for k in request.headers}, request.headers
+
+
+def test_the_index_gives_this_nodes_platform_or_the_one_asked_for(registry: Registry, tmp_path: Path) -> None:
+    amd = registry.push_modelpack("org/multi", None, {"arch.txt": b"amd64\n"})
+    arm = registry.push_modelpack("org/multi", None, {"arch.txt": b"arm64\n"})
+    registry.push_index("org/multi", "v1", {"linux/amd64": amd, "linux/arm64/v8": arm})
+    node = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "")
+
+    run = _pull(registry, registry.ref("org/multi", "v1"), tmp_path / "node")
+    chosen = _pull(registry, registry.ref("org/multi", "v1"), tmp_path / "arm", "--oci-platform", "linux/arm64")
+    missing = _pull(registry, registry.ref("org/multi", "v1"), tmp_path / "s390", "--oci-platform", "linux/s390x")
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "node") == {"arch.txt": f"{node}\n".encode()}
+    assert chosen.code == 0 and tree(tmp_path / "arm") == {"arch.txt": b"arm64\n"}
+    assert missing.code == 3
+    assert "offers linux/amd64, linux/arm64/v8" in missing.event("failed")["error"]
+
+
+def test_an_ordinary_image_is_exit_5_asking_for_oci_path(registry: Registry, tmp_path: Path) -> None:
+    layer = registry.push_blob("org/app", Blob(b"\0" * 1024, "application/vnd.oci.image.layer.v1.tar"))
+    config = registry.push_blob("org/app", Blob(b"{}", "application/vnd.oci.image.config.v1+json"))
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}
+    registry.put_manifest("org/app", "v1", manifest)
+
+    run = _pull(registry, registry.ref("org/app", "v1"), tmp_path / "dest")
+
+    assert run.code == 5
+    assert "--oci-path" in run.event("failed")["error"]
+
+
+@pytest.mark.fault("kill -9 mid-pull: the restart fetches no verified layer again", exit=0, area="oci")
+def test_kill_9_mid_pull_then_a_restart_fetches_no_verified_layer_again(
+    registry_redirect: Registry, tmp_path: Path
+) -> None:
+    big = random.Random(9).randbytes(3 * 2**20 + 1)
+    files = {"model.safetensors": big, "config.json": b"{}\n", "tokenizer.json": b'{"v": 1}\n'}
+    registry_redirect.push_modelpack("org/llama", "v1", files)
+    config = registry_redirect.docker_config(tmp_path / "config.json")
+    dest = tmp_path / "dest"
+    env = {"SSL_CERT_FILE": str(registry_redirect.ca_file), "FETCHER_REGISTRY_AUTH_FILE": str(config)}
+    args = ("--source", f"oci://{registry_redirect.ref('org/llama', 'v1')}", "--dest", str(dest), "--part-size", "1Mi")
+    store = registry_redirect.blobs
+    assert store is not None
+    store.rate = 1_000_000  # the big layer takes seconds, the small ones a moment
+    first = Background(*args, env=env)
+    deadline = time.monotonic() + 60
+    while len([p for p in dest.glob(".fetcher/download-*/files/*") if not p.name.endswith(".incomplete")]) < 2:
+        assert first.process.poll() is None and time.monotonic() < deadline, "".join(first.lines)
+        time.sleep(0.05)
+    first.process.kill()
+    first.finish()
+    store.rate = None
+    before = len(store.requests)
+
+    again = run_fetcher(*args, env=env)
+
+    assert again.code == 0, again.stderr
+    assert tree(dest) == files
+    fetched = [r.path for r in store.requests[before:] if r.method == "GET"]
+    for name in ("config.json", "tokenizer.json"):
+        assert not any(sha256(files[name]) in path for path in fetched), (name, fetched)
+    assert any(sha256(big) in path for path in fetched)
+    assert again.event("resuming")["files_verified_before"] == 2
+
+
+@pytest.mark.fault("a registry token that expires mid-pull is renewed", exit=0, area="oci")
+def test_a_token_that_expires_mid_pull_is_renewed(make_registry: Callable[..., Registry], tmp_path: Path) -> None:
+    registry = make_registry(auth="token", redirect=True, token_lifetime=1)
+    files = {"a.bin": random.Random(3).randbytes(1_500_000), "b.bin": b"second\n"}
+    registry.push_modelpack("org/llama", "v1", files)
+    config = registry.docker_config(tmp_path / "config.json")
+    assert registry.blobs is not None and registry.token is not None
+    registry.blobs.rate = 1_000_000  # a.bin takes 1.5 s: b.bin is asked for with a token past its second
+    args = ("--concurrency", "1", "--part-size", "1Mi")
+
+    run = _pull(
+        registry, registry.ref("org/llama", "v1"), tmp_path / "dest", *args, FETCHER_REGISTRY_AUTH_FILE=str(config)
+    )
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == files
+    assert registry.token.issued >= 2
+    assert run.all("retrying") == []  # renewed within the request, not retried
