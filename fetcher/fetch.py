@@ -283,6 +283,7 @@ class _Fetch:
 
     def _directory(self, manifest: Manifest, staging: Path, earlier: Marker | None) -> Result:
         """Many files over one pool of connections, each verified, then published as one tree."""
+        from fetcher import pipeline
         from fetcher.pool import DirectoryTransfer, PoolSettings
 
         artifact = self.artifact
@@ -322,8 +323,14 @@ class _Fetch:
                     hint="give --sha256sums; S3 objects uploaded with a SHA-256 checksum are checked against it",
                 )
             tree = staging / "tree"
+            limits = pipeline.Limits(0, artifact.max_unpacked_size, artifact.max_members)
+            for entry in entries:  # a registry's tar layers unpack at the root, before the files beside them
+                if entry.unpack:
+                    where = f"layer {entry.locator}"
+                    pipeline.unpack_spooled(spool.complete(slots[entry.path]), where, staging, limits)
             for entry in entries:
-                spool.link_into(slots[entry.path], tree / entry.path)
+                if not entry.unpack:
+                    spool.link_into(slots[entry.path], tree / entry.path)
             unverified = set(transfer.unverified)
             objects = [
                 {

@@ -423,6 +423,25 @@ def _run(
     return Outcome(sha256=digest.hexdigest(), size=digest.size, format=fmt)
 
 
+def unpack_spooled(path: Path, what: str, staging: Path, limits: Limits) -> str:
+    """A verified tar already on disk (a registry's layer), unpacked into ``staging/tree``; its format.
+
+    Raises:
+        ArchiveError: it is no tar (plain, gzip or zstd), or a member is unsafe.
+        LocalFilesystemError: it cannot be read.
+    """
+    try:
+        with open(path, "rb") as file:
+            reader = ChunkReader(iter(lambda: file.read(READ_SIZE), b""))
+            fmt = detect(reader.peek(SNIFF_BYTES))
+            if not fmt.startswith("tar"):
+                raise ArchiveError(f"{what} is declared a tar but its bytes are {fmt}")
+            _run(reader, Digest(), fmt, "", staging, limits, None, _Adopt(None, lambda: False))
+    except OSError as exc:
+        raise local_error(exc, f"reading {what} from the download spool") from exc
+    return fmt
+
+
 def _unpack_compressed_tar(reader: ChunkReader, kind: str, tree: SafeTree) -> None:
     """Decompress in a thread of its own, so inflating overlaps writing files."""
 

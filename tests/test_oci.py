@@ -14,10 +14,12 @@ import pytest
 
 from fetcher.errors import ArchiveError, UsageError
 from fetcher.schemes import check_source, parse_oci
-from fetcher.sources.oci import layer_path, parse_challenge, registry_credentials
-from tests.conftest import Run, run_fetcher, sha256, tree
+from fetcher.sources.oci import layer_file, parse_challenge, registry_credentials
+from tests.conftest import Run, make_tar, run_fetcher, sha256, tree
 from tests.faults_support import Background
-from tests.registry import OCI_MANIFEST, AccessLine, Blob, Registry
+from tests.registry import MODEL_FILEPATH, OCI_MANIFEST, AccessLine, Blob, Registry
+
+MODEL_DOC = "application/vnd.cncf.model.doc.v1"
 
 HEX = "ab" * 32
 
@@ -98,24 +100,38 @@ MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
 def test_each_kind_of_layer_becomes_the_file_its_artifact_names(
     media_type: str, annotations: dict[str, str], artifact_type: str, path: str
 ) -> None:
-    assert layer_path(media_type, f"sha256:{HEX}", annotations, artifact_type) == path
+    assert layer_file(media_type, f"sha256:{HEX}", annotations, artifact_type) == (path, False)
+
+
+@pytest.mark.parametrize(
+    ("media_type", "annotations", "artifact_type", "name"),
+    [
+        ("application/vnd.cncf.model.doc.v1.tar+gzip", {"org.cncf.model.filepath": "docs"}, MODELPACK, "docs"),
+        ("application/vnd.cncf.model.code.v1.tar", {}, MODELPACK, f"layer-{HEX[:12]}"),
+        ("application/vnd.oci.image.layer.v1.tar+gzip",
+         {"org.opencontainers.image.title": "tokenizer", "io.deis.oras.content.unpack": "true"},
+         "application/vnd.unknown.artifact.v1", "tokenizer"),
+    ],
+)  # fmt: skip
+def test_packed_directories_are_unpacked_at_the_root(
+    media_type: str, annotations: dict[str, str], artifact_type: str, name: str
+) -> None:
+    assert layer_file(media_type, f"sha256:{HEX}", annotations, artifact_type) == (name, True)
 
 
 @pytest.mark.parametrize(
     ("media_type", "annotations", "artifact_type", "said"),
     [
         ("application/vnd.oci.image.layer.v1.tar+gzip", {}, "application/vnd.oci.image.config.v1+json", "tar+gzip"),
-        ("application/vnd.cncf.model.weight.v1.tar", {"org.cncf.model.filepath": "w"}, MODELPACK, "not supported yet"),
         ("application/vnd.cncf.model.weight.v1.raw", {}, MODELPACK, "org.cncf.model.filepath"),
-        ("application/x-foo", {"org.opencontainers.image.title": "d", "io.deis.oras.content.unpack": "true"},
-         "application/vnd.unknown.artifact.v1", "not supported yet"),
+        ("application/x-foo", {}, "application/vnd.unknown.artifact.v1", "application/x-foo"),
     ],
 )  # fmt: skip
 def test_a_layer_that_is_no_models_file_is_refused_naming_it(
     media_type: str, annotations: dict[str, str], artifact_type: str, said: str
 ) -> None:
     with pytest.raises(ArchiveError) as caught:
-        layer_path(media_type, f"sha256:{HEX}", annotations, artifact_type)
+        layer_file(media_type, f"sha256:{HEX}", annotations, artifact_type)
     assert said in str(caught.value)
 
 
@@ -176,17 +192,42 @@ def test_a_restart_pinned_by_digest_makes_no_request(registry_http: Registry, tm
     assert len(registry_http.access_log()) == before
 
 
-def test_oras_files_land_by_their_title_and_a_packed_directory_is_refused(registry: Registry, tmp_path: Path) -> None:
-    registry.push_oras("org/files", "v1", {"model.safetensors": WEIGHTS, "config.json": b"{}\n"})
-    run = _pull(registry, registry.ref("org/files", "v1"), tmp_path / "files")
-    assert run.code == 0, run.stderr
-    assert tree(tmp_path / "files") == {"model.safetensors": WEIGHTS, "config.json": b"{}\n"}
+def test_oras_files_land_by_their_title_and_a_directory_unpacks_as_oras_does(
+    registry: Registry, tmp_path: Path
+) -> None:
+    files = {"model.safetensors": WEIGHTS, "config.json": b"{}\n"}
+    registry.push_oras(
+        "org/files", "v1", files, {"tokenizer": {"tokenizer.json": b'{"v": 1}', "sub/merges.txt": b"a b"}}
+    )
 
-    registry.push_oras("org/dir", "v1", {"config.json": b"{}\n"}, {"tokenizer": {"vocab.txt": b"a\n"}})
-    refused = _pull(registry, registry.ref("org/dir", "v1"), tmp_path / "dir")
+    run = _pull(registry, registry.ref("org/files", "v1"), tmp_path / "files")
+
+    assert run.code == 0, run.stderr
+    unpacked = {"tokenizer/tokenizer.json": b'{"v": 1}', "tokenizer/sub/merges.txt": b"a b"}
+    assert tree(tmp_path / "files") == files | unpacked  # tokenizer/tokenizer.json, not tokenizer/tokenizer/...
+
+
+def test_modelpack_tar_layers_unpack_at_the_root_and_a_hostile_one_is_exit_5(
+    registry: Registry, tmp_path: Path
+) -> None:
+    docs = Blob(make_tar({"docs/README.md": b"# model\n", "docs/LICENSE": b"MIT\n"}), f"{MODEL_DOC}.tar+gzip")
+    docs.annotations[MODEL_FILEPATH] = "docs"
+    registry.push_modelpack("org/llama", "v1", {"model.safetensors": WEIGHTS, "docs": docs})
+    run = _pull(registry, registry.ref("org/llama", "v1"), tmp_path / "dest")
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == {
+        "model.safetensors": WEIGHTS,
+        "docs/README.md": b"# model\n",
+        "docs/LICENSE": b"MIT\n",
+    }
+    assert _pull(registry, registry.ref("org/llama", "v1"), tmp_path / "dest").event("already present")
+
+    evil = Blob(make_tar({"../escape.txt": b"x"}), f"{MODEL_DOC}.tar+gzip")
+    registry.push_modelpack("org/evil", "v1", {"model.safetensors": WEIGHTS, "docs": evil})
+    refused = _pull(registry, registry.ref("org/evil", "v1"), tmp_path / "evil")
     assert refused.code == 5
-    assert "not supported yet" in refused.event("failed")["error"]
-    assert not (tmp_path / "dir").exists() or tree(tmp_path / "dir") == {}
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path / "evil").exists() or tree(tmp_path / "evil") == {}
 
 
 @pytest.mark.fault("a layer corrupted in the registry's storage", exit=4, area="oci")

@@ -5,8 +5,8 @@ is read by digest, so a tag moved mid-pull cannot mix two artifacts. Every
 manifest's bytes are checked against the digest that named them, and every
 layer against its descriptor's digest and size, so nothing needs a
 ``--sha256`` from the user. Layers become files by what the artifact says
-they are (``layer_path``): a ModelPack weight, an ORAS file, a Docker model
-file. Blobs are read with ranges, like any large file, over the shared pool.
+they are (``layer_file``): a ModelPack weight, an ORAS file, a Docker model
+file, or a tar to unpack at the root. Blobs are read with ranges, like any large file, over the shared pool.
 
 Credentials come from a docker ``config.json`` (``--registry-auth-file``, the
 format of a ``kubernetes.io/dockerconfigjson`` Secret). Registries answer the
@@ -172,11 +172,10 @@ class OciSource:
             if not isinstance(digest, str) or not DIGEST.fullmatch(digest) or not isinstance(size, int) or size < 0:
                 raise FetchError(f"{self.display}: a layer without a sha256 digest or a size")
             annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
-            name = layer_path(str(layer.get("mediaType", "")), digest, annotations or {}, artifact_type)
+            name, unpack = layer_file(str(layer.get("mediaType", "")), digest, annotations or {}, artifact_type)
+            expected = Digest(SHA256, digest.removeprefix("sha256:"), "the registry (layer digest)")
             path = relative_path(name, "layer file")
-            yield Entry(
-                path, size, Digest(SHA256, digest[7:], "the registry (layer digest)"), locator=digest, pin=digest
-            )
+            yield Entry(path, size, expected, locator=digest, pin=digest, unpack=unpack)
 
     @contextmanager
     def open(self, entry: Entry, start: int = 0, end: int | None = None) -> Iterator[Body]:
@@ -208,35 +207,34 @@ class OciSource:
         self._auth.close()
 
 
-def layer_path(media_type: str, digest: str, annotations: dict[str, Any], artifact_type: str) -> str:
-    """The file a layer becomes in dest, by what the artifact says it is; exit 5 for anything else.
+def layer_file(media_type: str, digest: str, annotations: dict[str, Any], artifact_type: str) -> tuple[str, bool]:
+    """What a layer becomes in dest, by what the artifact says it is: a file's path, and whether
+    it is a tar to unpack at the model's root instead (its members carry their own paths).
 
     Raises:
-        ArchiveError: a layer that is no file of a model, or a packed directory (not supported yet).
+        ArchiveError: a layer that is no file of a model (exit 5, naming its media type).
     """
+    title = annotations.get(TITLE)
     if artifact_type in (MODELPACK_MANIFEST, MODELPACK_CONFIG) or media_type.startswith("application/vnd.cncf.model."):
         match = MODELPACK_LAYER.fullmatch(media_type)
         if match is None:
             raise ArchiveError(f"refused layer {digest}: media type {media_type!r} is no ModelPack layer")
-        if match[1] != "raw":
-            raise ArchiveError(f"refused layer {digest}: {media_type} (a packed directory) is not supported yet")
-        name = annotations.get(MODELPACK_PATH) or annotations.get(TITLE)
+        name = annotations.get(MODELPACK_PATH) or title
+        if match[1] != "raw":  # as modctl packs it: the tar's members are the paths, filepath names what it holds
+            return (name if isinstance(name, str) and name else f"layer-{digest[7:19]}"), True
         if not isinstance(name, str) or not name:
             raise ArchiveError(f"refused layer {digest}: a raw ModelPack layer without its {MODELPACK_PATH} annotation")
-        return name
+        return name, False
     if artifact_type.startswith(DOCKER_MODEL_CONFIG):
-        title = annotations.get(TITLE)
         if isinstance(title, str) and title:
-            return title
+            return title, False
         match = DOCKER_MODEL_LAYER.fullmatch(media_type)
         if match is None:
             raise ArchiveError(f"refused layer {digest}: media type {media_type!r} is no Docker model layer")
-        return f"sha256-{digest[7:]}.{match[1]}"
-    title = annotations.get(TITLE)
+        return f"sha256-{digest[7:]}.{match[1]}", False
     if isinstance(title, str) and title:
-        if str(annotations.get(ORAS_UNPACK, "")).lower() == "true":
-            raise ArchiveError(f"refused layer {digest}: an ORAS directory ({title}, packed) is not supported yet")
-        return title
+        # oras packs a directory as a tar+gzip whose members already begin with its name: unpacked at the root
+        return title, str(annotations.get(ORAS_UNPACK, "")).lower() == "true"
     raise ArchiveError(f"refused layer {digest}: media type {media_type or '(none)'!r} names no file of a model")
 
 
