@@ -98,6 +98,14 @@ def parse_platform(text: str) -> str:
     return value
 
 
+def parse_oci_path(text: str) -> str:
+    """An absolute directory in the image, normalised; not the image's root, which holds its whole OS."""
+    parts = [p for p in text.strip().split("/") if p and p != "."]
+    if not text.strip().startswith("/") or ".." in parts or not parts:
+        raise ValueError("expected an absolute directory inside the image, such as /models")
+    return "/" + "/".join(parts)
+
+
 def parse_concurrency(text: str) -> int:
     value = parse_count(text)
     if not 1 <= value <= 64:
@@ -347,6 +355,12 @@ OPTIONS: tuple[Option, ...] = (
         parse_platform,
         "the platform to take from a multi-platform OCI index; unset: linux and this node's architecture",
         metavar="OS/ARCH[/VARIANT]",
+    ),
+    Option(
+        "oci_path",
+        parse_oci_path,
+        "the model's directory inside an ordinary image (a modelcar's /models): only it lands in dest, at the root",
+        metavar="/DIR",
     ),
     Option(
         "oci_plain_http",

@@ -324,8 +324,11 @@ class _Fetch:
                 )
             tree = staging / "tree"
             limits = pipeline.Limits(0, artifact.max_unpacked_size, artifact.max_members)
+            if manifest.image_subtree is not None:  # a model inside an image: its layers as one filesystem
+                layers = [(spool.complete(slots[e.path]), f"layer {e.locator}") for e in entries]
+                pipeline.unpack_image(layers, manifest.image_subtree, staging, limits)
             for entry in entries:  # a registry's tar layers unpack at the root, before the files beside them
-                if entry.unpack:
+                if entry.unpack and manifest.image_subtree is None:
                     where = f"layer {entry.locator}"
                     pipeline.unpack_spooled(spool.complete(slots[entry.path]), where, staging, limits)
             for entry in entries:

@@ -85,6 +85,7 @@ class Manifest:
     identity: str | None = None  # a commit, a digest of the listing: equal identity, same files
     note: str | None = None  # what resolving had to decide, for the log ("took it as a directory")
     left_out: int = 0  # objects the source holds that --sha256sums or --include/--exclude left out
+    image_subtree: str | None = None  # the entries are an image's layers: applied in order, this subtree kept
 
     @property
     def size(self) -> int | None:

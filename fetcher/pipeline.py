@@ -442,6 +442,38 @@ def unpack_spooled(path: Path, what: str, staging: Path, limits: Limits) -> str:
     return fmt
 
 
+def unpack_image(layers: list[tuple[Path, str]], subtree: str, staging: Path, limits: Limits) -> int:
+    """An image's verified layers (spooled, bottom first) applied as one filesystem, of which only
+    ``subtree`` lands in ``staging/tree`` (see ``fetcher.layers``); how many members it kept.
+
+    Raises:
+        ArchiveError: a layer is no tar, a member is unsafe, or nothing is under ``subtree``.
+    """
+    from fetcher.layers import ImageLayer, ImageView
+
+    view = ImageView(subtree)
+    size, members = limits.max_unpacked_size, limits.max_members
+    for path, what in reversed(layers):  # the top layer has the last word: it goes first
+        tree = ImageLayer(staging / "tree", view, max_size=size, max_members=members)
+        try:
+            with open(path, "rb") as file:
+                reader = ChunkReader(iter(lambda: file.read(READ_SIZE), b""))
+                fmt = detect(reader.peek(SNIFF_BYTES))
+                if fmt == "tar":
+                    unpack_tar(reader, tree)
+                elif fmt in ("tar.gz", "tar.zst"):
+                    _unpack_compressed_tar(reader, fmt.removeprefix("tar."), tree)
+                else:
+                    raise ArchiveError(f"{what} is declared a tar layer but its bytes are {fmt}")
+        except OSError as exc:
+            raise local_error(exc, f"reading {what} from the download spool") from exc
+        size, members = size - tree.written, members - tree.members
+        view.next_layer()
+    if not view.kept:
+        raise ArchiveError(f"the image holds nothing under {subtree} (--oci-path)")
+    return view.kept
+
+
 def _unpack_compressed_tar(reader: ChunkReader, kind: str, tree: SafeTree) -> None:
     """Decompress in a thread of its own, so inflating overlaps writing files."""
 

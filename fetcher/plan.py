@@ -55,6 +55,7 @@ class Artifact:
     s3_addressing_style: str
     registry_auth_file: Path | None
     oci_platform: str | None
+    oci_path: str | None
     oci_plain_http: bool
 
     @property

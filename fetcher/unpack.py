@@ -75,6 +75,8 @@ def show(name: str) -> str:
 class SafeTree:
     """A staging directory that only accepts safe members."""
 
+    allow_empty = False  # one archive is the whole model: it may not be empty (an image's layer may)
+
     def __init__(self, root: Path, *, strip_components: int, max_size: int, max_members: int) -> None:
         self.root = root
         self._strip = strip_components
@@ -383,7 +385,7 @@ class SafeTree:
         try:
             self._root()
             self._check_links()
-            if not os.listdir(self._root()):
+            if not self.allow_empty and not os.listdir(self._root()):
                 after = f" after --strip-components {self._strip}" if self._strip else ""
                 raise ArchiveError(f"the archive has nothing to unpack{after}: refusing to publish an empty model")
             self._apply_dir_modes()

@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,8 @@ from tests.faults_support import Background
 from tests.registry import MODEL_FILEPATH, OCI_MANIFEST, AccessLine, Blob, Registry
 
 MODEL_DOC = "application/vnd.cncf.model.doc.v1"
+IMAGE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 HEX = "ab" * 32
 
@@ -345,16 +348,71 @@ def test_the_index_gives_this_nodes_platform_or_the_one_asked_for(registry: Regi
     assert "offers linux/amd64, linux/arm64/v8" in missing.event("failed")["error"]
 
 
+def _push_layered_image(registry: Registry, repo: str, layers: list[dict[str, bytes | tuple[str, Any]]]) -> str:
+    """An ordinary image, hand-layered (real tar+gzip layers, the image config type): whiteouts exactly as written."""
+    descriptors = [registry.push_blob(repo, Blob(make_tar(m), IMAGE_LAYER_GZIP)) for m in layers]
+    config = registry.push_blob(repo, Blob(b'{"architecture": "amd64", "os": "linux"}', IMAGE_CONFIG))
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descriptors}
+    return registry.put_manifest(repo, "v1", manifest)
+
+
 def test_an_ordinary_image_is_exit_5_asking_for_oci_path(registry: Registry, tmp_path: Path) -> None:
-    layer = registry.push_blob("org/app", Blob(b"\0" * 1024, "application/vnd.oci.image.layer.v1.tar"))
-    config = registry.push_blob("org/app", Blob(b"{}", "application/vnd.oci.image.config.v1+json"))
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}
-    registry.put_manifest("org/app", "v1", manifest)
+    _push_layered_image(registry, "org/app", [{"bin/app": b"\x7fELF"}])
 
     run = _pull(registry, registry.ref("org/app", "v1"), tmp_path / "dest")
 
     assert run.code == 5
     assert "--oci-path" in run.event("failed")["error"]
+
+
+@pytest.mark.fault(
+    "a modelcar's layers: whiteouts and opaque directories honoured, only --oci-path kept", exit=0, area="oci"
+)
+def test_oci_path_applies_the_layers_with_their_whiteouts_and_keeps_only_that_directory(
+    registry: Registry, tmp_path: Path
+) -> None:
+    layers: list[dict[str, bytes | tuple[str, Any]]] = [
+        {"etc/passwd": b"root:x:0:0\n", "models/config.json": b"v1", "models/old.bin": b"old",
+         "models/tok/a.txt": b"a", "models/tok/b.txt": b"b", "models/gone/x": b"x"},
+        {"models/config.json": b"v2", "models/.wh.old.bin": b"", "models/tok/.wh..wh..opq": b"",
+         "models/tok/c.txt": b"c", "models/.wh.gone": b""},
+        {"models/w.bin": WEIGHTS, "usr/lib/libx.so": b"lib"},
+        {"etc/hostname": b"modelcar\n"},  # the top layer adds nothing under /models
+    ]  # fmt: skip
+    digest = _push_layered_image(registry, "org/modelcar", layers)
+    dest = tmp_path / "dest"
+
+    run = _pull(registry, registry.ref("org/modelcar", "v1"), dest, "--oci-path", "/models")
+
+    assert run.code == 0, run.stderr
+    assert tree(dest) == {"config.json": b"v2", "tok/c.txt": b"c", "w.bin": WEIGHTS}
+    assert run.event("published")["identity"].endswith(" /models")
+    assert digest in run.event("published")["identity"]
+    assert _pull(registry, registry.ref("org/modelcar", "v1"), dest, "--oci-path", "/models").event("already present")
+
+    elsewhere = _pull(registry, registry.ref("org/modelcar", "v1"), tmp_path / "none", "--oci-path", "/data")
+    assert elsewhere.code == 5
+    assert "nothing under /data" in elsewhere.event("failed")["error"]
+
+
+def test_oci_path_on_a_model_artifact_is_a_usage_error(registry: Registry, tmp_path: Path) -> None:
+    registry.push_modelpack("org/llama", "v1", MODEL)
+    run = _pull(registry, registry.ref("org/llama", "v1"), tmp_path / "dest", "--oci-path", "/models")
+    assert run.code == 2
+    assert "--oci-path applies to an ordinary image" in run.event("failed")["error"]
+
+
+@pytest.mark.xdist_group("containers")
+def test_a_modelcar_built_and_pushed_by_podman(registry_basic: Registry, tmp_path: Path) -> None:
+    files = {"models/config.json": b'{"a": 1}\n', "models/model.safetensors": WEIGHTS}
+    registry_basic.push_image("org/modelcar", "v1", [{"models/config.json": b"old"}, files])
+    config = registry_basic.docker_config(tmp_path / "config.json")
+    ref = registry_basic.ref("org/modelcar", "v1")
+
+    run = _pull(registry_basic, ref, tmp_path / "dest", "--oci-path", "/models", FETCHER_REGISTRY_AUTH_FILE=str(config))
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == {"config.json": b'{"a": 1}\n', "model.safetensors": WEIGHTS}
 
 
 @pytest.mark.fault("kill -9 mid-pull: the restart fetches no verified layer again", exit=0, area="oci")

@@ -25,6 +25,7 @@ def connection(artifact: Artifact) -> Connection:
         s3_addressing_style=artifact.s3_addressing_style,
         registry_auth_file=artifact.registry_auth_file,
         oci_platform=artifact.oci_platform,
+        oci_path=artifact.oci_path,
         oci_plain_http=artifact.oci_plain_http,
     )
 

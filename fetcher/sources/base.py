@@ -103,6 +103,7 @@ class Connection:
     s3_addressing_style: str = "auto"
     registry_auth_file: Path | None = None
     oci_platform: str | None = None  # None: linux and this node's architecture
+    oci_path: str | None = None  # the model's directory in an ordinary image
     oci_plain_http: bool = False
 
 

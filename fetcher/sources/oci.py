@@ -61,6 +61,9 @@ ORAS_UNPACK = "io.deis.oras.content.unpack"
 DOCKER_MODEL_CONFIG = "application/vnd.docker.ai.model.config"
 DOCKER_MODEL_LAYER = re.compile(r"application/vnd\.docker\.ai\.([a-z0-9]+)(?:\.[a-z0-9.+-]+)?")
 IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
+IMAGE_LAYER = re.compile(
+    r"application/vnd\.oci\.image\.layer\.v1\.tar(?:\+gzip|\+zstd)?|application/vnd\.docker\.image\.rootfs\.diff\.tar\.gzip"
+)
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 # Docker Hub: the name people write, the host its API answers on, and the key docker writes its credentials under.
@@ -87,6 +90,7 @@ class OciSource:
         host = DOCKER_HUB_API if self.ref.registry in DOCKER_HUB else self.ref.registry
         self.endpoint = f"{'http' if connection.oci_plain_http else 'https'}://{host}"
         self.platform = connection.oci_platform or f"linux/{_node_arch()}"
+        self._oci_path = connection.oci_path
         credentials = registry_credentials(connection.registry_auth_file, self.ref.registry)
         self._auth = RegistryAuth(
             self.endpoint, credentials, f"repository:{self.ref.repository}:pull", connection.timeout
@@ -107,7 +111,7 @@ class OciSource:
             if not DIGEST.fullmatch(digest):  # the header is optional: the manifest's own bytes say it
                 digest = "sha256:" + hashlib.sha256(self._manifest(self.ref.reference, None)[1]).hexdigest()
             self._digest = digest
-        return f"oci:{self._digest} {self.platform}"
+        return f"oci:{self._digest} {self.platform}" + (f" {self._oci_path}" if self._oci_path else "")
 
     def resolve(self) -> Manifest:
         identity = self.identity()
@@ -118,9 +122,12 @@ class OciSource:
             chosen = self._choose(document)
             media_type, data = self._manifest(chosen, chosen)
             document = _json(data, self.display)
+        note = None if self.ref.digest else f"{self.ref.repository}:{self.ref.reference} is {self._digest}"
+        if self._is_image(document):
+            entries = tuple(self._image_layers(document))
+            return Manifest(entries, directory=True, identity=identity, note=note, image_subtree=self._oci_path)
         entries = tuple(self._entries(document))
         check_layout(entries, "layer")
-        note = None if self.ref.digest else f"{self.ref.repository}:{self.ref.reference} is {self._digest}"
         return Manifest(entries, directory=True, identity=identity, note=note)
 
     def _manifest(self, reference: str, digest: str | None) -> tuple[str, bytes]:
@@ -152,25 +159,48 @@ class OciSource:
             raise FetchError(f"{self.display}: its index names a manifest without a sha256 digest")
         return digest
 
-    def _entries(self, manifest: dict[str, Any]) -> Iterator[Entry]:
-        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    def _is_image(self, manifest: dict[str, Any]) -> bool:
+        """An ordinary container image (its config an image's, its layers untitled): a model inside one needs
+        --oci-path (exit 5 without it); a model artifact given --oci-path is a usage error."""
+        config = manifest.get("config")
         config_type = str(config.get("mediaType", "")) if isinstance(config, dict) else ""
-        artifact_type = str(manifest.get("artifactType") or config_type)
+        titled = any(isinstance(x, dict) and TITLE in (x.get("annotations") or {}) for x in self._layers(manifest))
+        image = config_type in IMAGE_CONFIGS and str(manifest.get("artifactType") or config_type) in IMAGE_CONFIGS
+        if image and not titled and self._oci_path is None:
+            raise ArchiveError(
+                f"{self.display} is an ordinary container image, not a model artifact: name the model's "
+                "directory inside it with --oci-path (a modelcar's is /models)"
+            )
+        if self._oci_path is not None and not (image and not titled):
+            raise UsageError(f"--oci-path applies to an ordinary image; {self.display} is a model artifact")
+        return image and not titled
+
+    def _layers(self, manifest: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, int]]:
         layers = manifest.get("layers")
         if not isinstance(layers, list):
             raise FetchError(f"{self.display}: its manifest lists no layers")
-        titled = any(isinstance(x, dict) and TITLE in (x.get("annotations") or {}) for x in layers)
-        if config_type in IMAGE_CONFIGS and artifact_type in IMAGE_CONFIGS and not titled:
-            raise ArchiveError(
-                f"{self.display} is an ordinary container image, not a model artifact: a model inside an image "
-                "(a modelcar) needs its directory named with --oci-path, which this fetcher does not support yet"
-            )
         for layer in layers:
             if not isinstance(layer, dict):
                 raise FetchError(f"{self.display}: its manifest lists a layer that is not an object")
             digest, size = layer.get("digest"), layer.get("size")
             if not isinstance(digest, str) or not DIGEST.fullmatch(digest) or not isinstance(size, int) or size < 0:
                 raise FetchError(f"{self.display}: a layer without a sha256 digest or a size")
+            yield layer, digest, size
+
+    def _image_layers(self, manifest: dict[str, Any]) -> Iterator[Entry]:
+        """Every layer, in order, to be applied as one filesystem (``pipeline.unpack_image``)."""
+        for index, (layer, digest, size) in enumerate(self._layers(manifest)):
+            media_type = str(layer.get("mediaType", ""))
+            if not IMAGE_LAYER.fullmatch(media_type):
+                raise ArchiveError(f"refused layer {digest}: media type {media_type!r} is no image layer fetcher reads")
+            expected = Digest(SHA256, digest.removeprefix("sha256:"), "the registry (layer digest)")
+            yield Entry(f"layer-{index:03d}", size, expected, locator=digest, pin=digest, unpack=True)
+
+    def _entries(self, manifest: dict[str, Any]) -> Iterator[Entry]:
+        config = manifest.get("config")
+        config_type = str(config.get("mediaType", "")) if isinstance(config, dict) else ""
+        artifact_type = str(manifest.get("artifactType") or config_type)
+        for layer, digest, size in self._layers(manifest):
             annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
             name, unpack = layer_file(str(layer.get("mediaType", "")), digest, annotations or {}, artifact_type)
             expected = Digest(SHA256, digest.removeprefix("sha256:"), "the registry (layer digest)")
