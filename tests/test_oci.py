@@ -468,3 +468,26 @@ def test_a_token_that_expires_mid_pull_is_renewed(make_registry: Callable[..., R
     assert tree(tmp_path / "dest") == files
     assert registry.token.issued >= 2
     assert run.all("retrying") == []  # renewed within the request, not retried
+
+
+@pytest.mark.fault("a manifest whose bytes are not its digest's", exit=4, area="oci")
+def test_a_manifest_that_does_not_match_its_digest_is_exit_4(registry: Registry, tmp_path: Path) -> None:
+    digest = registry.push_modelpack("org/llama", "v1", MODEL)
+    stored = registry.blob_path(digest)
+    stored.write_bytes(stored.read_bytes().replace(b'"schemaVersion":2', b'"schemaVersion": 2'))
+
+    run = _pull(registry, registry.ref("org/llama", digest), tmp_path / "dest")
+
+    assert run.code == 4
+    assert f"asked for {digest}" in run.event("failed")["error"]
+    assert not (tmp_path / "dest").exists() or tree(tmp_path / "dest") == {}
+
+
+def test_two_layers_on_one_path_are_exit_5(registry: Registry, tmp_path: Path) -> None:
+    twin = Blob(b"other", "application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "config.json"})
+    registry.push_modelpack("org/twins", "v1", {"config.json": b"{}", "twin": twin})
+
+    run = _pull(registry, registry.ref("org/twins", "v1"), tmp_path / "dest")
+
+    assert run.code == 5
+    assert "config.json" in run.event("failed")["error"]
