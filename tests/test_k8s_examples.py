@@ -11,7 +11,10 @@ image is the local build; the app image (sentiment-agent:1.0, which does not exi
 running a few lines of Python that print what it finds in the model volume; https://models.example.com and
 the MinIO endpoint are loopback servers, and the placeholder sha256 is the served archive's; the Hugging Face
 example's hub is tests/fakehub.py (HF_ENDPOINT is set to it; the placeholder commit and token are its own),
-and each placeholder line of a SHA256SUMS gets its file's digest; the pod uses the host's network
+and each placeholder line of a SHA256SUMS gets its file's digest; the OCI example's registry is Debian's
+docker-registry on loopback (tests/registry.py) with htpasswd, so the mounted pull secret must reach it, over
+plain HTTP when played (FETCHER_OCI_PLAIN_HTTP; see PLAYED_REGISTRY_TLS) and a secret volume's `optional: false`
+spelt out (podman 4.3 needs it); the pod uses the host's network
 (loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; and restartPolicy is Never,
 because podman 4.3 applies the pod's restart policy to init containers too (Always would re-run a finished
 init container in a loop, which a kubelet does not do).
@@ -43,6 +46,7 @@ from fetcher.config import OPTIONS
 from tests.conftest import S3, Origin, make_tar, run_fetcher, sha256
 from tests.container_support import ROOT, Podman, session
 from tests.fakehub import FakeHub
+from tests.registry import Registry
 
 pytestmark = pytest.mark.xdist_group("containers")  # one podman at a time, on one xdist worker
 
@@ -58,6 +62,9 @@ MINIO = "http://minio.minio.svc.cluster.local:9000"
 HF_REPO = "example-org/sentiment-v3"
 HF_COMMIT = "PUT-THE-40-HEX-COMMIT-HERE"
 HF_TOKEN = "PUT-YOUR-HUGGING-FACE-READ-TOKEN-HERE"
+REGISTRY = "registry.example.com"
+REGISTRY_AUTH = "PUT-BASE64-OF-USERNAME:PASSWORD-HERE"
+OCI_SOURCE = re.compile(r"oci://registry\.example\.com/([\w./-]+):([\w.-]+)")
 SUMS_LINE = re.compile(r"PUT-THE-SHA256-OF-(\S+)-HERE  (\S+)")  # a SHA256SUMS line left for the reader
 
 FETCHER_ENV = {option.env for option in OPTIONS}
@@ -146,7 +153,7 @@ def ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
 
 
-def test_there_are_the_seven_examples() -> None:
+def test_there_are_the_eight_examples() -> None:
     assert {p.stem for p in EXAMPLE_FILES} >= {
         "quickstart",
         "s3-credentials",
@@ -155,6 +162,7 @@ def test_there_are_the_seven_examples() -> None:
         "deployment",
         "huggingface",
         "s3-prefix",
+        "oci-modelpack",
     }
     listed = (EXAMPLES / "README.md").read_text()
     assert all(f"`{p.name}`" in listed for p in EXAMPLE_FILES), "k8s-examples/README.md lists every example"
@@ -253,11 +261,19 @@ def fake_hub() -> Iterator[FakeHub]:
         yield hub
 
 
+def oci_registry(path: Path, request: pytest.FixtureRequest, tls: bool = True) -> Registry | None:
+    """A registry that wants Basic credentials, started only for an example that pulls from one."""
+    if not OCI_SOURCE.search(path.read_text()):
+        return None
+    registry: Registry = request.getfixturevalue("make_registry")(auth="htpasswd", tls=tls)
+    return registry
+
+
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=ids(EXAMPLE_FILES))
 def test_fetcher_accepts_the_configuration(
-    path: Path, tmp_path: Path, origin: Origin, s3: S3, fake_hub: FakeHub
+    path: Path, tmp_path: Path, origin: Origin, s3: S3, fake_hub: FakeHub, request: pytest.FixtureRequest
 ) -> None:
-    check_fetcher_accepts(path, tmp_path, serve(path, origin, s3, fake_hub))
+    check_fetcher_accepts(path, tmp_path, serve(path, origin, s3, fake_hub, registry=oci_registry(path, request)))
 
 
 def test_the_readme_pods_are_valid_and_accepted(tmp_path: Path, origin: Origin, s3: S3, fake_hub: FakeHub) -> None:
@@ -334,6 +350,25 @@ def test_unedited_directory_placeholders_are_obvious_errors(tmp_path: Path, fake
     assert not (tmp_path / "hf").exists()
 
 
+def test_an_unedited_pull_secret_is_an_obvious_usage_error(tmp_path: Path) -> None:
+    """The example's Secret applied as written is exit 2 naming the auth file, before any request."""
+    docs = documents(EXAMPLES / "oci-modelpack.yaml")
+    (secret,) = by_kind(docs, "Secret").values()
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    config = secret["stringData"][".dockerconfigjson"].replace(REGISTRY, "127.0.0.1:9")  # nothing listens
+    (tmp_path / ".dockerconfigjson").write_text(config)
+    (init,) = fetcher_containers(pod_specs(docs)[0])
+    env = container_env(docs, init) | {
+        "FETCHER_SOURCE": container_env(docs, init)["FETCHER_SOURCE"].replace(REGISTRY, "127.0.0.1:9"),
+        "FETCHER_DEST": str(tmp_path / "models"),
+        "FETCHER_REGISTRY_AUTH_FILE": str(tmp_path / ".dockerconfigjson"),
+    }
+    run = run_fetcher(env=env)
+    assert run.code == 2, run.stderr
+    assert "the 'auth' of 127.0.0.1:9 is not base64 of user:password" in run.stderr
+    assert not (tmp_path / "models").exists()
+
+
 def check_fetcher_accepts(path: Path, tmp_path: Path, served: Served, extra_env: dict[str, str] | None = None) -> None:
     """`fetcher --dry-run` with the example's env, args and mounted files; dest is the shared volume.
 
@@ -351,6 +386,8 @@ def check_fetcher_accepts(path: Path, tmp_path: Path, served: Served, extra_env:
         (container,) = fetcher_containers(spec)
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         env = (extra_env or {}) | served.env | container_env(docs, container)
+        if served.ca_file is not None:
+            env["SSL_CERT_FILE"] = str(served.ca_file)
         args = list(container.get("args", []))
         for mount_path, mount in mounts.items():
             volume = volumes[mount["name"]]
@@ -402,6 +439,8 @@ class Served:
     replacements: dict[str, str]
     files: dict[str, bytes]  # what the app should see under /models
     env: dict[str, str] = field(default_factory=dict)  # for fetcher: where the fake hub is
+    ca_file: Path | None = None  # the registry's private CA, for SSL_CERT_FILE
+    digest: str = ""  # the manifest digest the registry's tag names
 
 
 def model_archive() -> tuple[bytes, dict[str, bytes]]:
@@ -454,8 +493,35 @@ def serve_prefix(text: str, s3: S3, wrong_sha256: bool) -> Served:
     return Served(replacements, files)
 
 
-def serve(path: Path, origin: Origin, s3: S3, hub: FakeHub, wrong_sha256: bool = False) -> Served:
+def serve_registry(text: str, registry: Registry, corrupt: bool) -> Served:
+    """The example's artifact as ModelPack raw layers; ``corrupt`` flips a byte of the weights in storage."""
+    match = OCI_SOURCE.search(text)
+    assert match, "an oci:// source"
+    repo, tag = match.groups()
+    files = model_files()
+    digest = registry.push_modelpack(repo, tag, files)
+    if corrupt:  # served as stored, under its digest: only a client that hashes what streams sees it
+        blob = registry.blob_path("sha256:" + sha256(files["model.safetensors"]))
+        data = bytearray(blob.read_bytes())
+        data[1000] ^= 1
+        blob.write_bytes(bytes(data))
+    replacements = {REGISTRY: registry.host, REGISTRY_AUTH: registry.basic_auth()}
+    env = {} if registry.tls else {"FETCHER_OCI_PLAIN_HTTP": "true"}
+    return Served(replacements, files, env, ca_file=registry.ca_file, digest=digest)
+
+
+def serve(
+    path: Path,
+    origin: Origin,
+    s3: S3,
+    hub: FakeHub,
+    wrong_sha256: bool = False,
+    registry: Registry | None = None,
+) -> Served:
     text = path.read_text()
+    if OCI_SOURCE.search(text):
+        assert registry is not None, "an oci:// example needs a registry"
+        return serve_registry(text, registry, wrong_sha256)
     if HF_COMMIT in text:
         return serve_hub(hub, wrong_sha256)
     if SUMS_LINE.search(text):
@@ -559,6 +625,7 @@ def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
         if doc["kind"] in ("PersistentVolumeClaim", "ConfigMap"):
             volumes.append(doc["metadata"]["name"])  # podman 4.3 makes ConfigMap volumes named volumes too
     pod_name = init_name = app_name = ""
+    added: list[dict[str, Any]] = []  # objects only the played variant has
     for doc in docs:
         if doc["kind"] not in ("Pod", "Deployment"):
             continue
@@ -574,6 +641,10 @@ def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
                 volume["configMap"]["name"] = prefix + volume["configMap"]["name"]
             if "persistentVolumeClaim" in volume:
                 volume["persistentVolumeClaim"]["claimName"] = prefix + volume["persistentVolumeClaim"]["claimName"]
+            if "secret" in volume:
+                volume["secret"]["secretName"] = prefix + volume["secret"]["secretName"]
+                volume["secret"].setdefault("optional", False)  # Kubernetes' default; podman 4.3 panics without it
+                volumes.append(volume["secret"]["secretName"])  # podman 4.3 keeps a secret volume as a named one
             if "emptyDir" in volume:
                 volumes.append(prefix + volume["name"])  # podman 4.3 makes an emptyDir a named volume
             for mount in (m for c in containers for m in c.get("volumeMounts", [])):
@@ -593,6 +664,14 @@ def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
         init["image"] = image
         init.setdefault("env", []).append({"name": "FETCHER_RETRY_BACKOFF", "value": "0.05"})
         init["env"] += [{"name": name, "value": value} for name, value in served.env.items()]
+        if served.ca_file is not None:  # the registry's private CA, as the example's comments tell a reader
+            ca = prefix + "registry-ca"
+            ca_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": ca}}
+            added.append(ca_map | {"data": {"ca.crt": served.ca_file.read_text()}})
+            volumes.append(ca)
+            spec["volumes"].append({"name": ca, "configMap": {"name": ca}})
+            init["volumeMounts"].append({"name": ca, "mountPath": "/etc/registry-ca", "readOnly": True})
+            init["env"].append({"name": "SSL_CERT_FILE", "value": "/etc/registry-ca/ca.crt"})
         # Keep the finished init container (podman removes it by default), so its log and exit code can be read.
         for where in {id(metadata): metadata, id(doc["metadata"]): doc["metadata"]}.values():
             where.setdefault("annotations", {})["io.podman.annotations.init.container.type"] = "always"
@@ -602,7 +681,7 @@ def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
         app["command"] = ["python", "-c", APP_CHECK]
         pod_name = doc["metadata"]["name"] if doc["kind"] == "Pod" else f"{doc['metadata']['name']}-pod-0"
         init_name, app_name = f"{pod_name}-{init['name']}", f"{pod_name}-{app['name']}"
-    return Prepared(docs, pod_name, init_name, app_name, volumes)
+    return Prepared(added + docs, pod_name, init_name, app_name, volumes)
 
 
 def volume_exists(podman: Podman, name: str) -> bool:
@@ -625,13 +704,19 @@ def play(path: Path, served: Served, tmp_path: Path, kube: list[Played], prefix:
     prepared = prepare(path, image, served, prefix)
     podman.run("pod", "rm", "--force", "--ignore", prepared.pod, check=False)
     docs, secrets = [], []
+    mounted = {v["secret"]["secretName"] for spec in pod_specs(prepared.docs) for v in spec["volumes"] if "secret" in v}
     for doc in prepared.docs:
         name = doc["metadata"]["name"]
         if doc["kind"] == "Secret":
             # What `kubectl apply` would store. podman 4.3 stores a Secret from the manifest in a form its own
-            # envFrom cannot read back (it expects a JSON map of base64 values), so it is created here.
+            # envFrom cannot read back (it expects a JSON map of base64 values), so it is created here. A secret
+            # volume reads a whole Secret object instead, and writes each `data` value as it stands, without
+            # decoding it (and ignores `stringData`): so its values are stored decoded.
             podman.run("secret", "rm", name, check=False)
-            podman.run("secret", "create", name, "-", stdin=json.dumps(doc["data"]).encode())
+            stored = doc["data"]
+            if name in mounted:
+                stored = doc | {"data": {k: base64.b64decode(v).decode() for k, v in doc["data"].items()}}
+            podman.run("secret", "create", name, "-", stdin=json.dumps(stored).encode())
             secrets.append(name)
         elif doc["kind"] == "PersistentVolumeClaim" and volume_exists(podman, name):
             pass  # already bound, as on a cluster; podman would refuse to create it again
@@ -655,19 +740,41 @@ def play(path: Path, served: Served, tmp_path: Path, kube: list[Played], prefix:
     return played
 
 
-PLAYED = ["quickstart", "s3-credentials", "several-artifacts", "pvc", "deployment", "huggingface", "s3-prefix"]
+# The played OCI example talks plain HTTP (FETCHER_OCI_PLAIN_HTTP), still with the pull secret's Basic
+# credentials: the fetcher image's Python 3.13 verifies certificates strictly (VERIFY_X509_STRICT), and
+# tests/registry.py's CA has no keyUsage extension, which that refuses. With such a CA, set this True: the pod
+# then trusts it from a ConfigMap (SSL_CERT_FILE), as the example tells a reader with a private CA to do. The
+# offline checks (Python on the host) use HTTPS and the CA.
+PLAYED_REGISTRY_TLS = False
+PLAYED = [
+    "quickstart",
+    "s3-credentials",
+    "several-artifacts",
+    "pvc",
+    "deployment",
+    "huggingface",
+    "s3-prefix",
+    "oci-modelpack",
+]
 
 
 @pytest.mark.parametrize("name", PLAYED)
 def test_kube_play_the_app_sees_the_verified_model(
-    name: str, origin: Origin, s3: S3, fake_hub: FakeHub, tmp_path: Path, kube: list[Played]
+    name: str,
+    origin: Origin,
+    s3: S3,
+    fake_hub: FakeHub,
+    tmp_path: Path,
+    kube: list[Played],
+    request: pytest.FixtureRequest,
 ) -> None:
     path = EXAMPLES / f"{name}.yaml"
-    served = serve(path, origin, s3, fake_hub)
+    registry = oci_registry(path, request, tls=PLAYED_REGISTRY_TLS)
+    served = serve(path, origin, s3, fake_hub, registry=registry)
 
     played = play(path, served, tmp_path, kube)
 
-    assert played.code == 0, played.output
+    assert played.code == 0, played.output + played.logs(played.init)
     report = played.app_report()
     assert report["files"] == {name: sha256(data) for name, data in served.files.items()}
     assert report["model_path_exists"] is True, report
@@ -685,14 +792,35 @@ def test_kube_play_the_app_sees_the_verified_model(
         cdn_seen = [r.headers.get("authorization") for r in fake_hub.requests if r.server == "cdn"]
         assert hub_seen and set(hub_seen) == {f"Bearer {fake_hub.token}"}
         assert cdn_seen and set(cdn_seen) == {None}
+    if registry is not None:  # the mounted pull secret opened the registry; the tag's digest is in the log
+        resolved = [e for e in played.events(played.init) if e.get("event") == "resolved"]
+        assert resolved and served.digest in resolved[-1]["note"], resolved
+        pulled = [line for line in registry.access_log() if "/blobs/" in line.path and line.method == "GET"]
+        assert pulled and {line.status for line in pulled} == {200}, pulled
+        secret = "/var/run/secrets/registry/.dockerconfigjson"
+        assert played.podman.run("exec", played.app, "test", "-e", secret, check=False).returncode == 1, (
+            "the agent does not get the registry credentials"
+        )
+        logs = played.logs(played.init)
+        assert registry.password not in logs and registry.basic_auth() not in logs
 
 
-@pytest.mark.parametrize("name", ["quickstart", "several-artifacts", "s3-credentials", "huggingface", "s3-prefix"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "several-artifacts", "s3-credentials", "huggingface", "s3-prefix", "oci-modelpack"]
+)
 def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
-    name: str, origin: Origin, s3: S3, fake_hub: FakeHub, tmp_path: Path, kube: list[Played]
+    name: str,
+    origin: Origin,
+    s3: S3,
+    fake_hub: FakeHub,
+    tmp_path: Path,
+    kube: list[Played],
+    request: pytest.FixtureRequest,
 ) -> None:
+    """A wrong pin, or bytes that do not match what names them (the hub's digests, a registry's blob)."""
     path = EXAMPLES / f"{name}.yaml"
-    served = serve(path, origin, s3, fake_hub, wrong_sha256=True)
+    registry = oci_registry(path, request, tls=PLAYED_REGISTRY_TLS)
+    served = serve(path, origin, s3, fake_hub, wrong_sha256=True, registry=registry)
 
     played = play(path, served, tmp_path, kube)
 
