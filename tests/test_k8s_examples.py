@@ -13,7 +13,7 @@ the MinIO endpoint are loopback servers, and the placeholder sha256 is the serve
 example's hub is tests/fakehub.py (HF_ENDPOINT is set to it; the placeholder commit and token are its own),
 and each placeholder line of a SHA256SUMS gets its file's digest; the OCI example's registry is Debian's
 docker-registry on loopback (tests/registry.py) with htpasswd, so the mounted pull secret must reach it, over
-plain HTTP when played (FETCHER_OCI_PLAIN_HTTP; see PLAYED_REGISTRY_TLS) and a secret volume's `optional: false`
+HTTPS with the test CA from a ConfigMap (see PLAYED_REGISTRY_TLS), and a secret volume's `optional: false`
 spelt out (podman 4.3 needs it); the pod uses the host's network
 (loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; and restartPolicy is Never,
 because podman 4.3 applies the pod's restart policy to init containers too (Always would re-run a finished
@@ -740,12 +740,10 @@ def play(path: Path, served: Served, tmp_path: Path, kube: list[Played], prefix:
     return played
 
 
-# The played OCI example talks plain HTTP (FETCHER_OCI_PLAIN_HTTP), still with the pull secret's Basic
-# credentials: the fetcher image's Python 3.13 verifies certificates strictly (VERIFY_X509_STRICT), and
-# tests/registry.py's CA has no keyUsage extension, which that refuses. With such a CA, set this True: the pod
-# then trusts it from a ConfigMap (SSL_CERT_FILE), as the example tells a reader with a private CA to do. The
-# offline checks (Python on the host) use HTTPS and the CA.
-PLAYED_REGISTRY_TLS = False
+# The played OCI example talks HTTPS and trusts tests/registry.py's CA from a ConfigMap (SSL_CERT_FILE), as the
+# example tells a reader with a private CA to do (the fetcher image's Python 3.13 verifies strictly: the CA
+# carries keyUsage for it). False would play it over plain HTTP (FETCHER_OCI_PLAIN_HTTP).
+PLAYED_REGISTRY_TLS = True
 PLAYED = [
     "quickstart",
     "s3-credentials",
