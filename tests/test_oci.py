@@ -23,6 +23,7 @@ from tests.registry import MODEL_FILEPATH, OCI_MANIFEST, AccessLine, Blob, Regis
 MODEL_DOC = "application/vnd.cncf.model.doc.v1"
 IMAGE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MODEL_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
 
 HEX = "ab" * 32
 
@@ -491,3 +492,23 @@ def test_two_layers_on_one_path_are_exit_5(registry: Registry, tmp_path: Path) -
 
     assert run.code == 5
     assert "config.json" in run.event("failed")["error"]
+
+
+def test_a_docker_model_artifact_lands_as_its_files(registry: Registry, tmp_path: Path) -> None:
+    gguf = random.Random(4).randbytes(100_000)
+    layers = [
+        registry.push_blob("ai/smollm", Blob(gguf, "application/vnd.docker.ai.gguf.v3")),
+        registry.push_blob(
+            "ai/smollm",
+            Blob(b"MIT\n", "application/vnd.docker.ai.license", {"org.opencontainers.image.title": "LICENSE"}),
+        ),
+    ]
+    config = registry.push_blob("ai/smollm", Blob(b'{"config": {"format": "gguf"}}', DOCKER_MODEL_CONFIG))
+    registry.put_manifest(
+        "ai/smollm", "v1", {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers}
+    )
+
+    run = _pull(registry, registry.ref("ai/smollm", "v1"), tmp_path / "dest")
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == {f"sha256-{sha256(gguf)}.gguf": gguf, "LICENSE": b"MIT\n"}
