@@ -117,6 +117,7 @@ class Registry:
         self.port = B.free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.ca_file: Path | None = None
+        self.cert_dir: Path | None = None
         config: dict[str, Any] = {
             "version": 0.1,
             "log": {"level": "warn", "formatter": "text", "accesslog": {"disabled": False}},
@@ -168,7 +169,7 @@ class Registry:
 
 @dataclass
 class Artifact:
-    ref: str  # HOST/REPO:TAG
+    name: str  # REPO:TAG
     digest: str  # the manifest's
     manifest: dict[str, Any]
     blobs: dict[str, int]  # digest -> size, of the config and every layer: what skopeo's dir: must hold
@@ -237,7 +238,7 @@ def push(registry: Registry, tree: D.Tree, logdir: Path) -> Artifact:
     assert digest == "sha256:" + hashlib.sha256(body).hexdigest(), digest
     B.log(f"artifact: {ref} = {digest} ({len(layers)} layers; push or check took {time.monotonic() - t0:.1f}s)")
     sizes = {d["digest"]: int(d["size"]) for _, d in blobs}
-    return Artifact(ref, digest, manifest, sizes)
+    return Artifact(f"{OCI_REPO}:{tag}", digest, manifest, sizes)
 
 
 # --- tools and runs --------------------------------------------------------------------------------
@@ -358,14 +359,24 @@ class OciBench(B.Bench):
         return B.summarize_profile(raw, svg).replace("over one tar.gz run", f"over one fetcher run of row {row.key}")
 
 
-def tools(bench: OciBench, registry: Registry, artifact: Artifact) -> Row:
-    ca = str(registry.ca_file) if registry.ca_file else ""
+def make_row(
+    bench: OciBench,
+    key: str,
+    title: str,
+    host: str,
+    ca: str,
+    cert_dir: Path | None,
+    artifact: Artifact,
+    targets: tuple[float | None, float | None],
+) -> Row:
+    """fetcher, skopeo and oras-py against the registry at host (HTTPS when ca is set)."""
+    ref = f"{host}/{artifact.name}"
 
     def fetcher_cmd(dest: Path) -> list[str]:
         return [
             *bench.fetcher_cmd,
             "--source",
-            f"oci://{artifact.ref}",
+            f"oci://{ref}",
             "--dest",
             str(dest),
             *([] if ca else ["--oci-plain-http"]),
@@ -377,16 +388,16 @@ def tools(bench: OciBench, registry: Registry, artifact: Artifact) -> Row:
         ]
 
     def skopeo_cmd(dest: Path) -> list[str]:
-        trust = ["--src-cert-dir", str(registry.cert_dir)] if ca else ["--src-tls-verify=false"]
-        return ["skopeo", "copy", "--quiet", *trust, f"docker://{artifact.ref}", f"dir:{dest}"]
+        trust = ["--src-cert-dir", str(cert_dir)] if ca else ["--src-tls-verify=false"]
+        return ["skopeo", "copy", "--quiet", *trust, f"docker://{ref}", f"dir:{dest}"]
 
     def oras_cmd(dest: Path) -> list[str]:
         return [
             str(VENVS / "oras" / "bin" / "python"),
             "-c",
             PULL_CODE,
-            registry.host,
-            artifact.ref,
+            host,
+            ref,
             str(dest),
             *([ca] if ca else []),
         ]
@@ -397,12 +408,12 @@ def tools(bench: OciBench, registry: Registry, artifact: Artifact) -> Row:
     alt_env["HOME"] = str(bench.workdir / "home")  # no ~/.docker/config.json of the user's for oras
     (bench.workdir / "home").mkdir(exist_ok=True)
     return Row(
-        "modelpack",
-        f"ModelPack artifact, {len(artifact.manifest['layers'])} raw layers, over {'HTTPS' if ca else 'plain HTTP'}",
+        key,
+        title,
         OciTool("fetcher", fetcher_cmd, fetcher_env, "tree"),
         [
-            (OciTool("skopeo copy dir:", skopeo_cmd, alt_env, "blobs"), 1.0),
-            (OciTool("oras-py pull", oras_cmd, alt_env, "tree"), 0.5),
+            (OciTool("skopeo copy dir:", skopeo_cmd, alt_env, "blobs"), targets[0]),
+            (OciTool("oras-py pull", oras_cmd, alt_env, "tree"), targets[1]),
         ],
     )
 
@@ -433,18 +444,9 @@ def versions(bench: OciBench) -> list[str]:
     ]
 
 
-def report(bench: OciBench, tree: D.Tree, row: Row, profile: str, cmd_lines: list[str], elapsed: float) -> str:
-    args = bench.args
-    https = bench.registry is not None and bench.registry.ca_file is not None
-    out_rows = [
-        "| row | alternative | fetcher median s | alternative median s | ratio (median of rounds) "
-        "| ratio, rounds fetcher ran first / last | fetcher peak RSS MiB | target | met? |",
-        "|---|---|---:|---:|---:|---|---:|---|---|",
-    ]
-    details = [
-        "| tool | runs ok | median s | min s | max s | median MB/s | median CPU s (user+sys) | median registry CPU s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def add_row(
+    args: argparse.Namespace, tree: D.Tree, row: Row, out_rows: list[str], details: list[str], rounds: list[str]
+) -> None:
     f_runs = row.runs["fetcher"]
     f_ok = [r for r in f_runs if r.ok]
     f_rss = max((r.rss_mib or 0 for r in f_ok), default=None)
@@ -471,29 +473,48 @@ def report(bench: OciBench, tree: D.Tree, row: Row, profile: str, cmd_lines: lis
             f"{B.fmt(B.median([r.wall for r in a_runs if r.ok]))} | {B.fmt(ratio)}x | "
             f"{B.fmt(by_order[0])}x / {B.fmt(by_order[1])}x | {B.fmt(f_rss, '.0f')} | {target_s} | {'; '.join(mets) or '—'} |"
         )
-    out_rows.append(
-        "| modelcar image (tar+gzip layers) | skopeo copy + tar xzf of each layer | — | — | — | — | — | <= 0.5x | "
-        "not yet: fetcher does not unpack image layers yet |"
-    )
     for name, rs in row.runs.items():
         ok = [r for r in rs if r.ok]
         walls = [r.wall for r in ok]
         md = B.median(walls)
         details.append(
-            f"| {B.cell(name)} | {len(ok)}/{len(rs)} | {B.fmt(md)} | {B.fmt(min(walls) if walls else None)} | "
+            f"| {row.key} | {B.cell(name)} | {len(ok)}/{len(rs)} | {B.fmt(md)} | {B.fmt(min(walls) if walls else None)} | "
             f"{B.fmt(max(walls) if walls else None)} | {B.fmt(tree.size / md / 1e6 if md else None, '.0f')} | "
             f"{B.fmt(B.median([r.cpu for r in ok if r.cpu is not None]))} | "
             f"{B.fmt(B.median([float(r.extra['origin_cpu']) for r in ok]))} | "  # type: ignore[arg-type]
             f"{B.fmt(max((r.rss_mib or 0 for r in ok), default=None), '.0f')} |"
         )
-    rounds = ["| round | wall s of each tool, in the order run |", "|---:|---|"]
     names = list(row.runs)
     for r in range(args.pairs):
         order = names if r % 2 == 0 else list(reversed(names))
         cells = ", ".join(f"{n} {row.runs[n][r].wall:.2f}{'' if row.runs[n][r].ok else ' FAILED'}" for n in order)
-        rounds.append(f"| {r + 1} | {B.cell(cells)} |")
+        rounds.append(f"| {row.key} | {r + 1} | {B.cell(cells)} |")
+
+
+def report(
+    bench: OciBench, tree: D.Tree, rows: list[Row], profiles: dict[str, str], cmd_lines: list[str], elapsed: float
+) -> str:
+    args = bench.args
+    https = bench.registry is not None and bench.registry.ca_file is not None
+    out_rows = [
+        "| row | alternative | fetcher median s | alternative median s | ratio (median of rounds) "
+        "| ratio, rounds fetcher ran first / last | fetcher peak RSS MiB | target | met? |",
+        "|---|---|---:|---:|---:|---|---:|---|---|",
+    ]
+    details = [
+        "| row | tool | runs ok | median s | min s | max s | median MB/s | median CPU s (user+sys) | median registry CPU s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rounds = ["| row | round | wall s of each tool, in the order run |", "|---|---:|---|"]
+    for row in rows:
+        add_row(args, tree, row, out_rows, details, rounds)
+    out_rows.append(
+        "| modelcar image (tar+gzip layers) | skopeo copy + tar xzf of each layer | — | — | — | — | — | <= 0.5x | "
+        "not yet: fetcher does not unpack image layers yet |"
+    )
     failures = [
-        f"- {name}, round {i + 1}: {B.cell(r.note)}"
+        f"- {row.key}, {name}, round {i + 1}: {B.cell(r.note)}"
+        for row in rows
         for name, rs in row.runs.items()
         for i, r in enumerate(rs)
         if not r.ok
@@ -560,8 +581,8 @@ def report(bench: OciBench, tree: D.Tree, row: Row, profile: str, cmd_lines: lis
         "",
         *[f"- {ln}" for ln in cmd_lines],
     ]
-    if profile:
-        text += ["", f"Profile of one fetcher run, row {row.key}:", "", "```", profile, "```"]
+    for key, profile in profiles.items():
+        text += ["", f"Profile of one fetcher run, row {key}:", "", "```", profile, "```"]
     return "\n".join(text) + "\n"
 
 
@@ -610,7 +631,7 @@ def main() -> int:
     os.chdir(bench.workdir)
     bench.snapshot_fetcher()
     tree = D.generate_tree(tensors)
-    registry = None
+    registry: Registry | None = None
     try:
         registry = bench.registry = Registry(bench.logdir, args.https)
         artifact = push(registry, tree, bench.logdir)
@@ -618,24 +639,34 @@ def main() -> int:
             with registry.blob_file(digest).open("rb") as f:
                 while f.read(16 * MiB):
                     pass
-        row = tools(bench, registry, artifact)
+        ca = str(registry.ca_file) if registry.ca_file else ""
+        title = f"ModelPack artifact, {len(artifact.manifest['layers'])} raw layers, {'HTTPS' if ca else 'plain HTTP'}"
+        # One row; the report takes a list, for the modelcar row once fetcher unpacks image layers.
+        rows = [make_row(bench, "modelpack", title, registry.host, ca, registry.cert_dir, artifact, (1.0, 0.5))]
         cmd_lines = []
-        for t in [row.fetcher] + [t for t, _ in row.alternatives]:
-            line = shlex.join(t.cmd(Path("DEST")))
-            line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(str(VENVS) + "/", "venvs/")
-            line = line.replace(registry.host, "HOST").replace(PULL_CODE, "<code below>")
-            cmd_lines.append(f"{t.name}: `{line}`")
+        for row in rows:
+            for t in [row.fetcher] + [t for t, _ in row.alternatives]:
+                line = shlex.join(t.cmd(Path("DEST")))
+                line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(str(VENVS) + "/", "venvs/")
+                line = (
+                    line.replace(registry.host, "HOST").replace(PULL_CODE, "<code below>").replace(str(CACHE) + "/", "")
+                )
+                cmd_lines.append(f"{row.key}, {t.name}: `{line}`")
         cmd_lines.append(f"oras-py's code (`python -c`, argv HOST REF DEST [CA]): `{PULL_CODE}`")
-        bench.run_row(row, tree, artifact)
-        profile = ""
+        for row in rows:
+            bench.run_row(row, tree, artifact)
+        profiles = {}
         if args.profile:
-            B.log(f"profile: one fetcher run of row {row.key} under py-spy")
-            profile = bench.profile_row(row)
-        text = report(bench, tree, row, profile, cmd_lines, time.monotonic() - started)
+            for row in rows:
+                B.log(f"profile: one fetcher run of row {row.key} under py-spy")
+                profiles[row.key] = bench.profile_row(row)
+        text = report(bench, tree, rows, profiles, cmd_lines, time.monotonic() - started)
         out_path.write_text(text)
         (bench.logdir / "runs.json").write_text(
             json.dumps(
-                {"row": row.key, "runs": {k: [vars(x) for x in v] for k, v in row.runs.items()}}, indent=1, default=str
+                [{"row": r.key, "runs": {k: [vars(x) for x in v] for k, v in r.runs.items()}} for r in rows],
+                indent=1,
+                default=str,
             )
         )
         print(text)
