@@ -167,6 +167,79 @@ class Registry:
             self.proc.wait()
 
 
+CAPPED_CONF = """\
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ "^/v2/.+/blobs/sha256:(([0-9a-f]{{2}})[0-9a-f]{{62}})$" {{
+            alias {storage}/docker/registry/v2/blobs/sha256/$2/$1/data;
+            add_header Docker-Content-Digest sha256:$1;
+            limit_rate {rate};
+        }}
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_set_header Host $http_host;
+        }}
+    }}
+}}
+"""
+
+
+class CappedBlobs:
+    """nginx in front of the registry: blob reads served from its storage, each connection capped.
+
+    What a registry that redirects blob reads to object storage or a CDN looks like to a client, where
+    one connection gets ~40 MB/s: nginx serves ``/v2/.../blobs/sha256:...`` straight from the
+    registry's storage directory (ranges, ETag, ``limit_rate`` per connection) and proxies the rest
+    (``/v2/``, manifests) to the registry. A static location, because nginx's ``limit_rate`` did not
+    throttle proxied blob responses here (33 MB came at ~900 MB/s).
+    """
+
+    def __init__(self, registry: Registry, rate: int, logdir: Path) -> None:
+        self.tmp = CACHE / "oci" / "nginx"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.port = B.free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.rate = rate
+        conf = CAPPED_CONF.format(
+            tmp=self.tmp, port=self.port, upstream=registry.host, storage=registry.storage, rate=rate
+        )
+        (self.tmp / "nginx.conf").write_text(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        cmd = [nginx, "-p", str(self.tmp), "-e", str(self.tmp / "error.log"), "-c", str(self.tmp / "nginx.conf")]
+        cmd += ["-g", "daemon off;"]
+        if os.geteuid() == 0:  # as bench.Nginx: nobody, not root (the storage is world-readable)
+            for p in [self.tmp, *self.tmp.iterdir()]:
+                os.chown(p, 65534, 65534)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *cmd]
+        self._log = (logdir / "nginx.log").open("wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        B.wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)  # graceful; the master waits for its workers
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
 @dataclass
 class Artifact:
     name: str  # REPO:TAG
@@ -259,6 +332,17 @@ class Row:
     fetcher: OciTool
     alternatives: list[tuple[OciTool, float | None]]  # (tool, target ratio fetcher / tool)
     runs: dict[str, list[B.Run]] = field(default_factory=dict)
+    servers: list[int] = field(default_factory=list)  # besides the registry: nginx's master (its workers are counted)
+
+
+def server_pids(pids: list[int]) -> list[int]:
+    """The processes and their children (nginx's workers): what serving a run costs."""
+    found = []
+    for pid in pids:
+        found.append(pid)
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return found
 
 
 class OciBench(B.Bench):
@@ -310,10 +394,10 @@ class OciBench(B.Bench):
         label = f"{row.key}-{re.sub(r'[^a-z0-9]+', '_', tool.name.lower())[:20]}"
         dest = self.fresh_dest(label)
         logfile = self.logdir / f"{dest.name}.log"
-        pid = self.registry.proc.pid
-        origin_cpu = D.cpu_seconds(pid)
+        pids = server_pids([self.registry.proc.pid, *row.servers])
+        origin_cpu = sum(D.cpu_seconds(pid) for pid in pids)
         run = B.timed(tool.name, tool.cmd(dest), tool.env, logfile, self.args.timeout)
-        run.extra["origin_cpu"] = D.cpu_seconds(pid) - origin_cpu
+        run.extra["origin_cpu"] = sum(D.cpu_seconds(pid) for pid in pids) - origin_cpu
         if tool.name == "fetcher":  # files it split into ranged parts: on loopback, the cause of its slow runs
             run.extra["splits"] = logfile.read_text(errors="replace").count('"event": "splitting"')
         if run.ok:
@@ -504,9 +588,14 @@ def split_note(rows: list[Row]) -> list[str]:
         lines.append(
             f"fetcher, row {row.key}: {len(split)} of {len(ok)} runs split at least one shard into ranged parts "
             f"(shards split per run: {counts}); median wall {B.fmt(B.median(split))} s in those, "
-            f"{B.fmt(B.median(whole))} s in the others. fetcher splits a file whose first 8 MiB came slower than "
-            "--split-below (150 MB/s): here four shards start at once on 2 cores, so each first part comes at ~80-150 MB/s "
-            "while the registry as a whole serves ~700 MB/s, and ranged parts over more connections then cost CPU."
+            f"{B.fmt(B.median(whole))} s in the others."
+            + (
+                " fetcher splits a file whose first 8 MiB came slower than --split-below (150 MB/s): here four shards "
+                "start at once on 2 cores, so a first part can come at ~80-150 MB/s while the registry as a whole serves "
+                "~700 MB/s; the ranged parts over more connections then cost CPU it does not have."
+                if row.key == "modelpack"
+                else ""
+            )
         )
     return lines
 
@@ -560,6 +649,14 @@ def report(
             if https
             else "plain HTTP on loopback, so fetcher runs with `--oci-plain-http`, skopeo with `--src-tls-verify=false`, "
             "oras-py with `insecure=True`."
+        )
+        + (
+            f" Row capped: nginx in front of the registry serves every blob GET straight from the registry's storage "
+            f"(ranges, `limit_rate {args.rate}` bytes/s per connection, plain HTTP) and proxies the rest (`/v2/`, manifests) "
+            "to it, as a registry that redirects blob reads to object storage or a CDN capping each connection looks to a "
+            "client; its registry CPU includes nginx's."
+            if any(r.key == "capped" for r in rows)
+            else ""
         ),
         f"- method: {args.pairs} round(s), the tools alternating (A B C, then C B A); ratio = median over rounds of "
         "fetcher's wall time / the alternative's in the same round. Each run gets a fresh dest on the same filesystem, removed "
@@ -599,7 +696,7 @@ def report(
         text += ["", "Failed runs:", "", *failures]
     text += [
         "",
-        "Commands (DEST a fresh directory, HOST the registry on 127.0.0.1):",
+        "Commands (DEST a fresh directory, HOST the registry on 127.0.0.1, CAPPED nginx in front of it):",
         "",
         *[f"- {ln}" for ln in cmd_lines],
     ]
@@ -618,6 +715,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 tensor (32 MiB) per shard and 1 round: a smoke test")
     ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
     ap.add_argument("--pairs", type=int, help="rounds (default 3, 1 with --quick)")
+    ap.add_argument(
+        "--rows", default="modelpack,capped", help="comma-separated subset of modelpack,capped (default: both)"
+    )
+    ap.add_argument(
+        "--rate", type=int, default=40_000_000, help="bytes/s per connection of row capped (default 40000000)"
+    )
     ap.add_argument("--https", action="store_true", help="serve the registry over HTTPS with a self-signed certificate")
     ap.add_argument("--rss-target", type=float, default=100, help="fetcher's peak RSS target in MiB (default 100)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")
@@ -638,6 +741,7 @@ def main() -> int:
     args.argv = sys.argv[1:]
     args.pairs = args.pairs or (1 if args.quick else 3)
     tensors = args.tensors or (1 if args.quick else 6)
+    rows_wanted = args.rows.split(",")
     out_path = (
         args.out.resolve() if args.out else (CACHE / "results-oci-quick.md" if args.quick else HERE / "results-oci.md")
     )
@@ -654,6 +758,7 @@ def main() -> int:
     bench.snapshot_fetcher()
     tree = D.generate_tree(tensors)
     registry: Registry | None = None
+    capped: CappedBlobs | None = None
     try:
         registry = bench.registry = Registry(bench.logdir, args.https)
         artifact = push(registry, tree, bench.logdir)
@@ -663,15 +768,24 @@ def main() -> int:
                     pass
         ca = str(registry.ca_file) if registry.ca_file else ""
         title = f"ModelPack artifact, {len(artifact.manifest['layers'])} raw layers, {'HTTPS' if ca else 'plain HTTP'}"
-        # One row; the report takes a list, for the modelcar row once fetcher unpacks image layers.
-        rows = [make_row(bench, "modelpack", title, registry.host, ca, registry.cert_dir, artifact, (1.0, 0.5))]
+        rows = []
+        if "modelpack" in rows_wanted:
+            rows.append(make_row(bench, "modelpack", title, registry.host, ca, registry.cert_dir, artifact, (1.0, 0.5)))
+        if "capped" in rows_wanted:
+            capped = CappedBlobs(registry, args.rate, bench.logdir)
+            title = f"the same, blobs capped at {args.rate / 1e6:.0f} MB/s per connection (nginx, plain HTTP)"
+            rows.append(make_row(bench, "capped", title, capped.host, "", None, artifact, (None, None)))
+            rows[-1].servers.append(capped.proc.pid)
         cmd_lines = []
         for row in rows:
             for t in [row.fetcher] + [t for t, _ in row.alternatives]:
                 line = shlex.join(t.cmd(Path("DEST")))
                 line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(str(VENVS) + "/", "venvs/")
                 line = (
-                    line.replace(registry.host, "HOST").replace(PULL_CODE, "<code below>").replace(str(CACHE) + "/", "")
+                    line.replace(registry.host, "HOST")
+                    .replace(capped.host if capped else "\0", "CAPPED")
+                    .replace(PULL_CODE, "<code below>")
+                    .replace(str(CACHE) + "/", "")
                 )
                 cmd_lines.append(f"{row.key}, {t.name}: `{line}`")
         cmd_lines.append(f"oras-py's code (`python -c`, argv HOST REF DEST [CA]): `{PULL_CODE}`")
@@ -694,6 +808,8 @@ def main() -> int:
         print(text)
         B.log(f"results in {out_path}; per-run logs and runs.json in {bench.logdir}")
     finally:
+        if capped:
+            capped.stop()
         if registry:
             registry.stop()
         with contextlib.suppress(OSError):
