@@ -4,7 +4,9 @@ fetcher against what users would run instead, on the same registry, in one run, 
 
 - ``skopeo copy docker://HOST/REPO:TAG dir:OUT`` (Debian's skopeo: verifies every blob's digest,
   but leaves blobs named by digest, not the model's files);
-- the ``oras`` Python client's ``OrasClient.pull`` (names files by their title; verifies nothing).
+- the ``oras`` Python client's ``OrasClient.pull`` (names files by their title; verifies nothing);
+- the same three with blob reads capped at 40 MB/s per connection (row capped: nginx in front of the
+  registry serves blobs from its storage, as object storage behind a registry's redirect would).
 
 The registry is Debian's ``docker-registry`` (the CNCF distribution registry) with a config of the
 bench's own, filesystem storage in bench/.cache/oci/, plain HTTP on 127.0.0.1 (``--https``: a
@@ -442,7 +444,7 @@ class OciBench(B.Bench):
             self.clean_dest(dest)
             dest.mkdir()
         self.clean_dest(dest)
-        return B.summarize_profile(raw, svg).replace("over one tar.gz run", f"over one fetcher run of row {row.key}")
+        return B.summarize_profile(raw, svg).replace("over one targz run", f"over one fetcher run of row {row.key}")
 
 
 def make_row(
