@@ -1,0 +1,824 @@
+"""OCI rows of the benchmark: a ModelPack artifact pulled from a real registry on loopback.
+
+fetcher against what users would run instead, on the same registry, in one run, alternating:
+
+- ``skopeo copy docker://HOST/REPO:TAG dir:OUT`` (Debian's skopeo: verifies every blob's digest,
+  but leaves blobs named by digest, not the model's files);
+- the ``oras`` Python client's ``OrasClient.pull`` (names files by their title; verifies nothing);
+- the same three with blob reads capped at 40 MB/s per connection (row capped: nginx in front of the
+  registry serves blobs from its storage, as object storage behind a registry's redirect would).
+
+The registry is Debian's ``docker-registry`` (the CNCF distribution registry) with a config of the
+bench's own, filesystem storage in bench/.cache/oci/, plain HTTP on 127.0.0.1 (``--https``: a
+self-signed certificate made for the run). The artifact is bench/dirs.py's tree (4 shards of
+~200 MB and 10 small files), one raw ModelPack layer per file, pushed once with PyPI's ``oras``.
+
+Run ``bench/run --help`` once first (it makes the tools and runtime venvs), then
+``bench/.cache/venvs/tools/bin/python bench/oci.py [--pairs N] [--quick] [--profile]``.
+Helpers (timing, the fetcher snapshot, the tree) come from bench.py and dirs.py; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dirs as D  # bench/dirs.py: the tree, venvs, /proc CPU seconds
+
+import bench as B  # bench/bench.py: this script's directory is first on sys.path
+
+HERE, REPO, CACHE, VENVS, MiB = B.HERE, B.REPO, B.CACHE, B.VENVS, B.MiB
+OCI_REPO = "bench/model"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MODEL_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
+MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
+WEIGHT, WEIGHT_CONFIG, DOC = (f"application/vnd.cncf.model.{k}.v1.raw" for k in ("weight", "weight.config", "doc"))
+FILEPATH, TITLE = "org.cncf.model.filepath", "org.opencontainers.image.title"
+ORAS_STAMP = "v1 oras"
+
+# Run in venvs/oras: uploads what is missing (oras' upload_blob HEADs each blob first), then PUTs the
+# manifest, whose exact bytes the spec holds, under the tag. argv: the spec (JSON).
+PUSH_CODE = """
+import json, sys
+import oras.provider
+spec = json.load(open(sys.argv[1]))
+client = oras.provider.Registry(hostname=spec["host"], insecure=not spec["ca"], tls_verify=spec["ca"] or False,
+                                auth_backend="basic")
+container = client.get_container(spec["ref"])
+for path, descriptor in spec["blobs"]:
+    r = client.upload_blob(path, container, descriptor)
+    if r.status_code not in (200, 201, 202):
+        sys.exit(f"blob {descriptor['digest']}: {r.status_code} {r.text}")
+body = open(spec["manifest"], "rb").read()
+r = client.do_request(f"{client.prefix}://{container.manifest_url()}", "PUT", data=body,
+                      headers={"Content-Type": json.loads(body)["mediaType"]})
+if r.status_code != 201:
+    sys.exit(f"manifest PUT: {r.status_code} {r.text}")
+print(r.headers["Docker-Content-Digest"])
+"""
+
+# The oras alternative, in venvs/oras: what its README shows, pointed at the registry. argv: host ref outdir [ca]
+PULL_CODE = (
+    "import sys, oras.client; a = sys.argv; ca = a[4] if len(a) > 4 else None; "
+    "oras.client.OrasClient(hostname=a[1], insecure=not ca, tls_verify=ca or False).pull(target=a[2], outdir=a[3])"
+)
+
+
+def media_type(path: str) -> str:
+    if path.endswith(".safetensors"):
+        return WEIGHT
+    return DOC if path in ("README.md", ".gitattributes") else WEIGHT_CONFIG
+
+
+def canonical(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def setup() -> None:
+    # bench/run makes tools and runtime; --help stops there. skopeo and docker-registry are Debian's.
+    subprocess.run([str(HERE / "run"), "--help"], check=True, stdout=subprocess.DEVNULL)
+    D.make_venv("oras", ORAS_STAMP, "oras")
+    missing = [
+        pkg for pkg, cmd in (("docker-registry", "docker-registry"), ("skopeo", "skopeo")) if not shutil.which(cmd)
+    ]
+    if missing:
+        B.log(f"setup: apt-get install {' '.join(missing)}")
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, stdout=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, stdout=sys.stderr, env=env)
+
+
+# --- the registry and the artifact ------------------------------------------------------------------
+
+
+class Registry:
+    """docker-registry in its own process: storage kept in bench/.cache/oci/ between runs, so a push is once."""
+
+    def __init__(self, logdir: Path, https: bool) -> None:
+        self.dir = CACHE / "oci"
+        self.storage = self.dir / "storage"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.port = B.free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.ca_file: Path | None = None
+        self.cert_dir: Path | None = None
+        config: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "warn", "formatter": "text", "accesslog": {"disabled": False}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": self.host, "secret": "fetcher-bench", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        }
+        if https:
+            self.ca_file = self.dir / "tls.pem"
+            key = self.dir / "tls.key"
+            B.sh(
+                [
+                    *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+                    *("-keyout", str(key), "-out", str(self.ca_file), "-days", "2"),
+                    *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+                ]
+            )
+            config["http"]["tls"] = {"certificate": str(self.ca_file), "key": str(key)}
+            self.cert_dir = self.dir / "certs.d"  # skopeo's --src-cert-dir: the CA as ca.crt
+            self.cert_dir.mkdir(exist_ok=True)
+            shutil.copyfile(self.ca_file, self.cert_dir / "ca.crt")
+        self.url = f"{'https' if https else 'http'}://{self.host}"
+        config_file = self.dir / "config.yml"
+        config_file.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        self.log_file = logdir / "registry.log"
+        with self.log_file.open("wb") as log:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", str(config_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        B.wait_port(self.port)
+
+    def blob_file(self, digest: str) -> Path:
+        hexdigest = digest.removeprefix("sha256:")
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+CAPPED_CONF = """\
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ "^/v2/.+/blobs/sha256:(([0-9a-f]{{2}})[0-9a-f]{{62}})$" {{
+            alias {storage}/docker/registry/v2/blobs/sha256/$2/$1/data;
+            add_header Docker-Content-Digest sha256:$1;
+            limit_rate {rate};
+        }}
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_set_header Host $http_host;
+        }}
+    }}
+}}
+"""
+
+
+class CappedBlobs:
+    """nginx in front of the registry: blob reads served from its storage, each connection capped.
+
+    What a registry that redirects blob reads to object storage or a CDN looks like to a client, where
+    one connection gets ~40 MB/s: nginx serves ``/v2/.../blobs/sha256:...`` straight from the
+    registry's storage directory (ranges, ETag, ``limit_rate`` per connection) and proxies the rest
+    (``/v2/``, manifests) to the registry. A static location, because nginx's ``limit_rate`` did not
+    throttle proxied blob responses here (33 MB came at ~900 MB/s).
+    """
+
+    def __init__(self, registry: Registry, rate: int, logdir: Path) -> None:
+        self.tmp = CACHE / "oci" / "nginx"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.port = B.free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.rate = rate
+        conf = CAPPED_CONF.format(
+            tmp=self.tmp, port=self.port, upstream=registry.host, storage=registry.storage, rate=rate
+        )
+        (self.tmp / "nginx.conf").write_text(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        cmd = [nginx, "-p", str(self.tmp), "-e", str(self.tmp / "error.log"), "-c", str(self.tmp / "nginx.conf")]
+        cmd += ["-g", "daemon off;"]
+        if os.geteuid() == 0:  # as bench.Nginx: nobody, not root (the storage is world-readable)
+            for p in [self.tmp, *self.tmp.iterdir()]:
+                os.chown(p, 65534, 65534)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *cmd]
+        self._log = (logdir / "nginx.log").open("wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        B.wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)  # graceful; the master waits for its workers
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@dataclass
+class Artifact:
+    name: str  # REPO:TAG
+    digest: str  # the manifest's
+    manifest: dict[str, Any]
+    blobs: dict[str, int]  # digest -> size, of the config and every layer: what skopeo's dir: must hold
+
+
+def push(registry: Registry, tree: D.Tree, logdir: Path) -> Artifact:
+    """The tree as a ModelPack artifact (a raw layer per file), tagged by the tree's parameters."""
+    tag = "t" + B.sha256_file(tree.sums)[:12]
+    layers = []
+    blobs: list[tuple[str, dict[str, Any]]] = []
+    for path, f in tree.files.items():
+        descriptor = {
+            "mediaType": media_type(path),
+            "digest": "sha256:" + f["sha256"],
+            "size": int(f["size"]),
+            # the ModelPack path, and the title that oras (and modctl) name a file by
+            "annotations": {FILEPATH: path, TITLE: path},
+        }
+        layers.append(descriptor)
+        blobs.append((str(tree.root / path), descriptor))
+    config = canonical(
+        {
+            "descriptor": {"name": OCI_REPO, "createdAt": "2025-01-01T00:00:00Z"},
+            "config": {"format": "safetensors", "paramSize": "0.4B"},
+            "modelfs": {"type": "layers", "diffIds": [layer["digest"] for layer in layers]},
+        }
+    )
+    work = CACHE / "oci" / "push"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_bytes(config)
+    config_descriptor = {
+        "mediaType": MODEL_CONFIG,
+        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+        "size": len(config),
+    }
+    blobs.append((str(work / "config.json"), config_descriptor))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": MODEL_ARTIFACT,
+        "config": config_descriptor,
+        "layers": layers,
+    }
+    body = canonical(manifest)
+    (work / "manifest.json").write_bytes(body)
+    ref = f"{registry.host}/{OCI_REPO}:{tag}"
+    spec = {
+        "host": registry.host,
+        "ca": str(registry.ca_file) if registry.ca_file else "",
+        "ref": ref,
+        "blobs": blobs,
+        "manifest": str(work / "manifest.json"),
+    }
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    t0 = time.monotonic()
+    with (logdir / "push.log").open("w") as out:
+        p = subprocess.run(
+            [str(VENVS / "oras" / "bin" / "python"), "-c", PUSH_CODE, str(work / "spec.json")],
+            stdout=subprocess.PIPE,
+            stderr=out,
+            text=True,
+        )
+    if p.returncode != 0:
+        raise RuntimeError(f"push failed: {B.tail(logdir / 'push.log')}")
+    digest = p.stdout.strip()
+    assert digest == "sha256:" + hashlib.sha256(body).hexdigest(), digest
+    B.log(f"artifact: {ref} = {digest} ({len(layers)} layers; push or check took {time.monotonic() - t0:.1f}s)")
+    sizes = {d["digest"]: int(d["size"]) for _, d in blobs}
+    return Artifact(f"{OCI_REPO}:{tag}", digest, manifest, sizes)
+
+
+# --- tools and runs --------------------------------------------------------------------------------
+
+
+@dataclass
+class OciTool:
+    name: str  # shown in the tables
+    cmd: Callable[[Path], list[str]]  # dest -> argv
+    env: dict[str, str]  # the whole environment
+    output: str  # "tree": dest holds the model's files; "blobs": skopeo's dir: layout
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    fetcher: OciTool
+    alternatives: list[tuple[OciTool, float | None]]  # (tool, target ratio fetcher / tool)
+    runs: dict[str, list[B.Run]] = field(default_factory=dict)
+    servers: list[int] = field(default_factory=list)  # besides the registry: nginx's master (its workers are counted)
+
+
+def server_pids(pids: list[int]) -> list[int]:
+    """The processes and their children (nginx's workers): what serving a run costs."""
+    found = []
+    for pid in pids:
+        found.append(pid)
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return found
+
+
+class OciBench(B.Bench):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)  # makes logs/<time>/ and work/, chdirs there
+        self.logdir.rename(self.logdir.with_name("oci-" + self.logdir.name))
+        self.logdir = self.logdir.with_name("oci-" + self.logdir.name)
+        self.registry: Registry | None = None
+
+    def clean_dest(self, dest: Path) -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        for p in self.workdir.glob(dest.name + ".*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+        subprocess.run(["sync"], check=False)  # don't leave the next run the writeback of this one
+
+    def check_blobs(self, dest: Path, artifact: Artifact) -> str:
+        """skopeo's dir: holds every blob (config and layers) by its hex digest, and the manifest."""
+        if not (dest / "manifest.json").is_file():
+            return "no manifest.json"
+        for digest, size in artifact.blobs.items():
+            p = dest / digest.removeprefix("sha256:")
+            if not p.is_file() or p.stat().st_size != size:
+                return f"blob {digest} missing or of the wrong size"
+            if self.args.verify_output and "sha256:" + B.sha256_file(p) != digest:
+                return f"blob {digest} has the wrong sha256"
+        return ""
+
+    def check_tree(self, dest: Path, tree: D.Tree) -> str:
+        for path, f in tree.files.items():
+            p = dest / path
+            if not p.is_file() or p.stat().st_size != int(f["size"]):
+                return f"{path} missing or of the wrong size"
+            if self.args.verify_output and B.sha256_file(p) != f["sha256"]:
+                return f"{path} has the wrong sha256"
+        extra = sorted(
+            p.relative_to(dest).as_posix()
+            for p in dest.rglob("*")
+            if p.is_file()
+            and p.relative_to(dest).as_posix() not in tree.files
+            and p.relative_to(dest).parts[0] != ".fetcher"
+        )
+        return f"unexpected files in dest: {extra[:5]}" if extra else ""
+
+    def one_run(self, row: Row, tool: OciTool, tree: D.Tree, artifact: Artifact) -> B.Run:
+        assert self.registry is not None
+        label = f"{row.key}-{re.sub(r'[^a-z0-9]+', '_', tool.name.lower())[:20]}"
+        dest = self.fresh_dest(label)
+        logfile = self.logdir / f"{dest.name}.log"
+        pids = server_pids([self.registry.proc.pid, *row.servers])
+        origin_cpu = sum(D.cpu_seconds(pid) for pid in pids)
+        run = B.timed(tool.name, tool.cmd(dest), tool.env, logfile, self.args.timeout)
+        run.extra["origin_cpu"] = sum(D.cpu_seconds(pid) for pid in pids) - origin_cpu
+        if tool.name == "fetcher":  # files it split into ranged parts: on loopback, the cause of its slow runs
+            run.extra["splits"] = logfile.read_text(errors="replace").count('"event": "splitting"')
+        if run.ok:
+            why = self.check_blobs(dest, artifact) if tool.output == "blobs" else self.check_tree(dest, tree)
+            if why:
+                run.ok, run.note = False, why
+        if not run.ok:
+            run.note += " :: " + B.tail(logfile, 3)[-400:]
+        B.log(
+            f"  {row.key:7} {tool.name:32} {run.wall:7.2f}s  rss {run.rss_mib or 0:6.0f} MiB  "
+            f"cpu {run.cpu or 0:6.2f}s  registry cpu {run.extra['origin_cpu']:5.2f}s  {'ok' if run.ok else 'FAILED ' + run.note}"
+        )
+        self.clean_dest(dest)
+        return run
+
+    def run_row(self, row: Row, tree: D.Tree, artifact: Artifact) -> None:
+        tools = [row.fetcher] + [t for t, _ in row.alternatives]
+        B.log(f"row {row.key}: {row.title}, {self.args.pairs} round(s): {', '.join(t.name for t in tools)}")
+        row.runs = {t.name: [] for t in tools}
+        for r in range(self.args.pairs):
+            for t in tools if r % 2 == 0 else list(reversed(tools)):  # A B C, then C B A: drift hits all alike
+                row.runs[t.name].append(self.one_run(row, t, tree, artifact))
+
+    def profile_row(self, row: Row) -> str:
+        """py-spy over one fetcher run (raw --native for the summary, and a flamegraph), as dirs.py does."""
+        pyspy = str(VENVS / "tools" / "bin" / "py-spy")
+        dest = self.fresh_dest(f"profile-{row.key}")
+        raw, svg = self.logdir / f"profile-{row.key}.txt", self.logdir / f"profile-{row.key}.svg"
+        for fmt_, out in (("raw", raw), ("flamegraph", svg)):
+            base = [pyspy, "record", "--rate", "200", "--threads", "--format", fmt_, "--output", str(out)]
+            cmd = [*base, "--native" if fmt_ == "raw" else "--nonblocking", "--", *row.fetcher.cmd(dest)]
+            p = subprocess.run(cmd, env=row.fetcher.env, capture_output=True, text=True, timeout=self.args.timeout)
+            if p.returncode != 0 and fmt_ == "raw":  # --native needs unwinding support; retry without
+                self.clean_dest(dest)
+                dest.mkdir()
+                p = subprocess.run(
+                    [*base, "--", *row.fetcher.cmd(dest)], env=row.fetcher.env, capture_output=True, text=True
+                )
+            if p.returncode != 0:
+                self.clean_dest(dest)
+                return f"py-spy failed: {p.stderr.strip()[-500:]}"
+            self.clean_dest(dest)
+            dest.mkdir()
+        self.clean_dest(dest)
+        return B.summarize_profile(raw, svg).replace("over one targz run", f"over one fetcher run of row {row.key}")
+
+
+def make_row(
+    bench: OciBench,
+    key: str,
+    title: str,
+    host: str,
+    ca: str,
+    cert_dir: Path | None,
+    artifact: Artifact,
+    targets: tuple[float | None, float | None],
+) -> Row:
+    """fetcher, skopeo and oras-py against the registry at host (HTTPS when ca is set)."""
+    ref = f"{host}/{artifact.name}"
+
+    def fetcher_cmd(dest: Path) -> list[str]:
+        return [
+            *bench.fetcher_cmd,
+            "--source",
+            f"oci://{ref}",
+            "--dest",
+            str(dest),
+            *([] if ca else ["--oci-plain-http"]),
+            *shlex.split(bench.args.fetcher_args),
+            "--log-format",
+            "json",
+            "--termination-log",
+            str(dest.parent / (dest.name + ".termination")),
+        ]
+
+    def skopeo_cmd(dest: Path) -> list[str]:
+        trust = ["--src-cert-dir", str(cert_dir)] if ca else ["--src-tls-verify=false"]
+        return ["skopeo", "copy", "--quiet", *trust, f"docker://{ref}", f"dir:{dest}"]
+
+    def oras_cmd(dest: Path) -> list[str]:
+        return [
+            str(VENVS / "oras" / "bin" / "python"),
+            "-c",
+            PULL_CODE,
+            host,
+            ref,
+            str(dest),
+            *([ca] if ca else []),
+        ]
+
+    fetcher_env = {**bench.fetcher_env, **({"SSL_CERT_FILE": ca} if ca else {})}
+    # no credentials: the registry is anonymous; and none from this machine may leak into a run
+    alt_env = {k: v for k, v in bench.base_env.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    alt_env["HOME"] = str(bench.workdir / "home")  # no ~/.docker/config.json of the user's for oras
+    (bench.workdir / "home").mkdir(exist_ok=True)
+    return Row(
+        key,
+        title,
+        OciTool("fetcher", fetcher_cmd, fetcher_env, "tree"),
+        [
+            (OciTool("skopeo copy dir:", skopeo_cmd, alt_env, "blobs"), targets[0]),
+            (OciTool("oras-py pull", oras_cmd, alt_env, "tree"), targets[1]),
+        ],
+    )
+
+
+# --- reporting ---------------------------------------------------------------------------------------
+
+
+def versions(bench: OciBench) -> list[str]:
+    def out(cmd: list[str], pattern: str) -> str:
+        with contextlib.suppress(OSError):
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if m := re.search(pattern, p.stdout + p.stderr):
+                return m.group(1)
+        return "?"
+
+    oras_v = out(
+        [str(VENVS / "oras" / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('oras'))"],
+        r"(\S+)",
+    )
+    skopeo_v = out(["skopeo", "--version"], r"version (\S+)")
+    registry_v = out(["dpkg-query", "-W", "-f", "${Version}", "docker-registry"], r"(\S+)")
+    lines = [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
+    return [
+        *lines,
+        f"- alternatives: skopeo {skopeo_v} (Debian), oras-py {oras_v} (PyPI, venvs/oras)",
+        f"- server: docker-registry {registry_v} (Debian's, the CNCF distribution registry) in its own process on 127.0.0.1, "
+        "filesystem storage in bench/.cache/oci/storage, anonymous",
+    ]
+
+
+def add_row(
+    args: argparse.Namespace, tree: D.Tree, row: Row, out_rows: list[str], details: list[str], rounds: list[str]
+) -> None:
+    f_runs = row.runs["fetcher"]
+    f_ok = [r for r in f_runs if r.ok]
+    f_rss = max((r.rss_mib or 0 for r in f_ok), default=None)
+    for tool, target in row.alternatives:
+        a_runs = row.runs[tool.name]
+        pairs = list(zip(f_runs, a_runs, strict=True))
+        ratio = B.median([f.wall / a.wall for f, a in pairs if f.ok and a.ok])
+        # Even rounds (1, 3, ...) run fetcher first, odd ones last.
+        by_order = [
+            B.median([f.wall / a.wall for i, (f, a) in enumerate(pairs) if i % 2 == k and f.ok and a.ok])
+            for k in (0, 1)
+        ]
+        mets = []
+        if target is not None and ratio is not None:
+            mets.append(("yes" if ratio <= target else "**no**") + f" ({ratio:.2f} vs {target})")
+        if f_rss is not None:
+            mets.append(f"RSS {'yes' if f_rss <= args.rss_target else '**no**'}")
+        failed_f, failed_a = len(f_runs) - len(f_ok), len([a for a in a_runs if not a.ok])
+        if failed_f or failed_a:
+            mets.append(f"FAILED runs: fetcher {failed_f}, alternative {failed_a}")
+        target_s = (f"<= {target}x" if target is not None else "— (context)") + f", RSS <= {args.rss_target:.0f} MiB"
+        out_rows.append(
+            f"| {row.title} | {B.cell(tool.name)} | {B.fmt(B.median([r.wall for r in f_ok]))} | "
+            f"{B.fmt(B.median([r.wall for r in a_runs if r.ok]))} | {B.fmt(ratio)}x | "
+            f"{B.fmt(by_order[0])}x / {B.fmt(by_order[1])}x | {B.fmt(f_rss, '.0f')} | {target_s} | {'; '.join(mets) or '—'} |"
+        )
+    for name, rs in row.runs.items():
+        ok = [r for r in rs if r.ok]
+        walls = [r.wall for r in ok]
+        md = B.median(walls)
+        details.append(
+            f"| {row.key} | {B.cell(name)} | {len(ok)}/{len(rs)} | {B.fmt(md)} | {B.fmt(min(walls) if walls else None)} | "
+            f"{B.fmt(max(walls) if walls else None)} | {B.fmt(tree.size / md / 1e6 if md else None, '.0f')} | "
+            f"{B.fmt(B.median([r.cpu for r in ok if r.cpu is not None]))} | "
+            f"{B.fmt(B.median([float(r.extra['origin_cpu']) for r in ok]))} | "  # type: ignore[arg-type]
+            f"{B.fmt(max((r.rss_mib or 0 for r in ok), default=None), '.0f')} |"
+        )
+    names = list(row.runs)
+    for r in range(args.pairs):
+        order = names if r % 2 == 0 else list(reversed(names))
+        cells = ", ".join(f"{n} {row.runs[n][r].wall:.2f}{'' if row.runs[n][r].ok else ' FAILED'}" for n in order)
+        rounds.append(f"| {row.key} | {r + 1} | {B.cell(cells)} |")
+
+
+def split_note(rows: list[Row]) -> list[str]:
+    """fetcher's wall time by whether it split a shard into ranged parts (its "splitting" log events)."""
+    lines = []
+    for row in rows:
+        ok = [r for r in row.runs["fetcher"] if r.ok]
+        split = [r.wall for r in ok if int(r.extra.get("splits", 0) or 0)]  # type: ignore[call-overload]
+        whole = [r.wall for r in ok if not int(r.extra.get("splits", 0) or 0)]  # type: ignore[call-overload]
+        counts = ", ".join(str(r.extra.get("splits", "?")) for r in row.runs["fetcher"])
+        lines.append(
+            f"fetcher, row {row.key}: {len(split)} of {len(ok)} runs split at least one shard into ranged parts "
+            f"(shards split per run: {counts}); median wall {B.fmt(B.median(split))} s in those, "
+            f"{B.fmt(B.median(whole))} s in the others."
+            + (
+                " fetcher splits a file whose first 8 MiB came slower than --split-below (150 MB/s): here four shards "
+                "start at once on 2 cores, so a first part can come at ~80-150 MB/s while the registry as a whole serves "
+                "~700 MB/s; the ranged parts over more connections then cost CPU it does not have."
+                if row.key == "modelpack"
+                else ""
+            )
+        )
+    return lines
+
+
+def report(
+    bench: OciBench, tree: D.Tree, rows: list[Row], profiles: dict[str, str], cmd_lines: list[str], elapsed: float
+) -> str:
+    args = bench.args
+    https = bench.registry is not None and bench.registry.ca_file is not None
+    out_rows = [
+        "| row | alternative | fetcher median s | alternative median s | ratio (median of rounds) "
+        "| ratio, rounds fetcher ran first / last | fetcher peak RSS MiB | target | met? |",
+        "|---|---|---:|---:|---:|---|---:|---|---|",
+    ]
+    details = [
+        "| row | tool | runs ok | median s | min s | max s | median MB/s | median CPU s (user+sys) | median registry CPU s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rounds = ["| row | round | wall s of each tool, in the order run |", "|---|---:|---|"]
+    for row in rows:
+        add_row(args, tree, row, out_rows, details, rounds)
+    out_rows.append(
+        "| modelcar image (tar+gzip layers) | skopeo copy + tar xzf of each layer | — | — | — | — | — | <= 0.5x | "
+        "not yet: fetcher does not unpack image layers yet |"
+    )
+    failures = [
+        f"- {row.key}, {name}, round {i + 1}: {B.cell(r.note)}"
+        for row in rows
+        for name, rs in row.runs.items()
+        for i, r in enumerate(rs)
+        if not r.ok
+    ]
+    shards = [p for p in tree.files if p.endswith(".safetensors")]
+    small = [p for p in tree.files if p not in shards]
+    shard_mb = B.median([int(tree.files[p]["size"]) / 1e6 for p in shards])
+    text = [
+        f"# fetcher benchmark: OCI registry{' (--quick)' if args.quick else ''}",
+        "",
+        f"Generated by `bench/.cache/venvs/tools/bin/python bench/oci.py{(' ' + shlex.join(args.argv)) if args.argv else ''}`; "
+        f"took {elapsed / 60:.1f} min.",
+        "",
+        *versions(bench),
+        f"- data: bench/dirs.py's tree as a ModelPack artifact (artifactType `{MODEL_ARTIFACT}`, config `{MODEL_CONFIG}`), "
+        f"{tree.size / 1e6:.0f} MB in {len(tree.files)} layers, one per file: {len(shards)} `{WEIGHT}` layers of "
+        f"{B.fmt(shard_mb, '.0f')} MB (fp16 values from N(0, 0.02)) and {len(small)} small `weight.config`/`doc` raw layers "
+        f"({', '.join(small)}); every layer annotated with `{FILEPATH}` and `{TITLE}` (fetcher names files by the first, "
+        "oras-py by the second). Pushed once with oras-py; kept in the registry's storage between runs.",
+        "- transport: "
+        + (
+            "HTTPS with a self-signed certificate (fetcher: SSL_CERT_FILE; skopeo: --src-cert-dir; oras-py: tls_verify)."
+            if https
+            else "plain HTTP on loopback, so fetcher runs with `--oci-plain-http`, skopeo with `--src-tls-verify=false`, "
+            "oras-py with `insecure=True`."
+        )
+        + (
+            f" Row capped: nginx in front of the registry serves every blob GET straight from the registry's storage "
+            f"(ranges, `limit_rate {args.rate}` bytes/s per connection, plain HTTP) and proxies the rest (`/v2/`, manifests) "
+            "to it, as a registry that redirects blob reads to object storage or a CDN capping each connection looks to a "
+            "client; its registry CPU includes nginx's."
+            if any(r.key == "capped" for r in rows)
+            else ""
+        ),
+        f"- method: {args.pairs} round(s), the tools alternating (A B C, then C B A); ratio = median over rounds of "
+        "fetcher's wall time / the alternative's in the same round. Each run gets a fresh dest on the same filesystem, removed "
+        "afterwards, then `sync` (untimed). The page cache is not dropped: the registry's blobs are read once before timing, so "
+        "it serves from RAM. CPU seconds (user+sys, children included) and peak RSS from `/usr/bin/time -v`; registry CPU: "
+        "user+sys seconds the docker-registry process spent during the run, from /proc (on 2 cores, client and registry "
+        "compete for the CPU). "
+        + (
+            "Every output is checked (untimed): for fetcher and oras-py every file's size and sha256, and nothing else in dest "
+            "but `.fetcher/`; for skopeo every blob (config and layers) in its `dir:` layout by size and sha256."
+            if args.verify_output
+            else "Outputs are checked by size only (--no-verify-output)."
+        ),
+        "- what each verifies: fetcher checks every manifest and blob against its digest and publishes the model's files "
+        "atomically; skopeo checks every blob's digest but leaves blobs named by digest (no model files); oras-py checks "
+        "nothing and names files by their title.",
+        (
+            f"- fetcher runs with `{args.fetcher_args}` added"
+            if args.fetcher_args
+            else "- fetcher runs with its defaults"
+        )
+        + ", from a snapshot of fetcher/ in venvs/runtime.",
+        "",
+        *out_rows,
+        "",
+        *split_note(rows),
+        "",
+        "Per tool:",
+        "",
+        *details,
+        "",
+        "Every round:",
+        "",
+        *rounds,
+    ]
+    if failures:
+        text += ["", "Failed runs:", "", *failures]
+    text += [
+        "",
+        "Commands (DEST a fresh directory, HOST the registry on 127.0.0.1, CAPPED nginx in front of it):",
+        "",
+        *[f"- {ln}" for ln in cmd_lines],
+    ]
+    for key, profile in profiles.items():
+        text += ["", f"Profile of one fetcher run, row {key}:", "", "```", profile, "```"]
+    return "\n".join(text) + "\n"
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench/oci.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="1 tensor (32 MiB) per shard and 1 round: a smoke test")
+    ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
+    ap.add_argument("--pairs", type=int, help="rounds (default 3, 1 with --quick)")
+    ap.add_argument(
+        "--rows", default="modelpack,capped", help="comma-separated subset of modelpack,capped (default: both)"
+    )
+    ap.add_argument(
+        "--rate", type=int, default=40_000_000, help="bytes/s per connection of row capped (default 40000000)"
+    )
+    ap.add_argument("--https", action="store_true", help="serve the registry over HTTPS with a self-signed certificate")
+    ap.add_argument("--rss-target", type=float, default=100, help="fetcher's peak RSS target in MiB (default 100)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")
+    ap.add_argument(
+        "--no-verify-output", dest="verify_output", action="store_false", help="check sizes only, not sha256"
+    )
+    ap.add_argument("--profile", action="store_true", help="also py-spy one fetcher run")
+    ap.add_argument(
+        "--fetcher-args", default="", help="extra fetcher options for every fetcher run, e.g. '--concurrency 4'"
+    )
+    ap.add_argument("--no-setup", action="store_true", help="skip making/updating the venvs and Debian packages")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="results file (default bench/results-oci.md, bench/.cache/results-oci-quick.md with --quick)",
+    )
+    args = ap.parse_args()
+    args.argv = sys.argv[1:]
+    args.pairs = args.pairs or (1 if args.quick else 3)
+    tensors = args.tensors or (1 if args.quick else 6)
+    rows_wanted = args.rows.split(",")
+    out_path = (
+        args.out.resolve() if args.out else (CACHE / "results-oci-quick.md" if args.quick else HERE / "results-oci.md")
+    )
+    # bench.Bench and bench.machine read these (their single-file options): fetcher runs with its own defaults here.
+    args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", "none"
+    started = time.monotonic()
+    if not args.no_setup:
+        setup()
+    bench = OciBench(args)
+    bench.workdir = CACHE / "work-oci"  # not bench.py's work/ nor dirs.py's
+    shutil.rmtree(bench.workdir, ignore_errors=True)
+    bench.workdir.mkdir(parents=True)
+    os.chdir(bench.workdir)
+    bench.snapshot_fetcher()
+    tree = D.generate_tree(tensors)
+    registry: Registry | None = None
+    capped: CappedBlobs | None = None
+    try:
+        registry = bench.registry = Registry(bench.logdir, args.https)
+        artifact = push(registry, tree, bench.logdir)
+        for digest in artifact.blobs:  # into the page cache before anything is timed
+            with registry.blob_file(digest).open("rb") as f:
+                while f.read(16 * MiB):
+                    pass
+        ca = str(registry.ca_file) if registry.ca_file else ""
+        title = f"ModelPack artifact, {len(artifact.manifest['layers'])} raw layers, {'HTTPS' if ca else 'plain HTTP'}"
+        rows = []
+        if "modelpack" in rows_wanted:
+            rows.append(make_row(bench, "modelpack", title, registry.host, ca, registry.cert_dir, artifact, (1.0, 0.5)))
+        if "capped" in rows_wanted:
+            capped = CappedBlobs(registry, args.rate, bench.logdir)
+            title = f"the same, blobs capped at {args.rate / 1e6:.0f} MB/s per connection (nginx, plain HTTP)"
+            rows.append(make_row(bench, "capped", title, capped.host, "", None, artifact, (None, None)))
+            rows[-1].servers.append(capped.proc.pid)
+        cmd_lines = []
+        for row in rows:
+            for t in [row.fetcher] + [t for t, _ in row.alternatives]:
+                line = shlex.join(t.cmd(Path("DEST")))
+                line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(str(VENVS) + "/", "venvs/")
+                line = (
+                    line.replace(registry.host, "HOST")
+                    .replace(capped.host if capped else "\0", "CAPPED")
+                    .replace(PULL_CODE, "<code below>")
+                    .replace(str(CACHE) + "/", "")
+                )
+                cmd_lines.append(f"{row.key}, {t.name}: `{line}`")
+        cmd_lines.append(f"oras-py's code (`python -c`, argv HOST REF DEST [CA]): `{PULL_CODE}`")
+        for row in rows:
+            bench.run_row(row, tree, artifact)
+        profiles = {}
+        if args.profile:
+            for row in rows:
+                B.log(f"profile: one fetcher run of row {row.key} under py-spy")
+                profiles[row.key] = bench.profile_row(row)
+        text = report(bench, tree, rows, profiles, cmd_lines, time.monotonic() - started)
+        out_path.write_text(text)
+        (bench.logdir / "runs.json").write_text(
+            json.dumps(
+                [{"row": r.key, "runs": {k: [vars(x) for x in v] for k, v in r.runs.items()}} for r in rows],
+                indent=1,
+                default=str,
+            )
+        )
+        print(text)
+        B.log(f"results in {out_path}; per-run logs and runs.json in {bench.logdir}")
+    finally:
+        if capped:
+            capped.stop()
+        if registry:
+            registry.stop()
+        with contextlib.suppress(OSError):
+            os.chdir(CACHE)
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
