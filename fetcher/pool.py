@@ -48,9 +48,12 @@ Task = Callable[[], None]
 # again at most this much of a file that was arriving at LAN speed.
 COMMIT_EVERY = 8
 
-# How much slower than --split-below a first part may come because fetcher itself was busy
-# (a core's worth of CPU), and still be kept on one stream: see _worth_splitting.
+# How much slower than --split-below a first part may come because fetcher itself was busy,
+# and still be kept on one stream; and how busy that is (cores of CPU while it came): see
+# _worth_splitting. Four shards capped at 40 MB/s each keep fetcher ~0.25 cores busy; four
+# streaming as fast as two shared cores allow, 0.6-1.0 (the OCI and S3 bench rows).
 CPU_SLOWDOWN = 4
+BUSY_CORES = 0.5
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,7 @@ class DirectoryTransfer:
         """Whether the first part came slowly because of its connection, not because of fetcher.
 
         Slower than ``split_below`` is split, unless it was within a factor of
-        CPU_SLOWDOWN of it while fetcher kept a whole core busy: then the CPU set the
+        CPU_SLOWDOWN of it while fetcher kept BUSY_CORES busy: then the CPU set the
         pace (several files streaming at once on a small node), and more connections
         would only add work under the GIL. Measured on the S3 bench row: a first run
         whose four streams came at 78-141 MB/s each on a busy two-core host took 2.1 s
@@ -355,7 +358,7 @@ class DirectoryTransfer:
             return False
         busy = (time.process_time() - cpu_began) / max(time.monotonic() - wall_began, 1e-6)
         mb_per_s = round(rate / 1e6, 1)
-        if busy >= 1.0 and rate * CPU_SLOWDOWN >= self._settings.split_below:
+        if busy >= BUSY_CORES and rate * CPU_SLOWDOWN >= self._settings.split_below:
             log.info(
                 "one stream: fetcher is the limit, not the connection",
                 file=job.reader.display,
