@@ -332,7 +332,7 @@ class DirBench(B.Bench):
             self.clean_tree(dest)
             dest.mkdir()
         self.clean_tree(dest)
-        return B.summarize_profile(raw, svg).replace("over one tar.gz run", f"over one fetcher run of row {row.key}")
+        return B.summarize_profile(raw, svg).replace("over one targz run", f"over one fetcher run of row {row.key}")
 
 
 def fetcher_tool(bench: DirBench, source: str, extra: list[str], env: dict[str, str]) -> TreeTool:
