@@ -396,6 +396,15 @@ def test_oci_path_applies_the_layers_with_their_whiteouts_and_keeps_only_that_di
     assert "nothing under /data" in elsewhere.event("failed")["error"]
 
 
+def test_include_with_an_image_is_a_usage_error(registry: Registry, tmp_path: Path) -> None:
+    _push_layered_image(registry, "org/modelcar", [{"models/w.bin": b"w"}])
+    run = _pull(
+        registry, registry.ref("org/modelcar", "v1"), tmp_path / "d", "--oci-path", "/models", "--include", "*.bin"
+    )
+    assert run.code == 2
+    assert "not of an image" in run.event("failed")["error"]
+
+
 def test_oci_path_on_a_model_artifact_is_a_usage_error(registry: Registry, tmp_path: Path) -> None:
     registry.push_modelpack("org/llama", "v1", MODEL)
     run = _pull(registry, registry.ref("org/llama", "v1"), tmp_path / "dest", "--oci-path", "/models")

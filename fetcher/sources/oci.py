@@ -91,6 +91,7 @@ class OciSource:
         self.endpoint = f"{'http' if connection.oci_plain_http else 'https'}://{host}"
         self.platform = connection.oci_platform or f"linux/{_node_arch()}"
         self._oci_path = connection.oci_path
+        self._filtered = bool(selection.include or selection.exclude)
         credentials = registry_credentials(connection.registry_auth_file, self.ref.registry)
         self._auth = RegistryAuth(
             self.endpoint, credentials, f"repository:{self.ref.repository}:pull", connection.timeout
@@ -124,6 +125,8 @@ class OciSource:
             document = _json(data, self.display)
         note = None if self.ref.digest else f"{self.ref.repository}:{self.ref.reference} is {self._digest}"
         if self._is_image(document):
+            if self._filtered:  # they would pick layers, not files: the image's filesystem would be wrong
+                raise UsageError("--include/--exclude select files of a model artifact, not of an image (--oci-path)")
             entries = tuple(self._image_layers(document))
             return Manifest(entries, directory=True, identity=identity, note=note, image_subtree=self._oci_path)
         entries = tuple(self._entries(document))
