@@ -6,12 +6,17 @@ fetcher against what users would run instead, on the same registry, in one run, 
   but leaves blobs named by digest, not the model's files);
 - the ``oras`` Python client's ``OrasClient.pull`` (names files by their title; verifies nothing);
 - the same three with blob reads capped at 40 MB/s per connection (row capped: nginx in front of the
-  registry serves blobs from its storage, as object storage behind a registry's redirect would).
+  registry serves blobs from its storage, as object storage behind a registry's redirect would);
+- row modelcar: the same tree under ``/models`` of an ordinary image (KServe's modelcar), a tar+gzip layer
+  per shard and one for the small files; fetcher with ``--oci-path /models`` against ``skopeo copy`` to
+  ``dir:`` followed by ``tar xzf`` of each layer in order, timed as one ``bash -c``.
 
 The registry is Debian's ``docker-registry`` (the CNCF distribution registry) with a config of the
 bench's own, filesystem storage in bench/.cache/oci/, plain HTTP on 127.0.0.1 (``--https``: a
 self-signed certificate made for the run). The artifact is bench/dirs.py's tree (4 shards of
-~200 MB and 10 small files), one raw ModelPack layer per file, pushed once with PyPI's ``oras``.
+~200 MB and 10 small files), one raw ModelPack layer per file, pushed once with PyPI's ``oras``. The
+modelcar image is built here (Python's tarfile and zlib, level 6, cached in bench/.cache/data/) and pushed
+once through the registry's HTTP API.
 
 Run ``bench/run --help`` once first (it makes the tools and runtime venvs), then
 ``bench/.cache/venvs/tools/bin/python bench/oci.py [--pairs N] [--quick] [--profile]``.
@@ -21,17 +26,25 @@ Helpers (timing, the fetcher snapshot, the tree) come from bench.py and dirs.py;
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import gzip
 import hashlib
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import tarfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +62,21 @@ MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
 WEIGHT, WEIGHT_CONFIG, DOC = (f"application/vnd.cncf.model.{k}.v1.raw" for k in ("weight", "weight.config", "doc"))
 FILEPATH, TITLE = "org.cncf.model.filepath", "org.opencontainers.image.title"
 ORAS_STAMP = "v1 oras"
+MODELCAR_REPO = "bench/modelcar"
+IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+GZIP_LEVEL = 6  # zlib's default, what docker and buildah use
+MODELCAR_VERSION = 1  # bump when the image's layout changes: its cache directory and tag carry it
+
+# The modelcar alternative: what a user without fetcher would run in an init container. $1 the image
+# reference, $2 dest, the rest skopeo's trust options. Layers in the manifest's order; no whiteouts
+# are honoured (the image has none); only models/ is kept, one level up, as fetcher's --oci-path does.
+MODELCAR_SCRIPT = (
+    "set -euo pipefail; blobs=$2.blobs; "
+    'skopeo copy --quiet "${@:3}" "docker://$1" "dir:$blobs"; '
+    'for d in $(jq -r ".layers[].digest" "$blobs/manifest.json"); do '
+    'tar xzf "$blobs/${d#sha256:}" -C "$2" --strip-components=1 models; done'
+)
 
 # Run in venvs/oras: uploads what is missing (oras' upload_blob HEADs each blob first), then PUTs the
 # manifest, whose exact bytes the spec holds, under the tag. argv: the spec (JSON).
@@ -316,6 +344,131 @@ def push(registry: Registry, tree: D.Tree, logdir: Path) -> Artifact:
     return Artifact(f"{OCI_REPO}:{tag}", digest, manifest, sizes)
 
 
+class _Hashing:
+    """A write-only file that hashes what passes through: the uncompressed tar, whose sha256 is the diff_id."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.h = inner, hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        return int(self.inner.write(b))
+
+
+def write_layer(tree: D.Tree, paths: list[str], out: Path) -> str:
+    """One tar+gzip layer holding paths under models/, as a Dockerfile's COPY makes it; returns its diff_id."""
+    with out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
+        hashing = _Hashing(gz)
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
+            dirs_done: set[str] = set()
+            for path in paths:
+                parts = ("models/" + path).split("/")
+                for i in range(1, len(parts)):
+                    d = "/".join(parts[:i])
+                    if d not in dirs_done:
+                        dirs_done.add(d)
+                        info = tarfile.TarInfo(d)
+                        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1735689600
+                        tf.addfile(info)
+                info = tarfile.TarInfo("models/" + path)
+                info.size, info.mode, info.mtime = int(tree.files[path]["size"]), 0o644, 1735689600
+                with (tree.root / path).open("rb") as f:
+                    tf.addfile(info, f)
+    return "sha256:" + hashing.h.hexdigest()
+
+
+def build_modelcar(tree: D.Tree) -> tuple[Path, bytes, list[tuple[Path, dict[str, Any]]]]:
+    """The tree as a modelcar image in bench/.cache/data/: its manifest's bytes and (file, descriptor) of every blob.
+
+    A tar+gzip layer per shard and one for the small files, like a COPY per file group; built once."""
+    out = CACHE / "data" / f"modelcar-v{MODELCAR_VERSION}-gz{GZIP_LEVEL}-{B.sha256_file(tree.sums)[:12]}"
+    if (out / "manifest.json").is_file():
+        B.log(f"modelcar image: cached in {out}")
+        blobs = [(Path(p), d) for p, d in json.loads((out / "blobs.json").read_text())]
+        return out, (out / "manifest.json").read_bytes(), blobs
+    B.log(f"modelcar image: writing tar+gzip layers (zlib level {GZIP_LEVEL}) in {out} (once; cached)")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shards = [p for p in tree.files if p.endswith(".safetensors")]
+    groups = [[p] for p in shards] + [[p for p in tree.files if p not in shards]]
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:  # zlib lets go of the GIL
+        diff_ids = list(ex.map(lambda ig: write_layer(tree, ig[1], out / f"layer{ig[0]}.tar.gz"), enumerate(groups)))
+    layers: list[tuple[Path, dict[str, Any]]] = []
+    for i in range(len(groups)):
+        f = out / f"layer{i}.tar.gz"
+        layers.append((f, {"mediaType": TAR_GZIP, "digest": "sha256:" + B.sha256_file(f), "size": f.stat().st_size}))
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    config = canonical(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "created": "2025-01-01T00:00:00Z",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    (out / "config.json").write_bytes(config)
+    config_descriptor = {
+        "mediaType": IMAGE_CONFIG,
+        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+        "size": len(config),
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config_descriptor,
+        "layers": [d for _, d in layers],
+    }
+    blobs = [(out / "config.json", config_descriptor), *layers]
+    (out / "blobs.json").write_text(json.dumps([(str(p), d) for p, d in blobs], indent=1))
+    body = canonical(manifest)
+    (out / "manifest.json").write_bytes(body)  # last: its presence marks the image complete
+    B.log(
+        f"modelcar image: {len(layers)} layers, {sum(d['size'] for _, d in layers) / 1e6:.0f} MB gzipped, "
+        f"in {time.monotonic() - t0:.0f}s"
+    )
+    return out, body, blobs
+
+
+def push_modelcar(registry: Registry, tree: D.Tree) -> Artifact:
+    """The modelcar image pushed through the registry's HTTP API: HEAD each blob, upload what is missing, PUT the manifest."""
+    _, body, blobs = build_modelcar(tree)
+    tag = f"t{B.sha256_file(tree.sums)[:12]}v{MODELCAR_VERSION}"
+    ctx = ssl.create_default_context(cafile=str(registry.ca_file)) if registry.ca_file else None
+    base = f"{registry.url}/v2/{MODELCAR_REPO}"
+
+    def request(method: str, url: str, data: Any = None, headers: dict[str, str] | None = None) -> Any:
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        return urllib.request.urlopen(req, context=ctx, timeout=300)
+
+    t0 = time.monotonic()
+    uploaded = 0
+    for path, d in blobs:
+        try:
+            request("HEAD", f"{base}/blobs/{d['digest']}").close()
+            continue
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
+        with request("POST", f"{base}/blobs/uploads/") as r:
+            location = urllib.parse.urljoin(base, r.headers["Location"])
+        sep = "&" if "?" in location else "?"
+        with Path(path).open("rb") as f:
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(d["size"])}
+            request("PUT", f"{location}{sep}digest={d['digest']}", f, headers).close()
+        uploaded += 1
+    with request("PUT", f"{base}/manifests/{tag}", body, {"Content-Type": OCI_MANIFEST}) as r:
+        digest = r.headers["Docker-Content-Digest"]
+    assert digest == "sha256:" + hashlib.sha256(body).hexdigest(), digest
+    B.log(
+        f"modelcar: {registry.host}/{MODELCAR_REPO}:{tag} = {digest} ({uploaded} of {len(blobs)} blobs uploaded "
+        f"in {time.monotonic() - t0:.1f}s)"
+    )
+    manifest = json.loads(body)
+    return Artifact(f"{MODELCAR_REPO}:{tag}", digest, manifest, {d["digest"]: int(d["size"]) for _, d in blobs})
+
+
 # --- tools and runs --------------------------------------------------------------------------------
 
 
@@ -335,6 +488,7 @@ class Row:
     alternatives: list[tuple[OciTool, float | None]]  # (tool, target ratio fetcher / tool)
     runs: dict[str, list[B.Run]] = field(default_factory=dict)
     servers: list[int] = field(default_factory=list)  # besides the registry: nginx's master (its workers are counted)
+    artifact: Artifact | None = None  # what the row pulls, when not the ModelPack artifact
 
 
 def server_pids(pids: list[int]) -> list[int]:
@@ -506,6 +660,48 @@ def make_row(
     )
 
 
+def make_modelcar_row(
+    bench: OciBench, host: str, ca: str, cert_dir: Path | None, artifact: Artifact, target: float
+) -> Row:
+    """fetcher --oci-path /models against skopeo copy + tar xzf of each layer, on the modelcar image."""
+    ref = f"{host}/{artifact.name}"
+
+    def fetcher_cmd(dest: Path) -> list[str]:
+        return [
+            *bench.fetcher_cmd,
+            "--source",
+            f"oci://{ref}",
+            "--oci-path",
+            "/models",
+            "--dest",
+            str(dest),
+            *([] if ca else ["--oci-plain-http"]),
+            *shlex.split(bench.args.fetcher_args),
+            "--log-format",
+            "json",
+            "--termination-log",
+            str(dest.parent / (dest.name + ".termination")),
+        ]
+
+    def script_cmd(dest: Path) -> list[str]:
+        trust = ["--src-cert-dir", str(cert_dir)] if ca else ["--src-tls-verify=false"]
+        return ["bash", "-c", MODELCAR_SCRIPT, "modelcar", ref, str(dest), *trust]
+
+    fetcher_env = {**bench.fetcher_env, **({"SSL_CERT_FILE": ca} if ca else {})}
+    alt_env = {k: v for k, v in bench.base_env.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    alt_env["HOME"] = str(bench.workdir / "home")
+    (bench.workdir / "home").mkdir(exist_ok=True)
+    n = len(artifact.manifest["layers"])
+    title = f"modelcar image, {n} tar+gzip layers under /models, {'HTTPS' if ca else 'plain HTTP'}"
+    return Row(
+        "modelcar",
+        title,
+        OciTool("fetcher", fetcher_cmd, fetcher_env, "tree"),
+        [(OciTool("skopeo copy dir: + tar xzf of each layer", script_cmd, alt_env, "tree"), target)],
+        artifact=artifact,
+    )
+
+
 # --- reporting ---------------------------------------------------------------------------------------
 
 
@@ -619,10 +815,12 @@ def report(
     rounds = ["| row | round | wall s of each tool, in the order run |", "|---|---:|---|"]
     for row in rows:
         add_row(args, tree, row, out_rows, details, rounds)
-    out_rows.append(
-        "| modelcar image (tar+gzip layers) | skopeo copy + tar xzf of each layer | — | — | — | — | — | <= 0.5x | "
-        "not yet: fetcher does not unpack image layers yet |"
-    )
+    if not any(row.key == "modelcar" for row in rows):
+        out_rows.append(
+            "| modelcar image (tar+gzip layers) | skopeo copy + tar xzf of each layer | — | — | — | — | — | <= 0.5x | "
+            "not run here (`--rows`) |"
+        )
+    modelcar = next((row.artifact for row in rows if row.key == "modelcar" and row.artifact), None)
     failures = [
         f"- {row.key}, {name}, round {i + 1}: {B.cell(r.note)}"
         for row in rows
@@ -645,6 +843,18 @@ def report(
         f"{B.fmt(shard_mb, '.0f')} MB (fp16 values from N(0, 0.02)) and {len(small)} small `weight.config`/`doc` raw layers "
         f"({', '.join(small)}); every layer annotated with `{FILEPATH}` and `{TITLE}` (fetcher names files by the first, "
         "oras-py by the second). Pushed once with oras-py; kept in the registry's storage between runs.",
+        *(
+            [
+                f"- modelcar data: the same files under `/models` of an ordinary image (config `{IMAGE_CONFIG}`, os linux, "
+                f"rootfs.diff_ids), {len(modelcar.manifest['layers'])} `{TAR_GZIP}` layers, one per shard and one for "
+                "the small files, as a COPY per group would make; each also holds the `models/` directory entry. Written "
+                f"with Python's tarfile and gzip (zlib level {GZIP_LEVEL}: fp16 noise shrinks little), "
+                f"{sum(int(d['size']) for d in modelcar.manifest['layers']) / 1e6:.0f} MB gzipped; cached in "
+                "bench/.cache/data/ and pushed once through the registry's HTTP API (blob POST/PUT, manifest PUT)."
+            ]
+            if modelcar
+            else []
+        ),
         "- transport: "
         + (
             "HTTPS with a self-signed certificate (fetcher: SSL_CERT_FILE; skopeo: --src-cert-dir; oras-py: tls_verify)."
@@ -667,14 +877,20 @@ def report(
         "user+sys seconds the docker-registry process spent during the run, from /proc (on 2 cores, client and registry "
         "compete for the CPU). "
         + (
-            "Every output is checked (untimed): for fetcher and oras-py every file's size and sha256, and nothing else in dest "
-            "but `.fetcher/`; for skopeo every blob (config and layers) in its `dir:` layout by size and sha256."
+            "Every output is checked (untimed): for fetcher, oras-py and skopeo + tar every file's size and sha256, and nothing "
+            "else in dest but `.fetcher/`; for skopeo alone every blob (config and layers) in its `dir:` layout by size and sha256."
             if args.verify_output
             else "Outputs are checked by size only (--no-verify-output)."
         ),
         "- what each verifies: fetcher checks every manifest and blob against its digest and publishes the model's files "
         "atomically; skopeo checks every blob's digest but leaves blobs named by digest (no model files); oras-py checks "
-        "nothing and names files by their title.",
+        "nothing and names files by their title."
+        + (
+            " Row modelcar: fetcher checks every blob's digest as above and unpacks the layers as it streams them; the "
+            "alternative is skopeo's digest check, then GNU tar (gzip's CRC only), and honours no whiteouts (the image has none)."
+            if modelcar
+            else ""
+        ),
         (
             f"- fetcher runs with `{args.fetcher_args}` added"
             if args.fetcher_args
@@ -718,7 +934,9 @@ def main() -> int:
     ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
     ap.add_argument("--pairs", type=int, help="rounds (default 3, 1 with --quick)")
     ap.add_argument(
-        "--rows", default="modelpack,capped", help="comma-separated subset of modelpack,capped (default: both)"
+        "--rows",
+        default="modelpack,capped,modelcar",
+        help="comma-separated subset of modelpack,capped,modelcar (default: all three)",
     )
     ap.add_argument(
         "--rate", type=int, default=40_000_000, help="bytes/s per connection of row capped (default 40000000)"
@@ -778,6 +996,13 @@ def main() -> int:
             title = f"the same, blobs capped at {args.rate / 1e6:.0f} MB/s per connection (nginx, plain HTTP)"
             rows.append(make_row(bench, "capped", title, capped.host, "", None, artifact, (None, None)))
             rows[-1].servers.append(capped.proc.pid)
+        if "modelcar" in rows_wanted:
+            image = push_modelcar(registry, tree)
+            for digest in image.blobs:
+                with registry.blob_file(digest).open("rb") as f:
+                    while f.read(16 * MiB):
+                        pass
+            rows.append(make_modelcar_row(bench, registry.host, ca, registry.cert_dir, image, 0.5))
         cmd_lines = []
         for row in rows:
             for t in [row.fetcher] + [t for t, _ in row.alternatives]:
@@ -787,12 +1012,18 @@ def main() -> int:
                     line.replace(registry.host, "HOST")
                     .replace(capped.host if capped else "\0", "CAPPED")
                     .replace(PULL_CODE, "<code below>")
+                    .replace(MODELCAR_SCRIPT, "<script below>")
                     .replace(str(CACHE) + "/", "")
                 )
                 cmd_lines.append(f"{row.key}, {t.name}: `{line}`")
-        cmd_lines.append(f"oras-py's code (`python -c`, argv HOST REF DEST [CA]): `{PULL_CODE}`")
+        if any(row.key != "modelcar" for row in rows):
+            cmd_lines.append(f"oras-py's code (`python -c`, argv HOST REF DEST [CA]): `{PULL_CODE}`")
+        if any(row.key == "modelcar" for row in rows):
+            cmd_lines.append(
+                f"the modelcar script (`bash -c`, argv REF DEST SKOPEO-TRUST-OPTIONS): `{MODELCAR_SCRIPT}`"
+            )
         for row in rows:
-            bench.run_row(row, tree, artifact)
+            bench.run_row(row, tree, row.artifact or artifact)
         profiles = {}
         if args.profile:
             for row in rows:
