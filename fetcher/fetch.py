@@ -324,15 +324,15 @@ class _Fetch:
                 )
             tree = staging / "tree"
             limits = pipeline.Limits(0, artifact.max_unpacked_size, artifact.max_members)
+            packed = [(spool.complete(slots[e.path]), f"layer {e.locator}") for e in entries if e.unpack]
             if manifest.image_subtree is not None:  # a model inside an image: its layers as one filesystem
-                layers = [(spool.complete(slots[e.path]), f"layer {e.locator}") for e in entries]
-                pipeline.unpack_image(layers, manifest.image_subtree, staging, limits)
-            for entry in entries:  # a registry's tar layers unpack at the root, before the files beside them
-                if entry.unpack and manifest.image_subtree is None:
-                    where = f"layer {entry.locator}"
-                    pipeline.unpack_spooled(spool.complete(slots[entry.path]), where, staging, limits)
+                pipeline.unpack_image(packed, manifest.image_subtree, staging, limits)
+            elif packed:  # a registry's tar layers unpack at the root, before the files beside them
+                pipeline.unpack_layers(packed, staging, limits)
             for entry in entries:
                 if not entry.unpack:
+                    if (tree / entry.path).is_symlink() or (tree / entry.path).exists():
+                        raise ArchiveError(f"refused {entry.path}: a packed layer of the artifact holds it too")
                     spool.link_into(slots[entry.path], tree / entry.path)
             unverified = set(transfer.unverified)
             objects = [

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fetcher.unpack import SafeTree
+from fetcher.errors import ArchiveError
+from fetcher.unpack import SafeTree, show
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -28,19 +29,25 @@ class ImageView:
 
     def __init__(self, subtree: str) -> None:
         self.prefix: Path_ = tuple(p for p in subtree.split("/") if p and p != ".")
-        self.kept = 0  # members written, under the subtree
-        self._taken: set[Path_] = set()  # written (or decided) by a layer above, or by this one
-        self._files: set[Path_] = set()  # of those, what is not a directory: nothing lower goes beneath it
+        self.kept = 0  # members written below the subtree
+        self._above: set[Path_] = set()  # decided by a layer above: a lower one never writes them
+        self._above_files: set[Path_] = set()  # of those, what is not a directory: nothing lower goes beneath it
         self._hidden: set[Path_] = set()  # whited out by a layer above
         self._opaque: set[Path_] = set()  # directories whose lower contents a layer above hid
+        self._mine: set[Path_] = set()  # this layer's paths (their parents too), where a later copy replaces
+        self._mine_files: set[Path_] = set()  # this layer's files: the only ones its hardlinks may name
         self._new_hidden: set[Path_] = set()  # this layer's whiteouts: they apply to the layers below only
         self._new_opaque: set[Path_] = set()
 
     def next_layer(self) -> None:
-        """The current layer is done: its whiteouts now apply to the ones below it."""
+        """The current layer is done: what it wrote and hid now bind the ones below it."""
+        self._above |= self._mine
+        self._above_files = (self._above_files | self._mine_files) - {
+            p for p in self._mine if p not in self._mine_files
+        }
         self._hidden |= self._new_hidden
         self._opaque |= self._new_opaque
-        self._new_hidden, self._new_opaque = set(), set()
+        self._mine, self._mine_files, self._new_hidden, self._new_opaque = set(), set(), set(), set()
 
     def keep(self, parts: list[str], directory: bool) -> list[str] | None:
         """Where a member of the current layer goes under the subtree, or None when it is not written."""
@@ -54,20 +61,30 @@ class ImageView:
         path = tuple(parts)
         for depth in range(len(path) + 1):
             above = path[:depth]
-            if above in self._hidden or (depth < len(path) and (above in self._opaque or above in self._files)):
+            if above in self._hidden or (depth < len(path) and (above in self._opaque or above in self._above_files)):
                 return None
-        if path in self._taken:
+        if path in self._above:
             return None
-        self._taken.add(path)
-        if not directory:
-            self._files.add(path)
+        self._mine.update(path[:depth] for depth in range(1, len(path) + 1))  # a tar need not list the parents
+        if directory:
+            self._mine_files.discard(path)
+        else:
+            self._mine_files.add(path)
         if path[: len(self.prefix)] != self.prefix or (len(path) == len(self.prefix) and not directory):
             return None
-        self.kept += 1
+        if len(path) > len(self.prefix):
+            self.kept += 1
         return list(path[len(self.prefix) :])
 
-    def inside(self, parts: list[str]) -> list[str] | None:
-        """A hardlink's target, under the subtree (None outside it: the link is refused)."""
+    def link_target(self, parts: list[str], name: str) -> list[str] | None:
+        """A hardlink's target: a file this same layer wrote under the subtree (None outside it: refused).
+
+        Raises:
+            ArchiveError: the target is another layer's (a layer above replaced or deleted it, or it is
+                below): linking to the tree built so far would publish other bytes than the image holds.
+        """
+        if tuple(parts) not in self._mine_files:
+            raise ArchiveError(f"refused member {show(name)}: a hardlink to a file of another layer (not supported)")
         if tuple(parts[: len(self.prefix)]) != self.prefix:
             return None
         return parts[len(self.prefix) :]
@@ -87,5 +104,34 @@ class ImageLayer(SafeTree):
         if parts is None:
             return None
         if refused:
-            return self._view.inside(parts)
+            return self._view.link_target(parts, name)
         return self._view.keep(parts, directory)
+
+    def refuse(self, name: str, what: str) -> None:
+        """A device or FIFO outside the subtree (a base image's /dev) is skipped, as everything there is."""
+        if self._parts(name) is not None:
+            super().refuse(name, what)
+
+
+class PackedLayer(SafeTree):
+    """A model artifact's tar layer (ModelPack, an ORAS directory), unpacked at the root beside the others.
+
+    Layers of an artifact are parts of one model, not changes to each other: a path that an
+    earlier layer wrote is refused (exit 5), as two layers naming one file are.
+    """
+
+    allow_empty = True  # one layer may hold nothing: the model is all of them
+
+    def __init__(self, root: Path, written: set[Path_], *, max_size: int, max_members: int) -> None:
+        super().__init__(root, strip_components=0, max_size=max_size, max_members=max_members)
+        self._earlier = frozenset(written)
+        self._written = written
+
+    def _parts(self, name: str, *, directory: bool = False, refused: str = "") -> list[str] | None:
+        parts = super()._parts(name, directory=directory, refused=refused)
+        if parts is None or refused or directory:
+            return parts
+        if tuple(parts) in self._earlier:
+            raise ArchiveError(f"refused member {show(name)}: another layer of the artifact holds it too")
+        self._written.add(tuple(parts))
+        return parts

@@ -423,23 +423,37 @@ def _run(
     return Outcome(sha256=digest.hexdigest(), size=digest.size, format=fmt)
 
 
-def unpack_spooled(path: Path, what: str, staging: Path, limits: Limits) -> str:
-    """A verified tar already on disk (a registry's layer), unpacked into ``staging/tree``; its format.
+def unpack_layers(layers: list[tuple[Path, str]], staging: Path, limits: Limits) -> None:
+    """A model artifact's verified tar layers (spooled), each unpacked at the root of ``staging/tree``,
+    within one budget of size and members; no two may hold one file (see ``fetcher.layers``).
 
     Raises:
-        ArchiveError: it is no tar (plain, gzip or zstd), or a member is unsafe.
-        LocalFilesystemError: it cannot be read.
+        ArchiveError: a layer is no tar (plain, gzip or zstd), a member is unsafe, or two layers share a path.
+        LocalFilesystemError: a layer cannot be read.
     """
+    from fetcher.layers import PackedLayer
+
+    written: set[tuple[str, ...]] = set()
+    size, members = limits.max_unpacked_size, limits.max_members
+    for path, what in layers:
+        tree = PackedLayer(staging / "tree", written, max_size=size, max_members=members)
+        _unpack_layer(path, what, tree)
+        size, members = size - tree.written, members - tree.members
+
+
+def _unpack_layer(path: Path, what: str, tree: SafeTree) -> None:
     try:
         with open(path, "rb") as file:
             reader = ChunkReader(iter(lambda: file.read(READ_SIZE), b""))
             fmt = detect(reader.peek(SNIFF_BYTES))
-            if not fmt.startswith("tar"):
-                raise ArchiveError(f"{what} is declared a tar but its bytes are {fmt}")
-            _run(reader, Digest(), fmt, "", staging, limits, None, _Adopt(None, lambda: False))
+            if fmt == "tar":
+                unpack_tar(reader, tree)
+            elif fmt in ("tar.gz", "tar.zst"):
+                _unpack_compressed_tar(reader, fmt.removeprefix("tar."), tree)
+            else:
+                raise ArchiveError(f"{what} is declared a tar layer but its bytes are {fmt}")
     except OSError as exc:
         raise local_error(exc, f"reading {what} from the download spool") from exc
-    return fmt
 
 
 def unpack_image(layers: list[tuple[Path, str]], subtree: str, staging: Path, limits: Limits) -> int:
@@ -455,18 +469,7 @@ def unpack_image(layers: list[tuple[Path, str]], subtree: str, staging: Path, li
     size, members = limits.max_unpacked_size, limits.max_members
     for path, what in reversed(layers):  # the top layer has the last word: it goes first
         tree = ImageLayer(staging / "tree", view, max_size=size, max_members=members)
-        try:
-            with open(path, "rb") as file:
-                reader = ChunkReader(iter(lambda: file.read(READ_SIZE), b""))
-                fmt = detect(reader.peek(SNIFF_BYTES))
-                if fmt == "tar":
-                    unpack_tar(reader, tree)
-                elif fmt in ("tar.gz", "tar.zst"):
-                    _unpack_compressed_tar(reader, fmt.removeprefix("tar."), tree)
-                else:
-                    raise ArchiveError(f"{what} is declared a tar layer but its bytes are {fmt}")
-        except OSError as exc:
-            raise local_error(exc, f"reading {what} from the download spool") from exc
+        _unpack_layer(path, what, tree)
         size, members = size - tree.written, members - tree.members
         view.next_layer()
     if not view.kept:

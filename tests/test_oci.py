@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import platform
 import random
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +87,8 @@ def test_a_challenge_is_read_into_its_parameters() -> None:
     )
     assert scheme == "bearer"
     assert params == {"realm": "https://auth.example/token", "service": "reg", "scope": "repository:m:pull"}
+    two = parse_challenge('Bearer realm="https://a.example/token",service="reg", Basic realm="registry"')
+    assert two == ("bearer", {"realm": "https://a.example/token", "service": "reg"})
 
 
 MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
@@ -521,3 +525,72 @@ def test_a_docker_model_artifact_lands_as_its_files(registry: Registry, tmp_path
 
     assert run.code == 0, run.stderr
     assert tree(tmp_path / "dest") == {f"sha256-{sha256(gguf)}.gguf": gguf, "LICENSE": b"MIT\n"}
+
+
+def test_image_layers_as_a_container_sees_them_or_a_refusal(registry: Registry, tmp_path: Path) -> None:
+    """What a review found: each case published other bytes than the image holds, or refused a valid image."""
+    cases: dict[str, tuple[list[dict[str, bytes | tuple[str, Any]]], int, dict[str, bytes]]] = {
+        "a hardlink to a file a later layer replaced": (
+            [{"models/a": b"X", "models/b": ("hardlink", "models/a")}, {"models/a": b"Y"}], 5, {}),
+        "an upper layer's file replaces a lower one's": (
+            [{"models/w": b"old"}, {"models/w": b"new", "models/x": b"x"}], 0, {"w": b"new", "x": b"x"}),
+        "parents a tar does not list are still the upper layer's": (
+            [{"models/sub": b"a file below"}, {"models/sub/a": b"a"}], 0, {"sub/a": b"a"}),
+        "a device outside --oci-path": ([{"dev/null": ("chr", None), "models/w": b"w"}], 0, {"w": b"w"}),
+        "an empty --oci-path": ([{"models/": ("dir", 0o755), "mnt/models/w": b"w"}], 5, {}),
+    }  # fmt: skip
+    for number, (case, (layers, code, files)) in enumerate(cases.items()):
+        repo = f"org/case{number}"
+        descriptors = [registry.push_blob(repo, Blob(make_tar(m), IMAGE_LAYER_GZIP)) for m in layers]
+        config = registry.push_blob(repo, Blob(b'{"os": "linux"}', IMAGE_CONFIG))
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descriptors}
+        registry.put_manifest(repo, "v1", manifest)
+        dest = tmp_path / f"d{number}"
+
+        run = _pull(registry, registry.ref(repo, "v1"), dest, "--oci-path", "/models")
+
+        assert run.code == code, (case, run.stderr[-600:])
+        assert (tree(dest) if dest.exists() else {}) == files, case
+
+
+def test_a_later_copy_of_a_path_in_one_layer_replaces_the_first(registry: Registry, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as layer:  # an appended tar: the same name twice
+        for data in (b"old", b"new"):
+            info = tarfile.TarInfo("models/w")
+            info.size = len(data)
+            layer.addfile(info, io.BytesIO(data))
+    config = registry.push_blob("org/twice", Blob(b'{"os": "linux"}', IMAGE_CONFIG))
+    layers = [registry.push_blob("org/twice", Blob(buffer.getvalue(), IMAGE_LAYER_GZIP))]
+    registry.put_manifest(
+        "org/twice", "v1", {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers}
+    )
+
+    run = _pull(registry, registry.ref("org/twice", "v1"), tmp_path / "dest", "--oci-path", "/models")
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == {"w": b"new"}
+
+
+def test_tar_layers_of_an_artifact_share_one_budget_and_no_path(registry: Registry, tmp_path: Path) -> None:
+    one = Blob(make_tar({"a/x.txt": b"1" * 600}), f"{MODEL_DOC}.tar+gzip", {MODEL_FILEPATH: "a"})
+    two = Blob(make_tar({"b/y.txt": b"2" * 600}), f"{MODEL_DOC}.tar+gzip", {MODEL_FILEPATH: "b"})
+    registry.push_modelpack("org/two", "v1", {"a": one, "b": two})
+    over = _pull(registry, registry.ref("org/two", "v1"), tmp_path / "over", "--max-unpacked-size", "1000")
+    assert over.code == 5  # 600 + 600: each layer alone fits, the model does not
+    assert "--max-unpacked-size" in over.event("failed")["error"]
+
+    same = Blob(make_tar({"a/x.txt": b"other"}), f"{MODEL_DOC}.tar+gzip", {MODEL_FILEPATH: "a2"})
+    registry.push_modelpack("org/clash", "v1", {"a": one, "a2": same})
+    clash = _pull(registry, registry.ref("org/clash", "v1"), tmp_path / "clash")
+    assert clash.code == 5
+    assert "another layer" in clash.event("failed")["error"]
+
+    raw = _pull_after_push(registry, "org/rawclash", {"a/x.txt": b"raw", "a": one}, tmp_path / "raw")
+    assert raw.code == 5  # a raw layer's file is also in a packed one: exit 5, not a disk error
+    assert "packed layer" in raw.event("failed")["error"]
+
+
+def _pull_after_push(registry: Registry, repo: str, files: dict[str, bytes | Blob], dest: Path) -> Run:
+    registry.push_modelpack(repo, "v1", files)
+    return _pull(registry, registry.ref(repo, "v1"), dest)

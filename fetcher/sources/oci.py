@@ -91,6 +91,7 @@ class OciSource:
         self.endpoint = f"{'http' if connection.oci_plain_http else 'https'}://{host}"
         self.platform = connection.oci_platform or f"linux/{_node_arch()}"
         self._oci_path = connection.oci_path
+        self._explicit_platform = connection.oci_platform
         self._filtered = bool(selection.include or selection.exclude)
         credentials = registry_credentials(connection.registry_auth_file, self.ref.registry)
         self._auth = RegistryAuth(
@@ -130,7 +131,7 @@ class OciSource:
             entries = tuple(self._image_layers(document))
             return Manifest(entries, directory=True, identity=identity, note=note, image_subtree=self._oci_path)
         entries = tuple(self._entries(document))
-        check_layout(entries, "layer")
+        check_layout([e for e in entries if not e.unpack], "layer")  # a packed layer's name is no file
         return Manifest(entries, directory=True, identity=identity, note=note)
 
     def _manifest(self, reference: str, digest: str | None) -> tuple[str, bytes]:
@@ -149,8 +150,8 @@ class OciSource:
         manifests = [m for m in index.get("manifests") or [] if isinstance(m, dict)]
         wanted = self.platform.split("/")
         found = [m for m in manifests if _platform_of(m)[: len(wanted)] == wanted]
-        if len(manifests) == 1:
-            found = manifests
+        if len(manifests) == 1 and (self._explicit_platform is None or not _platform_of(manifests[0])):
+            found = manifests  # the only one, whatever it says, unless --oci-platform asked for another
         if not found:
             offered = sorted({"/".join(p) for m in manifests if (p := _platform_of(m))}) or ["none"]
             raise FetchError(
@@ -328,7 +329,8 @@ class RegistryAuth(httpx.Auth):
         if self._tokens is None:
             self._tokens = httpx.Client(verify=tls_context(), timeout=self._timeout, follow_redirects=False)
         try:
-            response = self._tokens.get(realm, params=params, auth=self._credentials)
+            url = httpx.URL(realm).copy_merge_params(params)  # the realm's own query is kept, as docker keeps it
+            response = self._tokens.get(url, auth=self._credentials)
         except httpx.HTTPError as exc:
             raise TransientFetchError(
                 f"the registry's token service {redact_url(realm)} failed: {type(exc).__name__}"
@@ -357,6 +359,7 @@ class RegistryAuth(httpx.Auth):
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """``Bearer realm="...",service="...",scope="..."``: its scheme (lower case) and parameters."""
     scheme, _, rest = header.strip().partition(" ")
+    rest = re.split(r",\s*(?=[A-Za-z][\w.-]*\s+[A-Za-z]+=)", rest, maxsplit=1)[0]  # the first challenge's only
     params = {k.lower(): v for k, v in re.findall(r'([A-Za-z]+)="([^"]*)"', rest)}
     return scheme.lower(), params
 
