@@ -253,11 +253,14 @@ ALLOWED_EXTRA = (".fetcher", ".cache")
 
 
 class DirBench(B.Bench):
+    LOG_PREFIX = "dirs-"  # logs/<prefix><time>/: bench/oci.py reuses this class with its own
+    ALLOWED_EXTRA = ALLOWED_EXTRA
+
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)  # makes logs/<time>/ and work/, chdirs there
         self.hubs: list[Hub] = []
-        self.logdir.rename(self.logdir.with_name("dirs-" + self.logdir.name))
-        self.logdir = self.logdir.with_name("dirs-" + self.logdir.name)
+        self.logdir.rename(self.logdir.with_name(self.LOG_PREFIX + self.logdir.name))
+        self.logdir = self.logdir.with_name(self.LOG_PREFIX + self.logdir.name)
 
     def clean_tree(self, dest: Path) -> None:
         shutil.rmtree(dest, ignore_errors=True)
@@ -281,7 +284,7 @@ class DirBench(B.Bench):
             for p in dest.rglob("*")
             if p.is_file()
             and p.relative_to(dest).as_posix() not in tree.files
-            and p.relative_to(dest).parts[0] not in ALLOWED_EXTRA
+            and p.relative_to(dest).parts[0] not in self.ALLOWED_EXTRA
         )
         return f"unexpected files in dest: {extra[:5]}" if extra else ""
 

@@ -501,21 +501,15 @@ def server_pids(pids: list[int]) -> list[int]:
     return found
 
 
-class OciBench(B.Bench):
-    def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)  # makes logs/<time>/ and work/, chdirs there
-        self.logdir.rename(self.logdir.with_name("oci-" + self.logdir.name))
-        self.logdir = self.logdir.with_name("oci-" + self.logdir.name)
-        self.registry: Registry | None = None
+class OciBench(D.DirBench):
+    """dirs.py's bench (cleaning, checking a tree, profiling), over a registry instead of hubs."""
 
-    def clean_dest(self, dest: Path) -> None:
-        shutil.rmtree(dest, ignore_errors=True)
-        for p in self.workdir.glob(dest.name + ".*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink()
-        subprocess.run(["sync"], check=False)  # don't leave the next run the writeback of this one
+    LOG_PREFIX = "oci-"
+    ALLOWED_EXTRA = (".fetcher",)
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.registry: Registry | None = None
 
     def check_blobs(self, dest: Path, artifact: Artifact) -> str:
         """skopeo's dir: holds every blob (config and layers) by its hex digest, and the manifest."""
@@ -528,22 +522,6 @@ class OciBench(B.Bench):
             if self.args.verify_output and "sha256:" + B.sha256_file(p) != digest:
                 return f"blob {digest} has the wrong sha256"
         return ""
-
-    def check_tree(self, dest: Path, tree: D.Tree) -> str:
-        for path, f in tree.files.items():
-            p = dest / path
-            if not p.is_file() or p.stat().st_size != int(f["size"]):
-                return f"{path} missing or of the wrong size"
-            if self.args.verify_output and B.sha256_file(p) != f["sha256"]:
-                return f"{path} has the wrong sha256"
-        extra = sorted(
-            p.relative_to(dest).as_posix()
-            for p in dest.rglob("*")
-            if p.is_file()
-            and p.relative_to(dest).as_posix() not in tree.files
-            and p.relative_to(dest).parts[0] != ".fetcher"
-        )
-        return f"unexpected files in dest: {extra[:5]}" if extra else ""
 
     def one_run(self, row: Row, tool: OciTool, tree: D.Tree, artifact: Artifact) -> B.Run:
         assert self.registry is not None
@@ -566,7 +544,7 @@ class OciBench(B.Bench):
             f"  {row.key:7} {tool.name:32} {run.wall:7.2f}s  rss {run.rss_mib or 0:6.0f} MiB  "
             f"cpu {run.cpu or 0:6.2f}s  registry cpu {run.extra['origin_cpu']:5.2f}s  {'ok' if run.ok else 'FAILED ' + run.note}"
         )
-        self.clean_dest(dest)
+        self.clean_tree(dest)
         return run
 
     def run_row(self, row: Row, tree: D.Tree, artifact: Artifact) -> None:
@@ -576,29 +554,6 @@ class OciBench(B.Bench):
         for r in range(self.args.pairs):
             for t in tools if r % 2 == 0 else list(reversed(tools)):  # A B C, then C B A: drift hits all alike
                 row.runs[t.name].append(self.one_run(row, t, tree, artifact))
-
-    def profile_row(self, row: Row) -> str:
-        """py-spy over one fetcher run (raw --native for the summary, and a flamegraph), as dirs.py does."""
-        pyspy = str(VENVS / "tools" / "bin" / "py-spy")
-        dest = self.fresh_dest(f"profile-{row.key}")
-        raw, svg = self.logdir / f"profile-{row.key}.txt", self.logdir / f"profile-{row.key}.svg"
-        for fmt_, out in (("raw", raw), ("flamegraph", svg)):
-            base = [pyspy, "record", "--rate", "200", "--threads", "--format", fmt_, "--output", str(out)]
-            cmd = [*base, "--native" if fmt_ == "raw" else "--nonblocking", "--", *row.fetcher.cmd(dest)]
-            p = subprocess.run(cmd, env=row.fetcher.env, capture_output=True, text=True, timeout=self.args.timeout)
-            if p.returncode != 0 and fmt_ == "raw":  # --native needs unwinding support; retry without
-                self.clean_dest(dest)
-                dest.mkdir()
-                p = subprocess.run(
-                    [*base, "--", *row.fetcher.cmd(dest)], env=row.fetcher.env, capture_output=True, text=True
-                )
-            if p.returncode != 0:
-                self.clean_dest(dest)
-                return f"py-spy failed: {p.stderr.strip()[-500:]}"
-            self.clean_dest(dest)
-            dest.mkdir()
-        self.clean_dest(dest)
-        return B.summarize_profile(raw, svg).replace("over one targz run", f"over one fetcher run of row {row.key}")
 
 
 def make_row(
@@ -613,21 +568,6 @@ def make_row(
 ) -> Row:
     """fetcher, skopeo and oras-py against the registry at host (HTTPS when ca is set)."""
     ref = f"{host}/{artifact.name}"
-
-    def fetcher_cmd(dest: Path) -> list[str]:
-        return [
-            *bench.fetcher_cmd,
-            "--source",
-            f"oci://{ref}",
-            "--dest",
-            str(dest),
-            *([] if ca else ["--oci-plain-http"]),
-            *shlex.split(bench.args.fetcher_args),
-            "--log-format",
-            "json",
-            "--termination-log",
-            str(dest.parent / (dest.name + ".termination")),
-        ]
 
     def skopeo_cmd(dest: Path) -> list[str]:
         trust = ["--src-cert-dir", str(cert_dir)] if ca else ["--src-tls-verify=false"]
@@ -644,20 +584,30 @@ def make_row(
             *([ca] if ca else []),
         ]
 
-    fetcher_env = {**bench.fetcher_env, **({"SSL_CERT_FILE": ca} if ca else {})}
-    # no credentials: the registry is anonymous; and none from this machine may leak into a run
-    alt_env = {k: v for k, v in bench.base_env.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    alt_env["HOME"] = str(bench.workdir / "home")  # no ~/.docker/config.json of the user's for oras
-    (bench.workdir / "home").mkdir(exist_ok=True)
+    alt_env = alternatives_env(bench)
     return Row(
         key,
         title,
-        OciTool("fetcher", fetcher_cmd, fetcher_env, "tree"),
+        fetcher_tool(bench, ref, [], ca),
         [
             (OciTool("skopeo copy dir:", skopeo_cmd, alt_env, "blobs"), targets[0]),
             (OciTool("oras-py pull", oras_cmd, alt_env, "tree"), targets[1]),
         ],
     )
+
+
+def fetcher_tool(bench: OciBench, ref: str, extra: list[str], ca: str) -> OciTool:
+    """dirs.py's fetcher command, on oci://ref (plain HTTP unless ca, the registry's CA, is given)."""
+    tool = D.fetcher_tool(bench, f"oci://{ref}", [*extra, *([] if ca else ["--oci-plain-http"])], {})
+    return OciTool("fetcher", tool.cmd, {**tool.env, **({"SSL_CERT_FILE": ca} if ca else {})}, "tree")
+
+
+def alternatives_env(bench: OciBench) -> dict[str, str]:
+    """No credentials: the registry is anonymous, and none from this machine may leak into a run."""
+    env = {k: v for k, v in bench.base_env.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    env["HOME"] = str(bench.workdir / "home")  # no ~/.docker/config.json of the user's for oras or skopeo
+    (bench.workdir / "home").mkdir(exist_ok=True)
+    return env
 
 
 def make_modelcar_row(
@@ -666,38 +616,17 @@ def make_modelcar_row(
     """fetcher --oci-path /models against skopeo copy + tar xzf of each layer, on the modelcar image."""
     ref = f"{host}/{artifact.name}"
 
-    def fetcher_cmd(dest: Path) -> list[str]:
-        return [
-            *bench.fetcher_cmd,
-            "--source",
-            f"oci://{ref}",
-            "--oci-path",
-            "/models",
-            "--dest",
-            str(dest),
-            *([] if ca else ["--oci-plain-http"]),
-            *shlex.split(bench.args.fetcher_args),
-            "--log-format",
-            "json",
-            "--termination-log",
-            str(dest.parent / (dest.name + ".termination")),
-        ]
-
     def script_cmd(dest: Path) -> list[str]:
         trust = ["--src-cert-dir", str(cert_dir)] if ca else ["--src-tls-verify=false"]
         return ["bash", "-c", MODELCAR_SCRIPT, "modelcar", ref, str(dest), *trust]
 
-    fetcher_env = {**bench.fetcher_env, **({"SSL_CERT_FILE": ca} if ca else {})}
-    alt_env = {k: v for k, v in bench.base_env.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    alt_env["HOME"] = str(bench.workdir / "home")
-    (bench.workdir / "home").mkdir(exist_ok=True)
     n = len(artifact.manifest["layers"])
     title = f"modelcar image, {n} tar+gzip layers under /models, {'HTTPS' if ca else 'plain HTTP'}"
     return Row(
         "modelcar",
         title,
-        OciTool("fetcher", fetcher_cmd, fetcher_env, "tree"),
-        [(OciTool("skopeo copy dir: + tar xzf of each layer", script_cmd, alt_env, "tree"), target)],
+        fetcher_tool(bench, ref, ["--oci-path", "/models"], ca),
+        [(OciTool("skopeo copy dir: + tar xzf of each layer", script_cmd, alternatives_env(bench), "tree"), target)],
         artifact=artifact,
     )
 
@@ -1028,7 +957,7 @@ def main() -> int:
         if args.profile:
             for row in rows:
                 B.log(f"profile: one fetcher run of row {row.key} under py-spy")
-                profiles[row.key] = bench.profile_row(row)
+                profiles[row.key] = bench.profile_tree(row)  # its Row has the key and fetcher that needs
         text = report(bench, tree, rows, profiles, cmd_lines, time.monotonic() - started)
         out_path.write_text(text)
         (bench.logdir / "runs.json").write_text(

@@ -13,7 +13,7 @@ the MinIO endpoint are loopback servers, and the placeholder sha256 is the serve
 example's hub is tests/fakehub.py (HF_ENDPOINT is set to it; the placeholder commit and token are its own),
 and each placeholder line of a SHA256SUMS gets its file's digest; the OCI example's registry is Debian's
 docker-registry on loopback (tests/registry.py) with htpasswd, so the mounted pull secret must reach it, over
-HTTPS with the test CA from a ConfigMap (see PLAYED_REGISTRY_TLS), and a secret volume's `optional: false`
+HTTPS with the test CA from a ConfigMap (see oci_registry), and a secret volume's `optional: false`
 spelt out (podman 4.3 needs it); the pod uses the host's network
 (loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; and restartPolicy is Never,
 because podman 4.3 applies the pod's restart policy to init containers too (Always would re-run a finished
@@ -154,16 +154,7 @@ def ids(paths: list[Path]) -> list[str]:
 
 
 def test_there_are_the_eight_examples() -> None:
-    assert {p.stem for p in EXAMPLE_FILES} >= {
-        "quickstart",
-        "s3-credentials",
-        "several-artifacts",
-        "pvc",
-        "deployment",
-        "huggingface",
-        "s3-prefix",
-        "oci-modelpack",
-    }
+    assert {p.stem for p in EXAMPLE_FILES} >= set(PLAYED)  # and every one of them is played
     listed = (EXAMPLES / "README.md").read_text()
     assert all(f"`{p.name}`" in listed for p in EXAMPLE_FILES), "k8s-examples/README.md lists every example"
     quickstart = documents(EXAMPLES / "quickstart.yaml")
@@ -261,11 +252,15 @@ def fake_hub() -> Iterator[FakeHub]:
         yield hub
 
 
-def oci_registry(path: Path, request: pytest.FixtureRequest, tls: bool = True) -> Registry | None:
-    """A registry that wants Basic credentials, started only for an example that pulls from one."""
+def oci_registry(path: Path, request: pytest.FixtureRequest) -> Registry | None:
+    """A registry over HTTPS that wants Basic credentials, started only for an example that pulls from one.
+
+    Played, the pod trusts its CA from a ConfigMap (SSL_CERT_FILE), as the example tells a reader with a
+    private CA to do; the fetcher image's Python 3.13 verifies strictly, and the CA carries keyUsage for it.
+    """
     if not OCI_SOURCE.search(path.read_text()):
         return None
-    registry: Registry = request.getfixturevalue("make_registry")(auth="htpasswd", tls=tls)
+    registry: Registry = request.getfixturevalue("make_registry")(auth="htpasswd")
     return registry
 
 
@@ -506,8 +501,7 @@ def serve_registry(text: str, registry: Registry, corrupt: bool) -> Served:
         data[1000] ^= 1
         blob.write_bytes(bytes(data))
     replacements = {REGISTRY: registry.host, REGISTRY_AUTH: registry.basic_auth()}
-    env = {} if registry.tls else {"FETCHER_OCI_PLAIN_HTTP": "true"}
-    return Served(replacements, files, env, ca_file=registry.ca_file, digest=digest)
+    return Served(replacements, files, {}, ca_file=registry.ca_file, digest=digest)
 
 
 def serve(
@@ -740,10 +734,6 @@ def play(path: Path, served: Served, tmp_path: Path, kube: list[Played], prefix:
     return played
 
 
-# The played OCI example talks HTTPS and trusts tests/registry.py's CA from a ConfigMap (SSL_CERT_FILE), as the
-# example tells a reader with a private CA to do (the fetcher image's Python 3.13 verifies strictly: the CA
-# carries keyUsage for it). False would play it over plain HTTP (FETCHER_OCI_PLAIN_HTTP).
-PLAYED_REGISTRY_TLS = True
 PLAYED = [
     "quickstart",
     "s3-credentials",
@@ -767,7 +757,7 @@ def test_kube_play_the_app_sees_the_verified_model(
     request: pytest.FixtureRequest,
 ) -> None:
     path = EXAMPLES / f"{name}.yaml"
-    registry = oci_registry(path, request, tls=PLAYED_REGISTRY_TLS)
+    registry = oci_registry(path, request)
     served = serve(path, origin, s3, fake_hub, registry=registry)
 
     played = play(path, served, tmp_path, kube)
@@ -817,7 +807,7 @@ def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
 ) -> None:
     """A wrong pin, or bytes that do not match what names them (the hub's digests, a registry's blob)."""
     path = EXAMPLES / f"{name}.yaml"
-    registry = oci_registry(path, request, tls=PLAYED_REGISTRY_TLS)
+    registry = oci_registry(path, request)
     served = serve(path, origin, s3, fake_hub, wrong_sha256=True, registry=registry)
 
     played = play(path, served, tmp_path, kube)
