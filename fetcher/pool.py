@@ -35,7 +35,7 @@ from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
 from fetcher.manifest import SHA256, Digest, Entry, Hasher, Manifest
 from fetcher.parts import RangeNotHonoured, fill_part
-from fetcher.sources.base import CHUNK_SIZE, One, Source
+from fetcher.sources.base import CHUNK_SIZE, Body, One, Source
 from fetcher.spool import ArtifactSpool, Identity, Parts
 
 log = structlog.get_logger("fetcher")
@@ -240,19 +240,12 @@ class DirectoryTransfer:
         pinned = [False]
 
         def attempt() -> None:
-            start = job.hasher.size if job.hasher is not None and pinned[0] else 0
-            if start == 0:
-                job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, job.entry.size)
-            hasher = job.hasher
-            assert hasher is not None
+            hasher, start = self._begin(job, pinned[0])
             try:
                 with open(path, "r+b" if start else "wb") as out, job.reader.open(start) as body:
-                    if start and (body.offset != start or not body.partial):
-                        pinned[0] = False  # the server sent it all again: start over
-                        raise TransientFetchError(f"{job.reader.display} did not resume at byte {start}")
+                    pinned[0] = False  # until the server is seen to have resumed
+                    self._answered(job, body, start)
                     pinned[0] = body.info.version is not None
-                    if body.info.digest is not None and job.digest is None:
-                        job.digest = body.info.digest
                     out.seek(start)
                     out.truncate()
                     for chunk in body.chunks:
@@ -265,10 +258,7 @@ class DirectoryTransfer:
                     os.fsync(out.fileno())
             except OSError as exc:
                 raise local_error(exc, f"writing the download spool in {self._spool.directory}") from exc
-            if job.entry.size is not None and hasher.size < job.entry.size:
-                raise TransientFetchError(
-                    f"{job.reader.display} ended early, at byte {hasher.size} of {job.entry.size}"
-                )
+            self._check_whole(job, hasher)
 
         self._retrying(attempt, job.reader.display)
         self._verified(job, path)
@@ -294,17 +284,10 @@ class DirectoryTransfer:
         resumable = [False]  # a retry may go on from the byte where the last attempt broke
 
         def attempt() -> None:
-            start = job.hasher.size if job.hasher is not None and resumable[0] else 0
-            if start == 0:
-                job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, size)
-            hasher = job.hasher
-            assert hasher is not None
+            hasher, start = self._begin(job, resumable[0])
             with job.reader.open(start) as body, parts.stream(start) as out:
-                if start and (body.offset != start or not body.partial):
-                    resumable[0] = False  # the server sent it all again: start over
-                    raise TransientFetchError(f"{job.reader.display} did not resume at byte {start}")
-                if body.info.digest is not None and job.digest is None:
-                    job.digest = body.info.digest
+                resumable[0] = False  # until the server is seen to have resumed
+                self._answered(job, body, start)
                 pinned = resumable[0] = body.info.ranges and body.info.version is not None
                 may_split = pinned and start == 0 and self._settings.concurrency > 1
                 committed, waited = start // part_size, 0.0
@@ -330,8 +313,7 @@ class DirectoryTransfer:
                         out.flush()
                         parts.commit(*range(committed, out.written // part_size))
                         committed = out.written // part_size
-            if hasher.size < size:
-                raise TransientFetchError(f"{job.reader.display} ended early, at byte {hasher.size} of {size}")
+            self._check_whole(job, hasher)
 
         self._retrying(attempt, job.reader.display)
         if split:
@@ -374,6 +356,25 @@ class DirectoryTransfer:
             part_size=part_size,
         )
         return True
+
+    def _begin(self, job: _File, resume: bool) -> tuple[Hasher, int]:
+        """The hasher an attempt goes on with, and the byte it asks from: where the last one broke, if it may."""
+        start = job.hasher.size if job.hasher is not None and resume else 0
+        if start == 0 or job.hasher is None:
+            job.hasher = Hasher(job.digest.algorithm if job.digest else SHA256, job.entry.size)
+        return job.hasher, start
+
+    def _answered(self, job: _File, body: Body, start: int) -> None:
+        """Refuse a resume the server sent whole again (the next attempt starts over); take the
+        digest the source vouches for (S3 ChecksumSHA256) when there is no other."""
+        if start and (body.offset != start or not body.partial):
+            raise TransientFetchError(f"{job.reader.display} did not resume at byte {start}")
+        if body.info.digest is not None and job.digest is None:
+            job.digest = body.info.digest
+
+    def _check_whole(self, job: _File, hasher: Hasher) -> None:
+        if job.entry.size is not None and hasher.size < job.entry.size:
+            raise TransientFetchError(f"{job.reader.display} ended early, at byte {hasher.size} of {job.entry.size}")
 
     def _take(self, out: FileWriter, hasher: Hasher, chunk: bytes) -> None:
         try:
