@@ -585,14 +585,35 @@ def make_row(
         ]
 
     alt_env = alternatives_env(bench)
-    return Row(
-        key,
-        title,
-        fetcher_tool(bench, ref, [], ca),
-        [
-            (OciTool("skopeo copy dir:", skopeo_cmd, alt_env, "blobs"), targets[0]),
-            (OciTool("oras-py pull", oras_cmd, alt_env, "tree"), targets[1]),
-        ],
+    tools = [
+        (OciTool("skopeo copy dir:", skopeo_cmd, alt_env, "blobs"), targets[0]),
+        (OciTool("oras-py pull", oras_cmd, alt_env, "tree"), targets[1]),
+    ]
+    if key == "modelpack" and not ca:  # the floor speaks plain HTTP only
+        tools.append((floor_tool(bench, host, artifact, alt_env), None))
+    return Row(key, title, fetcher_tool(bench, ref, [], ca), tools)
+
+
+def floor_tool(bench: OciBench, host: str, artifact: Artifact, env: dict[str, str]) -> OciTool:
+    """bench/floor_client.py on the artifact's layer blobs: bare GETs, sha256 and a write per file, nothing else.
+
+    What no verifying client in Python can undercut on this host: a target below it is out of reach.
+    """
+    repo = artifact.name.rsplit(":", 1)[0]
+    urls = bench.logdir / "floor-urls.txt"
+    urls.write_text(
+        "".join(
+            f"{layer['digest'].removeprefix('sha256:')} {layer['annotations'][FILEPATH]} "
+            f"http://{host}/v2/{repo}/blobs/{layer['digest']}\n"
+            for layer in artifact.manifest["layers"]
+        )
+    )
+    python = str(VENVS / "tools" / "bin" / "python")
+    return OciTool(
+        "floor: bare Python GETs + sha256 (bench/floor_client.py)",
+        lambda d: [python, str(HERE / "floor_client.py"), str(urls), str(d)],
+        env,
+        "tree",
     )
 
 
@@ -702,6 +723,25 @@ def add_row(
         order = names if r % 2 == 0 else list(reversed(names))
         cells = ", ".join(f"{n} {row.runs[n][r].wall:.2f}{'' if row.runs[n][r].ok else ' FAILED'}" for n in order)
         rounds.append(f"| {row.key} | {r + 1} | {B.cell(cells)} |")
+
+
+def floor_note(rows: list[Row]) -> list[str]:
+    """How the floor client compares with each alternative: a target below that is out of any verifying client's reach."""
+    notes = []
+    for row in rows:
+        floor = next((runs for name, runs in row.runs.items() if name.startswith("floor")), None)
+        if floor is None:
+            continue
+        for tool, target in row.alternatives:
+            if target is None or tool.name.startswith("floor"):
+                continue
+            pairs = zip(floor, row.runs[tool.name], strict=True)
+            ratio = B.median([f.wall / a.wall for f, a in pairs if f.ok and a.ok])
+            notes.append(
+                f"floor, row {row.key}: bare Python GETs + sha256 + write take {B.fmt(ratio)}x {tool.name} "
+                f"(median of rounds), against fetcher's target of {target}x."
+            )
+    return notes
 
 
 def split_note(rows: list[Row]) -> list[str]:
@@ -830,6 +870,7 @@ def report(
         *out_rows,
         "",
         *split_note(rows),
+        *floor_note(rows),
         "",
         "Per tool:",
         "",

@@ -35,6 +35,7 @@ import errno
 import os
 import re
 import stat
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Protocol
@@ -72,18 +73,59 @@ def show(name: str) -> str:
     return quoted if shown is name else f"{quoted} ({size} bytes)"
 
 
+class Stopped(Exception):
+    """Another tree sharing the budget failed: this one stops too (not the error to report)."""
+
+
+class Budget:
+    """The bytes and members an unpack may still write, shared by trees filled at once (an image's layers).
+
+    Bytes count as written, not as declared, so a lying header cannot slip a bomb through.
+    """
+
+    def __init__(self, max_size: int, max_members: int) -> None:
+        self.max_size = max_size
+        self.max_members = max_members
+        self.written = 0
+        self.members = 0
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def member(self) -> None:
+        with self._lock:
+            self._check_stopped()
+            self.members += 1
+            if self.members > self.max_members:
+                raise ArchiveError(f"archive has more than {self.max_members} members (--max-members)")
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            self._check_stopped()
+            self.written += size
+            if self.written > self.max_size:
+                raise ArchiveError(f"archive unpacks to more than {self.max_size} bytes (--max-unpacked-size)")
+
+    def stop(self) -> None:
+        """Every tree on this budget fails at its next member or chunk."""
+        with self._lock:
+            self._stopped = True
+
+    def _check_stopped(self) -> None:
+        if self._stopped:
+            raise Stopped
+
+
 class SafeTree:
     """A staging directory that only accepts safe members."""
 
     allow_empty = False  # one archive is the whole model: it may not be empty (an image's layer may)
+    # Symlinks are resolved in the tree they end up in: a layer's own tree is not that tree (see fetcher.layers).
+    check_links = True
 
-    def __init__(self, root: Path, *, strip_components: int, max_size: int, max_members: int) -> None:
+    def __init__(self, root: Path, *, strip_components: int, budget: Budget) -> None:
         self.root = root
         self._strip = strip_components
-        self._max_size = max_size
-        self._max_members = max_members
-        self.members = 0
-        self.written = 0
+        self.budget = budget
         self._root_fd: int | None = None
         self._dirs: dict[tuple[str, ...], int] = {}  # directories walked to, still open
         self._loose: int | None = None  # the last directory walked to, when the cache was full
@@ -136,9 +178,7 @@ class SafeTree:
         return parts
 
     def _count(self) -> None:
-        self.members += 1
-        if self.members > self._max_members:
-            raise ArchiveError(f"archive has more than {self._max_members} members (--max-members)")
+        self.budget.member()
 
     # --- walking the tree, one directory at a time ------------------------------
 
@@ -303,9 +343,7 @@ class SafeTree:
             try:
                 out = FileWriter(fd, self._direct_buffer)
                 while chunk := data.read(COPY_CHUNK):
-                    self.written += len(chunk)
-                    if self.written > self._max_size:
-                        raise ArchiveError(f"archive unpacks to more than {self._max_size} bytes (--max-unpacked-size)")
+                    self.budget.take(len(chunk))
                     out.write(chunk)
                 out.close()
                 os.fchmod(fd, stat.S_IMODE(mode) & 0o777)
@@ -328,7 +366,7 @@ class SafeTree:
         try:
             parent = self._walk(parts, name, create=True)
             self._clear(parent, parts[-1], parts, name)
-            why = self._escapes(parts[:-1], target)  # at once, not only at the end: fail early
+            why = self.check_links and self._escapes(parts[:-1], target)  # at once, not only at the end: fail early
             if why:
                 raise ArchiveError(f"refused member {show(name)}: symlink {show(target)} {why}")
             os.symlink(target, parts[-1], dir_fd=parent)
@@ -384,7 +422,8 @@ class SafeTree:
         """
         try:
             self._root()
-            self._check_links()
+            if self.check_links:
+                self._check_links()
             if not self.allow_empty and not os.listdir(self._root()):
                 after = f" after --strip-components {self._strip}" if self._strip else ""
                 raise ArchiveError(f"the archive has nothing to unpack{after}: refusing to publish an empty model")

@@ -530,8 +530,13 @@ def test_a_docker_model_artifact_lands_as_its_files(registry: Registry, tmp_path
 def test_image_layers_as_a_container_sees_them_or_a_refusal(registry: Registry, tmp_path: Path) -> None:
     """What a review found: each case published other bytes than the image holds, or refused a valid image."""
     cases: dict[str, tuple[list[dict[str, bytes | tuple[str, Any]]], int, dict[str, bytes]]] = {
-        "a hardlink to a file a later layer replaced": (
-            [{"models/a": b"X", "models/b": ("hardlink", "models/a")}, {"models/a": b"Y"}], 5, {}),
+        "a hardlink keeps its own layer's bytes when a later layer replaces its target": (
+            [{"models/a": b"X", "models/b": ("hardlink", "models/a")}, {"models/a": b"Y"}], 0, {"a": b"Y", "b": b"X"}),
+        "a hardlink to a lower layer's file": ([{"models/a": b"X"}, {"models/b": ("hardlink", "models/a")}], 5, {}),
+        "an upper layer's symlink over a lower directory, leading out": (
+            [{"models/d/w": b"w", "models/x": b"x"}, {"models/d": ("symlink", "../../etc")}], 5, {}),
+        "an upper layer's directory over a lower symlink": (
+            [{"models/d": ("symlink", "../../etc")}, {"models/d/w": b"w"}], 0, {"d/w": b"w"}),
         "an upper layer's file replaces a lower one's": (
             [{"models/w": b"old"}, {"models/w": b"new", "models/x": b"x"}], 0, {"w": b"new", "x": b"x"}),
         "parents a tar does not list are still the upper layer's": (
