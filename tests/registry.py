@@ -72,6 +72,9 @@ TITLE = "org.opencontainers.image.title"
 UNPACK = "io.deis.oras.content.unpack"
 ORAS_DIGEST = "io.deis.oras.content.digest"
 TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 Auth = Literal["none", "htpasswd", "token"]
 SERVICE = "fetcher-test-registry"
@@ -758,6 +761,28 @@ class Registry:
         }
         if annotations:
             manifest["annotations"] = dict(annotations)
+        return self.put_manifest(repo, tag, manifest, client)
+
+    def push_layers(
+        self,
+        repo: str,
+        tag: str | None,
+        layers: Sequence[bytes],
+        *,
+        docker: bool = False,
+        config: bytes = b'{"architecture": "amd64", "os": "linux"}',
+    ) -> str:
+        """An ordinary image put together by hand, a gzipped tar a layer (tests.conftest.make_tar), so whiteouts
+        and odd members stay exactly as written; in OCI's media types, or Docker's schema 2 ones with ``docker``
+        (as ``docker buildx`` pushes them). Returns the manifest digest."""
+        client = self.oras(repo)
+        kinds = (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER) if docker else (OCI_MANIFEST, IMAGE_CONFIG, TAR_GZIP)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": kinds[0],
+            "config": self.push_blob(repo, Blob(config, kinds[1]), client),
+            "layers": [self.push_blob(repo, Blob(layer, kinds[2]), client) for layer in layers],
+        }
         return self.put_manifest(repo, tag, manifest, client)
 
     def push_index(self, repo: str, tag: str, platforms: Mapping[str, str], *, media_type: str = OCI_INDEX) -> str:

@@ -20,11 +20,16 @@ from fetcher.schemes import check_source, parse_oci
 from fetcher.sources.oci import layer_file, parse_challenge, registry_credentials
 from tests.conftest import Run, make_tar, run_fetcher, sha256, tree
 from tests.faults_support import Background
-from tests.registry import MODEL_FILEPATH, OCI_MANIFEST, AccessLine, Blob, Registry
+from tests.registry import (
+    DOCKER_MANIFEST_LIST,
+    MODEL_FILEPATH,
+    OCI_MANIFEST,
+    AccessLine,
+    Blob,
+    Registry,
+)
 
 MODEL_DOC = "application/vnd.cncf.model.doc.v1"
-IMAGE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_MODEL_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
 
 HEX = "ab" * 32
@@ -353,12 +358,34 @@ def test_the_index_gives_this_nodes_platform_or_the_one_asked_for(registry: Regi
     assert "offers linux/amd64, linux/arm64/v8" in missing.event("failed")["error"]
 
 
+def test_a_docker_manifest_list_gives_this_nodes_linux_platform_or_the_one_asked_for(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A multi-platform modelcar as ``docker buildx`` pushes it: a manifest list of schema 2 images. A windows
+    image of this node's architecture comes first, so only the os tells them apart."""
+    platforms = ("windows/amd64", "linux/amd64", "linux/arm64/v8", "linux/arm/v7")
+    images = {
+        name: registry.push_layers("org/multi", None, [make_tar({"models/arch.txt": name.encode()})], docker=True)
+        for name in platforms
+    }
+    digest = registry.push_index("org/multi", "v1", images, media_type=DOCKER_MANIFEST_LIST)
+    node = {"x86_64": "amd64", "aarch64": "arm64/v8"}.get(platform.machine(), "")
+    ref = registry.ref("org/multi", "v1")
+
+    run = _pull(registry, ref, tmp_path / "node", "--oci-path", "/models")
+    arm = _pull(registry, ref, tmp_path / "arm", "--oci-path", "/models", "--oci-platform", "linux/arm64")
+    v7 = _pull(registry, ref, tmp_path / "v7", "--oci-path", "/models", "--oci-platform", "linux/arm/v7")
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "node") == {"arch.txt": f"linux/{node}".encode()}
+    assert run.event("published")["identity"].startswith(f"oci:{digest} linux/")
+    assert arm.code == 0 and tree(tmp_path / "arm") == {"arch.txt": b"linux/arm64/v8"}
+    assert v7.code == 0 and tree(tmp_path / "v7") == {"arch.txt": b"linux/arm/v7"}
+
+
 def _push_layered_image(registry: Registry, repo: str, layers: list[dict[str, bytes | tuple[str, Any]]]) -> str:
     """An ordinary image, hand-layered (real tar+gzip layers, the image config type): whiteouts exactly as written."""
-    descriptors = [registry.push_blob(repo, Blob(make_tar(m), IMAGE_LAYER_GZIP)) for m in layers]
-    config = registry.push_blob(repo, Blob(b'{"architecture": "amd64", "os": "linux"}', IMAGE_CONFIG))
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descriptors}
-    return registry.put_manifest(repo, "v1", manifest)
+    return registry.push_layers(repo, "v1", [make_tar(m) for m in layers])
 
 
 def test_an_ordinary_image_is_exit_5_asking_for_oci_path(registry: Registry, tmp_path: Path) -> None:
@@ -546,10 +573,7 @@ def test_image_layers_as_a_container_sees_them_or_a_refusal(registry: Registry, 
     }  # fmt: skip
     for number, (case, (layers, code, files)) in enumerate(cases.items()):
         repo = f"org/case{number}"
-        descriptors = [registry.push_blob(repo, Blob(make_tar(m), IMAGE_LAYER_GZIP)) for m in layers]
-        config = registry.push_blob(repo, Blob(b'{"os": "linux"}', IMAGE_CONFIG))
-        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descriptors}
-        registry.put_manifest(repo, "v1", manifest)
+        _push_layered_image(registry, repo, layers)
         dest = tmp_path / f"d{number}"
 
         run = _pull(registry, registry.ref(repo, "v1"), dest, "--oci-path", "/models")
@@ -565,11 +589,7 @@ def test_a_later_copy_of_a_path_in_one_layer_replaces_the_first(registry: Regist
             info = tarfile.TarInfo("models/w")
             info.size = len(data)
             layer.addfile(info, io.BytesIO(data))
-    config = registry.push_blob("org/twice", Blob(b'{"os": "linux"}', IMAGE_CONFIG))
-    layers = [registry.push_blob("org/twice", Blob(buffer.getvalue(), IMAGE_LAYER_GZIP))]
-    registry.put_manifest(
-        "org/twice", "v1", {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers}
-    )
+    registry.push_layers("org/twice", "v1", [buffer.getvalue()])
 
     run = _pull(registry, registry.ref("org/twice", "v1"), tmp_path / "dest", "--oci-path", "/models")
 

@@ -19,6 +19,9 @@ import pytest
 
 from tests.conftest import make_tar
 from tests.registry import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_MANIFEST,
     MODEL_ARTIFACT,
     MODEL_CONFIG,
     MODEL_FILEPATH,
@@ -32,6 +35,7 @@ from tests.registry import (
     Blob,
     Registry,
 )
+from tests.registry import DOCKER_MANIFEST_LIST as LIST
 
 WEIGHTS = bytes(range(256)) * 400
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
@@ -220,6 +224,24 @@ def test_an_index_of_two_platforms(registry: Registry) -> None:
     }
     for entry in index["manifests"]:
         assert entry["size"] == len(registry.get_manifest("org/multi", entry["digest"]))
+
+
+def test_a_docker_manifest_list_of_schema_2_images(registry: Registry) -> None:
+    amd64 = registry.push_layers("org/docker", None, [make_tar({"a": b"amd64"})], docker=True)
+    arm64 = registry.push_layers("org/docker", None, [make_tar({"a": b"arm64"})], docker=True)
+    digest = registry.push_index("org/docker", "v1", {"linux/amd64": amd64, "linux/arm64": arm64}, media_type=LIST)
+    accept = {"Accept": f"{DOCKER_MANIFEST}, {LIST}"}
+    with client(registry) as http:
+        listed = http.get(f"{registry.url}/v2/org/docker/manifests/v1", headers=accept)
+        assert (listed.headers["Content-Type"], listed.headers["Docker-Content-Digest"]) == (LIST, digest)
+        assert [entry["mediaType"] for entry in listed.json()["manifests"]] == [DOCKER_MANIFEST, DOCKER_MANIFEST]
+        image = http.get(f"{registry.url}/v2/org/docker/manifests/{arm64}", headers=accept)
+        assert image.headers["Content-Type"] == DOCKER_MANIFEST
+        assert image.json()["config"]["mediaType"] == DOCKER_CONFIG
+        assert [layer["mediaType"] for layer in image.json()["layers"]] == [DOCKER_LAYER]
+        # a client that does not accept lists is given linux/amd64's manifest instead (distribution 2.8)
+        no_lists = http.get(f"{registry.url}/v2/org/docker/manifests/v1", headers={"Accept": DOCKER_MANIFEST})
+        assert no_lists.headers["Docker-Content-Digest"] == amd64
 
 
 @pytest.mark.xdist_group("containers")  # one podman at a time, on one xdist worker
