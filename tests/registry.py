@@ -77,6 +77,7 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 Auth = Literal["none", "htpasswd", "token"]
+Endless = Literal["manifest", "error", "token"]  # what EndlessRegistry never stops sending
 SERVICE = "fetcher-test-registry"
 ISSUER = "fetcher-test-token-service"
 LEEWAY = 60  # seconds the registry (distribution 2.8, token.Leeway) accepts a token past its exp
@@ -368,6 +369,60 @@ class BlobStore:
         self.url = self.server.url
 
     def close(self) -> None:
+        self.server.close()
+
+
+class EndlessRegistry:
+    """A hostile registry, over plain HTTP, whose answer never ends: a manifest (``"manifest"``), a 404's error
+    body (``"error"``), or its token service's token (``"token"``: every manifest GET without a token is first
+    answered with a Bearer challenge naming ``/token`` here). Each goes on until the client hangs up, or
+    ``limit`` bytes in all; ``sent`` counts what was written, so a test sees how much a client took in.
+    """
+
+    def __init__(self, endless: Endless, limit: int = 256 * 2**20) -> None:
+        self.sent = 0
+        hostile = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # a body that lasts until the connection closes
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if urllib.parse.urlsplit(self.path).path == "/token":
+                    self._endless(200, "application/json", b'{"token": "', b"a")
+                elif endless == "token" and "Authorization" not in self.headers:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", f'Bearer realm="{hostile.url}/token",service="endless"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif endless == "error":
+                    self._endless(404, "application/json", b'{"errors": [{"code": "MANIFEST_UNKNOWN", "x": "', b"x")
+                else:
+                    self._endless(200, OCI_MANIFEST, b'{"schemaVersion": 2, "layers": [', b" ")
+
+            def _endless(self, status: int, content_type: str, head: bytes, filler: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.end_headers()
+                chunk = filler * 65536
+                try:
+                    self.wfile.write(head)
+                    while hostile.sent < limit:
+                        self.wfile.write(chunk)
+                        hostile.sent += len(chunk)
+                except OSError:  # the client hung up, as one that caps what it reads does
+                    pass
+
+        self.server = _Server(Handler, "127.0.0.1", None)
+        self.host = self.server.host
+        self.url = self.server.url
+
+    def __enter__(self) -> EndlessRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.server.close()
 
 

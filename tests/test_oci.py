@@ -26,8 +26,11 @@ from tests.registry import (
     OCI_MANIFEST,
     AccessLine,
     Blob,
+    Endless,
+    EndlessRegistry,
     Registry,
 )
+from tests.test_tar_stream import _run_measured
 
 MODEL_DOC = "application/vnd.cncf.model.doc.v1"
 DOCKER_MODEL_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
@@ -619,3 +622,35 @@ def test_tar_layers_of_an_artifact_share_one_budget_and_no_path(registry: Regist
 def _pull_after_push(registry: Registry, repo: str, files: dict[str, bytes | Blob], dest: Path) -> Run:
     registry.push_modelpack(repo, "v1", files)
     return _pull(registry, registry.ref(repo, "v1"), dest)
+
+
+# --- a registry that never stops talking ------------------------------------------------------------------
+
+ENDLESS: dict[Endless, tuple[str, str]] = {
+    "manifest": ("a manifest", "the registry sent a manifest larger than 4194304 bytes"),
+    "error": ("an error body", "org/model@sha256:" + HEX + " was not found"),
+    "token": ("a token service's answer", "token service (http://127.0.0.1:"),
+}
+
+
+@pytest.mark.parametrize(
+    "endless",
+    [
+        pytest.param(key, marks=pytest.mark.fault(f"{what} that never ends: read up to a cap", exit=3, area="oci"))
+        for key, (what, _) in ENDLESS.items()
+    ],
+)
+def test_an_endless_answer_is_read_up_to_its_cap_and_no_further(endless: Endless, tmp_path: Path) -> None:
+    with EndlessRegistry(endless) as hostile:
+        source = f"oci://{hostile.host}/org/model@sha256:{HEX}"
+        started = time.monotonic()
+        code, log, peak_kib = _run_measured("--source", source, "--oci-plain-http", "--dest", str(tmp_path / "d"))
+        took = time.monotonic() - started
+        sent = hostile.sent
+
+    assert code == 3, log
+    failed = [event for line in log.splitlines() if (event := json.loads(line)).get("event") == "failed"]
+    assert len(failed) == 1 and ENDLESS[endless][1] in failed[0]["error"], log
+    assert sent < 32 * 2**20, f"{sent} bytes sent: fetcher read on past its cap"
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib // 1024} MiB"
+    assert took < 30

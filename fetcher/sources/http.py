@@ -13,7 +13,7 @@ import os
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -96,12 +96,14 @@ class HttpClient:
 
     @contextmanager
     def stream(
-        self, url: str, display: str, pin: Pin, start: int = 0, end: int | None = None
+        self, url: str, display: str, pin: Pin, start: int = 0, end: int | None = None, accept: str | None = None
     ) -> Iterator[tuple[Body, httpx.Response]]:
         """GET ``url`` from ``start`` to ``end``, pinned to what ``pin`` saw first."""
         headers = pin.seen.preconditions() if pin.seen is not None else {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if accept:
+            headers["Accept"] = accept
         with self._errors(display, url), self._client.stream("GET", url, headers=headers) as response:
             offset, exact = self._check(response, display, pin, start, end)
             info = _info(response, offset, pin)
@@ -214,6 +216,17 @@ def _chunks(response: httpx.Response, display: str) -> Iterator[bytes]:
         yield from response.iter_raw()  # as it arrives: a chunker would lose bytes on a cut
     except httpx.HTTPError as exc:
         raise httpx_error(exc, display, str(response.url), reading=True) from exc
+
+
+def read_capped(chunks: Iterable[bytes], limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of a body, and whether that was all of it: what a server answers is held
+    in memory only up to there, and nothing past it is read, however much it sends."""
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk
+        if len(data) > limit:
+            return bytes(data[:limit]), False
+    return bytes(data), True
 
 
 # What each httpx exception means for fetcher, most specific first: one table, as httpx's own

@@ -14,7 +14,9 @@ first request with a challenge (``WWW-Authenticate``): Basic, or Bearer with a
 token service to ask, anonymously or with the credentials; ``RegistryAuth``
 answers it as docker does, and again when a token expires mid-pull. Neither the
 credentials nor the token reach another host: blob downloads are often
-redirected to object storage (see ``HttpClient``).
+redirected to object storage (see ``HttpClient``). What a registry or its
+token service answers is read only up to a cap (``read_capped``), so a hostile
+one cannot fill fetcher's memory.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fetcher.redact import redact_url
 from fetcher.schemes import OciReference, parse_oci
 from fetcher.sources.base import Body, Connection, Selection
 from fetcher.sources.fast_http import tls_context
-from fetcher.sources.http import HttpClient, Pin, origin
+from fetcher.sources.http import HttpClient, Pin, origin, read_capped
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -49,6 +51,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 MAX_MANIFEST = 4 * 1024 * 1024  # the distribution registry's own limit on a manifest's size
+MAX_ANSWER = 64 * 1024  # what fetcher reads of an error body or a token service's answer
 
 MODELPACK_MANIFEST = "application/vnd.cncf.model.manifest.v1+json"
 MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
@@ -135,14 +138,18 @@ class OciSource:
         return Manifest(entries, directory=True, identity=identity, note=note)
 
     def _manifest(self, reference: str, digest: str | None) -> tuple[str, bytes]:
-        """A manifest's media type and bytes, checked against ``digest`` when one names it (exit 4 if not)."""
-        response = self._client.get(f"{self._api}/manifests/{reference}", self.display, accept=ACCEPT)
-        data = response.content
-        if len(data) > MAX_MANIFEST:
+        """A manifest's media type and bytes, checked against ``digest`` when one names it (exit 4 if not).
+
+        Read as a stream and never past ``MAX_MANIFEST``: a hostile registry's endless answer is cut there.
+        """
+        url = f"{self._api}/manifests/{reference}"
+        with self._client.stream(url, self.display, Pin(), accept=ACCEPT) as (body, response):
+            data, whole = read_capped(body.chunks, MAX_MANIFEST)
+            media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        if not whole:
             raise FetchError(f"{self.display}: the registry sent a manifest larger than {MAX_MANIFEST} bytes")
         if digest is not None and (got := "sha256:" + hashlib.sha256(data).hexdigest()) != digest:
             raise IntegrityError(f"{self.display}: manifest digest mismatch: asked for {digest}, got {got}")
-        media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
         return media_type, data
 
     def _choose(self, index: dict[str, Any]) -> str:
@@ -222,8 +229,9 @@ class OciSource:
         """The registry's own error code (the spec's JSON errors) where it names a final failure."""
         if response.status_code not in (401, 403, 404):
             return None
-        try:
-            errors = json.loads(response.read()).get("errors") or []
+        try:  # its first MAX_ANSWER bytes: an error body that never ends is explained by its status
+            data = response.content if response.is_stream_consumed else read_capped(response.iter_raw(), MAX_ANSWER)[0]
+            errors = json.loads(data).get("errors") or []
             code = next((e.get("code") for e in errors if e.get("code") in REGISTRY_ERRORS), None)
         except (ValueError, AttributeError, TypeError, httpx.HTTPError):
             code = None
@@ -233,7 +241,7 @@ class OciSource:
             code = "MANIFEST_UNKNOWN" if "/manifests/" in str(response.request.url) else "BLOB_UNKNOWN"
         if code is None:
             return None
-        ref = f"{self.ref.repository}:{self.ref.reference}"
+        ref = self.ref.repository + ("@" if self.ref.digest else ":") + self.ref.reference
         return FetchError(REGISTRY_ERRORS[code].format(ref=ref, repo=self.ref.repository, registry=self.ref.registry))
 
     def close(self) -> None:
@@ -327,28 +335,36 @@ class RegistryAuth(httpx.Auth):
         if challenge.get("service"):
             params["service"] = challenge["service"]
         if self._tokens is None:
-            self._tokens = httpx.Client(verify=tls_context(), timeout=self._timeout, follow_redirects=False)
+            self._tokens = httpx.Client(
+                verify=tls_context(),
+                timeout=self._timeout,
+                follow_redirects=False,
+                headers={"Accept-Encoding": "identity"},  # its answer is read raw, and capped
+            )
+        url = httpx.URL(realm).copy_merge_params(params)  # the realm's own query is kept, as docker keeps it
         try:
-            url = httpx.URL(realm).copy_merge_params(params)  # the realm's own query is kept, as docker keeps it
-            response = self._tokens.get(url, auth=self._credentials)
+            with self._tokens.stream("GET", url, auth=self._credentials) as response:
+                status = response.status_code
+                data, whole = read_capped(response.iter_raw(), MAX_ANSWER) if status < 300 else (b"", True)
         except httpx.HTTPError as exc:
             raise TransientFetchError(
                 f"the registry's token service {redact_url(realm)} failed: {type(exc).__name__}"
             ) from exc
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             what = "the credentials" if self._credentials else "an anonymous pull"
-            raise FetchError(
-                f"the registry's token service refused {what} (HTTP {response.status_code}): check --registry-auth-file"
-            )
-        if response.status_code >= 500 or response.status_code == 429:
-            raise TransientFetchError(f"the registry's token service answered HTTP {response.status_code}")
+            raise FetchError(f"the registry's token service refused {what} (HTTP {status}): check --registry-auth-file")
+        if status >= 500 or status == 429:
+            raise TransientFetchError(f"the registry's token service answered HTTP {status}")
+        if not whole:
+            raise FetchError(f"the registry's token service ({redact_url(realm)}) sent more than {MAX_ANSWER} bytes")
         try:
-            answer = response.json()
+            answer = json.loads(data)
             token = answer.get("token") or answer.get("access_token")
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]+", token):
-            raise FetchError(f"the registry's token service ({redact_url(realm)}) gave no usable token")
+            answered = f" (HTTP {status})" if status != 200 else ""
+            raise FetchError(f"the registry's token service ({redact_url(realm)}) gave no usable token{answered}")
         return token
 
     def close(self) -> None:
