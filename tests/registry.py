@@ -175,6 +175,7 @@ class Seen:
     path: str  # with the query
     headers: dict[str, str]
     status: int = 0
+    form: dict[str, list[str]] = field(default_factory=dict)  # a POST's urlencoded body
 
 
 class _Server:
@@ -205,6 +206,9 @@ class TokenService:
     GET /token?service=...&scope=repository:NAME:pull,push with Basic credentials of a known user
     grants what was asked; without credentials only ``pull`` on a repository in ``public`` is granted
     (an anonymous token with empty access otherwise, as Docker Hub answers); wrong credentials are a 401.
+    POST /token is the OAuth2 form ("Token Authentication Specification: OAuth2"): grant_type=refresh_token
+    with one of ``refresh_tokens`` (what a docker config.json keeps as an ``identitytoken``) grants as its
+    user's credentials would; an unknown one is a 400 ``invalid_grant``, as OAuth2 answers.
     Tokens are ES256 JWTs carrying the signer's certificate in ``x5c``; ``lifetime`` is both
     ``expires_in`` and, net of the registry's leeway, what the registry enforces.
     """
@@ -217,9 +221,11 @@ class TokenService:
         public: set[str],
         lifetime: int,
         tls: bool,
+        refresh_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.pki = pki
         self.users = dict(users)
+        self.refresh_tokens = dict(refresh_tokens or {})  # token -> user
         self.public = public
         self.lifetime = lifetime
         self.requests: list[Seen] = []
@@ -234,8 +240,15 @@ class TokenService:
 
             def do_GET(self) -> None:
                 seen = Seen("GET", self.path, dict(self.headers.items()))
+                self._reply(seen, *service.answer(self.path, self.headers.get("Authorization")))
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                seen = Seen("POST", self.path, dict(self.headers.items()), form=urllib.parse.parse_qs(body))
+                self._reply(seen, *service.refresh(self.path, seen.form))
+
+            def _reply(self, seen: Seen, status: int, body: dict[str, Any]) -> None:
                 service.requests.append(seen)
-                status, body = service.answer(self.path, self.headers.get("Authorization"))
                 seen.status = status
                 payload = json.dumps(body).encode()
                 self.send_response(status)
@@ -263,8 +276,22 @@ class TokenService:
                 user, password = "", ""
             if scheme.lower() != "basic" or not user or self.users.get(user) != password:
                 return 401, {"errors": [{"code": "UNAUTHORIZED", "message": "wrong credentials"}]}
+        return 200, self.grant(user, query.get("scope", []), query.get("service", [SERVICE])[0])
+
+    def refresh(self, path: str, form: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """The OAuth2 POST: a refresh token (docker's identity token) exchanged for an access token."""
+        if urllib.parse.urlsplit(path).path != "/token":
+            return 404, {"errors": [{"code": "NOT_FOUND"}]}
+        user = self.refresh_tokens.get(form.get("refresh_token", [""])[0])
+        if form.get("grant_type") != ["refresh_token"] or user is None:
+            return 400, {"error": "invalid_grant"}
+        answer = self.grant(user, form.get("scope", []), form.get("service", [SERVICE])[0])
+        return 200, {"access_token": answer["access_token"], "expires_in": self.lifetime}
+
+    def grant(self, user: str, scopes: list[str], audience: str) -> dict[str, Any]:
+        """A token for what ``user`` (anonymous: "") may do of ``scopes``."""
         access = []
-        for scope in query.get("scope", []):
+        for scope in scopes:
             for one in scope.split(" "):
                 kind, _, rest = one.partition(":")
                 name, _, actions = rest.rpartition(":")
@@ -274,10 +301,10 @@ class TokenService:
                 granted = wanted if user else [a for a in wanted if a == "pull" and name in self.public]
                 if granted:
                     access.append({"type": "repository", "name": name, "actions": granted})
-        token = self.sign(user, query.get("service", [SERVICE])[0], access)
+        token = self.sign(user, audience, access)
         self.issued += 1
         now = datetime.datetime.now(datetime.UTC).isoformat()
-        return 200, {"token": token, "access_token": token, "expires_in": self.lifetime, "issued_at": now}
+        return {"token": token, "access_token": token, "expires_in": self.lifetime, "issued_at": now}
 
     def sign(self, subject: str, audience: str, access: list[dict[str, Any]], *, expires: int | None = None) -> str:
         """A JWT the registry accepts for ``access`` until ``expires`` (epoch seconds, default now + lifetime)."""
@@ -508,6 +535,7 @@ class Registry:
         self._process: subprocess.Popen[bytes] | None = None
         self._public = set(public or ())
         self._token_lifetime = token_lifetime
+        self.identity_token = secrets.token_urlsafe(24)  # token mode: an OAuth2 refresh token for ``username``
         self._redirect = redirect
 
     # -- lifecycle
@@ -547,6 +575,7 @@ class Registry:
                 public=self._public,
                 lifetime=self._token_lifetime,
                 tls=self.tls,
+                refresh_tokens={self.identity_token: self.username},
             )
             config["auth"] = {
                 "token": {
@@ -646,14 +675,25 @@ class Registry:
         return base64.b64encode(pair.encode()).decode()
 
     def docker_config(
-        self, path: Path, *, username: str | None = None, password: str | None = None, key: str | None = None
+        self,
+        path: Path,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        key: str | None = None,
+        identity_token: str | None = None,
     ) -> Path:
         """Write a docker ``config.json`` (a kubernetes.io/dockerconfigjson Secret's content) for this registry.
 
         ``key`` is the auths key, ``host:port`` by default (docker also writes ``https://host:port``).
+        With ``identity_token`` the entry is what ``docker login`` writes when the registry hands out one
+        (Azure's does): the user with an empty password, and the token as ``identitytoken``.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
-        auths = {key or self.host: {"auth": self.basic_auth(username, password)}}
+        entry = {"auth": self.basic_auth(username, password)}
+        if identity_token is not None:
+            entry = {"auth": self.basic_auth(username, ""), "identitytoken": identity_token}
+        auths = {key or self.host: entry}
         path.write_text(json.dumps({"auths": auths}, indent=2))
         return path
 

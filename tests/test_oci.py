@@ -9,7 +9,7 @@ import platform
 import random
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 
 from fetcher.errors import ArchiveError, UsageError
 from fetcher.schemes import check_source, parse_oci
-from fetcher.sources.oci import layer_file, parse_challenge, registry_credentials
+from fetcher.sources.oci import Credentials, layer_file, parse_challenge, registry_credentials
 from tests.conftest import Run, make_tar, run_fetcher, sha256, tree
 from tests.faults_support import Background
 from tests.registry import (
@@ -63,9 +63,10 @@ def test_a_malformed_reference_is_exit_2_with_the_forms_it_takes(source: str, tm
     assert "oci://registry/repo:tag" in run.event("failed")["error"]
 
 
-def _config(tmp_path: Path, auths: dict[str, object]) -> Path:
+def _config(tmp_path: Path, auths: Mapping[str, object], **more: object) -> Path:
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"auths": auths}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auths": auths, **more}))
     return path
 
 
@@ -73,13 +74,21 @@ def _config(tmp_path: Path, auths: dict[str, object]) -> Path:
 def test_credentials_under_any_key_docker_writes(tmp_path: Path, key: str) -> None:
     auth = base64.b64encode(b"robot:s3cr:et").decode()
     path = _config(tmp_path, {"other.example": {"auth": "eDp5"}, key: {"auth": auth}})
-    assert registry_credentials(path, "reg.example:5000") == ("robot", "s3cr:et")
+    assert registry_credentials(path, "reg.example:5000") == Credentials("robot", "s3cr:et")
 
 
 def test_docker_hub_credentials_and_username_password_entries(tmp_path: Path) -> None:
     path = _config(tmp_path, {"https://index.docker.io/v1/": {"username": "me", "password": "pw"}})
-    assert registry_credentials(path, "docker.io") == ("me", "pw")
+    assert registry_credentials(path, "docker.io") == Credentials("me", "pw")
     assert registry_credentials(path, "ghcr.io") is None
+
+
+def test_an_identity_token_entry_is_read_and_never_shown(tmp_path: Path) -> None:
+    auth = base64.b64encode(b"00000000-0000-0000-0000-000000000000:").decode()
+    path = _config(tmp_path, {"myreg.azurecr.io": {"auth": auth, "identitytoken": "refresh-secret"}})
+    found = registry_credentials(path, "myreg.azurecr.io")
+    assert found == Credentials("00000000-0000-0000-0000-000000000000", "", "refresh-secret")
+    assert "refresh-secret" not in repr(found)
 
 
 def test_a_malformed_auth_entry_is_a_usage_error_that_shows_no_secret(tmp_path: Path) -> None:
@@ -622,6 +631,72 @@ def test_tar_layers_of_an_artifact_share_one_budget_and_no_path(registry: Regist
 def _pull_after_push(registry: Registry, repo: str, files: dict[str, bytes | Blob], dest: Path) -> Run:
     registry.push_modelpack(repo, "v1", files)
     return _pull(registry, registry.ref(repo, "v1"), dest)
+
+
+# --- docker config.json entries beyond a user and password ---------------------------------------------
+
+
+@pytest.mark.fault("an identity token (docker login's OAuth2 refresh token) exchanged for a token", exit=0, area="oci")
+def test_an_identity_token_is_exchanged_at_the_token_service_and_never_logged(
+    registry_token: Registry, tmp_path: Path
+) -> None:
+    registry_token.push_modelpack("org/private", "v1", MODEL)
+    identity = registry_token.identity_token
+    config = registry_token.docker_config(tmp_path / "config.json", identity_token=identity)
+    ref = registry_token.ref("org/private", "v1")
+
+    run = _pull(registry_token, ref, tmp_path / "dest", FETCHER_REGISTRY_AUTH_FILE=str(config))
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == MODEL
+    assert registry_token.token is not None
+    sent = registry_token.token.requests
+    assert [(r.method, r.status) for r in sent] == [("POST", 200)]
+    assert sent[0].form["grant_type"] == ["refresh_token"] and sent[0].form["refresh_token"] == [identity]
+    assert sent[0].form["scope"] == ["repository:org/private:pull"]
+    assert "Authorization" not in sent[0].headers and identity not in sent[0].path
+    assert identity not in run.stderr
+
+    wrong = registry_token.docker_config(tmp_path / "wrong.json", identity_token="not-the-identity-token")
+    refused = _pull(registry_token, ref, tmp_path / "refused", FETCHER_REGISTRY_AUTH_FILE=str(wrong))
+    assert refused.code == 3
+    assert "token service refused the identity token (HTTP 400)" in refused.error
+    assert "not-the-identity-token" not in refused.stderr
+    assert refused.all("retrying") == []
+
+
+def test_a_credential_helper_is_named_once_and_the_pull_goes_on_anonymously(
+    registry_token: Registry, tmp_path: Path
+) -> None:
+    registry_token.push_modelpack("org/private", "v1", MODEL)
+    registry_token.push_modelpack("public/model", "v1", MODEL)
+    host = registry_token.host
+    helpers = {  # what `docker login` leaves in a config.json on a desktop, and with amazon-ecr-credential-helper
+        "docker-credential-desktop": _config(tmp_path / "desktop", {host: {}}, credsStore="desktop"),
+        "docker-credential-ecr-login": _config(tmp_path / "ecr", {}, credHelpers={host: "ecr-login"}),
+    }
+    for helper, config in helpers.items():
+        public = _pull(registry_token, registry_token.ref("public/model", "v1"), tmp_path / helper / "public",
+                       FETCHER_REGISTRY_AUTH_FILE=str(config))  # fmt: skip
+        private = _pull(registry_token, registry_token.ref("org/private", "v1"), tmp_path / helper / "private",
+                        FETCHER_REGISTRY_AUTH_FILE=str(config))  # fmt: skip
+
+        assert public.code == 0, public.stderr
+        assert private.code == 3
+        assert "refused access to org/private" in private.error
+        for run in (public, private):
+            (warning,) = run.all("credential helper not run")
+            assert warning["level"] == "warning" and warning["helper"] == helper
+            assert "only the auths entries" in warning["reason"]
+            assert "kubernetes.io/dockerconfigjson" in warning["reason"]
+
+    entry = {host: {"auth": registry_token.basic_auth()}}
+    both = _config(tmp_path / "both", entry, credsStore="desktop", credHelpers={host: "ecr-login"})
+    run = _pull(
+        registry_token, registry_token.ref("org/private", "v1"), tmp_path / "dest", FETCHER_REGISTRY_AUTH_FILE=str(both)
+    )
+    assert run.code == 0, run.stderr  # an auths entry of its own: read, and no helper named
+    assert run.all("credential helper not run") == []
 
 
 # --- a registry that never stops talking ------------------------------------------------------------------

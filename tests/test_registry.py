@@ -166,6 +166,24 @@ def test_token_auth_records_what_clients_sent(registry_token: Registry, tmp_path
         assert wrong.status_code == 401 and token.requests[-1].status == 401
 
 
+def test_the_token_service_takes_an_identity_token_in_an_oauth2_post(registry_token: Registry) -> None:
+    token = registry_token.token
+    assert token is not None
+    registry_token.push_modelpack("org/private", "v1", {"w.bin": WEIGHTS})
+    form = {"grant_type": "refresh_token", "service": SERVICE, "scope": "repository:org/private:pull"}
+    with client(registry_token) as http:
+        answer = http.post(token.realm, data=form | {"refresh_token": registry_token.identity_token})
+        assert answer.status_code == 200 and "token" not in answer.json()  # OAuth2's access_token only
+        bearer = {"Authorization": f"Bearer {answer.json()['access_token']}"}
+        assert http.get(f"{registry_token.url}/v2/org/private/manifests/v1", headers=ACCEPT | bearer).status_code == 200
+        unknown = http.post(token.realm, data=form | {"refresh_token": "not-issued"})
+        assert (unknown.status_code, unknown.json()) == (400, {"error": "invalid_grant"})
+    assert [(seen.method, seen.status, seen.form["refresh_token"]) for seen in token.requests] == [
+        ("POST", 200, [registry_token.identity_token]),
+        ("POST", 400, ["not-issued"]),
+    ]
+
+
 def test_token_lifetime_is_what_the_registry_enforces(make_registry: object) -> None:
     registry: Registry = make_registry(auth="token", token_lifetime=2)  # type: ignore[operator]
     token = registry.token

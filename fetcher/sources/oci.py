@@ -9,14 +9,15 @@ they are (``layer_file``): a ModelPack weight, an ORAS file, a Docker model
 file, or a tar to unpack at the root. Blobs are read with ranges, like any large file, over the shared pool.
 
 Credentials come from a docker ``config.json`` (``--registry-auth-file``, the
-format of a ``kubernetes.io/dockerconfigjson`` Secret). Registries answer the
-first request with a challenge (``WWW-Authenticate``): Basic, or Bearer with a
-token service to ask, anonymously or with the credentials; ``RegistryAuth``
-answers it as docker does, and again when a token expires mid-pull. Neither the
-credentials nor the token reach another host: blob downloads are often
-redirected to object storage (see ``HttpClient``). What a registry or its
-token service answers is read only up to a cap (``read_capped``), so a hostile
-one cannot fill fetcher's memory.
+format of a ``kubernetes.io/dockerconfigjson`` Secret): its ``auths`` entries
+only, as the kubelet reads them; a credential helper it names is never run.
+Registries answer the first request with a challenge (``WWW-Authenticate``):
+Basic, or Bearer with a token service to ask, anonymously, with the credentials
+or with an identity token; ``RegistryAuth`` answers it as docker does, and again
+when a token expires mid-pull. Neither the credentials nor the token reach
+another host: blob downloads are often redirected to object storage (see
+``HttpClient``). What a registry or its token service answers is read only up
+to a cap (``read_capped``), so a hostile one cannot fill fetcher's memory.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ import re
 import threading
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import structlog
 
 from fetcher.errors import ArchiveError, FetchError, IntegrityError, TransientFetchError, UsageError
 from fetcher.manifest import SHA256, Digest, Entry, Manifest, check_layout, relative_path
@@ -68,6 +71,8 @@ IMAGE_LAYER = re.compile(
     r"application/vnd\.oci\.image\.layer\.v1\.tar(?:\+gzip|\+zstd)?|application/vnd\.docker\.image\.rootfs\.diff\.tar\.gzip"
 )
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+log = structlog.get_logger("fetcher")
 
 # Docker Hub: the name people write, the host its API answers on, and the key docker writes its credentials under.
 DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -285,15 +290,16 @@ class RegistryAuth(httpx.Auth):
 
     Each request goes with the current token (or Basic credentials, once a registry
     asked for them). A 401 from the registry itself is answered once: a Bearer
-    challenge by asking its token service (anonymously, or with the credentials) for
-    a token of this repository's scope, which also renews one that expired mid-pull;
-    a Basic one with the credentials. A 401 from any other host (a redirect's target)
-    is never answered: the credentials are for the registry only.
+    challenge by asking its token service (anonymously, with the credentials, or with
+    the identity token) for a token of this repository's scope, which also renews one
+    that expired mid-pull; a Basic one with the credentials. A 401 from any other host
+    (a redirect's target) is never answered: the credentials are for the registry only.
     """
 
-    def __init__(self, registry_url: str, credentials: tuple[str, str] | None, scope: str, timeout: float) -> None:
+    def __init__(self, registry_url: str, credentials: Credentials | None, scope: str, timeout: float) -> None:
         self._origin = origin(registry_url)
-        self._credentials = credentials
+        self._basic = credentials.basic if credentials is not None else None
+        self._refresh = credentials.identity_token if credentials is not None else None
         self._scope = scope
         self._timeout = timeout
         self._header: str | None = None
@@ -320,14 +326,16 @@ class RegistryAuth(httpx.Auth):
                 return self._header
             if scheme == "bearer" and params.get("realm"):
                 self._header = f"Bearer {self._token(params)}"
-            elif scheme == "basic" and self._credentials is not None:
-                user, password = self._credentials
+            elif scheme == "basic" and self._basic is not None:
+                user, password = self._basic
                 self._header = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
             else:
                 return None
             return self._header
 
     def _token(self, challenge: dict[str, str]) -> str:
+        """A token from the challenge's realm: a GET, with Basic credentials if any, or with an identity
+        token the OAuth2 POST docker sends (grant_type=refresh_token, the token in the form, never the URL)."""
         realm = challenge["realm"]
         if urlsplit(realm).scheme not in ("https", self._origin[0]):  # plain HTTP only for a plain-HTTP registry
             raise FetchError(f"the registry's token service is not HTTPS ({redact_url(realm)}): refused")
@@ -341,17 +349,21 @@ class RegistryAuth(httpx.Auth):
                 follow_redirects=False,
                 headers={"Accept-Encoding": "identity"},  # its answer is read raw, and capped
             )
-        url = httpx.URL(realm).copy_merge_params(params)  # the realm's own query is kept, as docker keeps it
+        if self._refresh is not None:
+            form = params | {"grant_type": "refresh_token", "refresh_token": self._refresh, "client_id": "fetcher"}
+            method, url, auth = "POST", httpx.URL(realm), None
+        else:  # the realm's own query is kept, as docker keeps it
+            form, method, url, auth = None, "GET", httpx.URL(realm).copy_merge_params(params), self._basic
         try:
-            with self._tokens.stream("GET", url, auth=self._credentials) as response:
+            with self._tokens.stream(method, url, data=form, auth=auth) as response:
                 status = response.status_code
                 data, whole = read_capped(response.iter_raw(), MAX_ANSWER) if status < 300 else (b"", True)
         except httpx.HTTPError as exc:
             raise TransientFetchError(
                 f"the registry's token service {redact_url(realm)} failed: {type(exc).__name__}"
             ) from exc
-        if status in (401, 403):
-            what = "the credentials" if self._credentials else "an anonymous pull"
+        if status in (400, 401, 403):  # 400: OAuth2's answer to a refresh token it does not take
+            what = "the identity token" if self._refresh else "the credentials" if self._basic else "an anonymous pull"
             raise FetchError(f"the registry's token service refused {what} (HTTP {status}): check --registry-auth-file")
         if status >= 500 or status == 429:
             raise TransientFetchError(f"the registry's token service answered HTTP {status}")
@@ -380,8 +392,27 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-def registry_credentials(path: Path | None, registry: str) -> tuple[str, str] | None:
-    """The user and password a docker ``config.json`` holds for ``registry``, under any key docker writes.
+@dataclass(frozen=True)
+class Credentials:
+    """A registry's entry in a docker ``config.json``: a user and password, and an identity token (the OAuth2
+    refresh token ``docker login`` keeps for Azure's registry and others), which takes their place at a token
+    service."""
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+
+    @property
+    def basic(self) -> tuple[str, str] | None:
+        """For Basic auth: none in an entry that holds only an identity token."""
+        return (self.user, self.password) if self.user or self.password else None
+
+
+def registry_credentials(path: Path | None, registry: str) -> Credentials | None:
+    """What a docker ``config.json`` holds for ``registry`` in its ``auths``, under any key docker writes.
+
+    A credential helper (``credHelpers``, ``credsStore``) is a program, which fetcher never runs: when one
+    keeps this registry's credentials, a warning names it and the pull goes on anonymously.
 
     Raises:
         UsageError: the file cannot be read, or its entry for the registry is malformed.
@@ -394,15 +425,36 @@ def registry_credentials(path: Path | None, registry: str) -> tuple[str, str] | 
         raise UsageError(f"--registry-auth-file {path}: cannot read it: {exc.strerror}") from None
     except ValueError:
         raise UsageError(f"--registry-auth-file {path}: not JSON (a docker config.json)") from None
-    auths = document.get("auths") if isinstance(document, dict) else None
-    if not isinstance(auths, dict):
+    if not isinstance(document, dict):
         return None
     keys = {registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/", f"https://{registry}/v2/"}
     if registry in DOCKER_HUB:
         keys |= {DOCKER_HUB_KEY, *DOCKER_HUB}
-    entry = next((value for key, value in auths.items() if key.rstrip("/") in {k.rstrip("/") for k in keys}), None)
-    if not isinstance(entry, dict):
+    keys = {key.rstrip("/") for key in keys}
+    entry = _config_entry(document.get("auths"), keys)
+    found = _credentials(entry, path, registry) if isinstance(entry, dict) else None
+    helper = _config_entry(document.get("credHelpers"), keys) or document.get("credsStore")
+    if found is None and isinstance(helper, str) and helper:
+        log.warning(
+            "credential helper not run",
+            registry=registry,
+            helper=f"docker-credential-{helper}",
+            reason="fetcher reads only the auths entries of --registry-auth-file "
+            "(mount a kubernetes.io/dockerconfigjson Secret); pulling anonymously",
+        )
+    return found
+
+
+def _config_entry(section: object, keys: set[str]) -> object:
+    """What a config.json section (``auths``, ``credHelpers``) holds under any of ``keys``, a trailing slash aside."""
+    if not isinstance(section, dict):
         return None
+    return next((value for key, value in section.items() if str(key).rstrip("/") in keys), None)
+
+
+def _credentials(entry: dict[str, Any], path: Path, registry: str) -> Credentials | None:
+    """An ``auths`` entry's ``auth`` (base64 of user:password) or username and password, and identitytoken."""
+    user, password = "", ""
     if isinstance(entry.get("auth"), str) and entry["auth"]:
         try:
             user, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
@@ -410,10 +462,11 @@ def registry_credentials(path: Path | None, registry: str) -> tuple[str, str] | 
             user, colon, password = "", "", ""
         if not colon:
             raise UsageError(f"--registry-auth-file {path}: the 'auth' of {registry} is not base64 of user:password")
-        return user, password
-    if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
-        return entry["username"], entry["password"]
-    return None
+    elif isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
+        user, password = entry["username"], entry["password"]
+    token = entry.get("identitytoken")
+    token = token if isinstance(token, str) and token else None
+    return Credentials(user, password, token) if user or password or token else None
 
 
 def _platform_of(descriptor: dict[str, Any]) -> list[str]:
