@@ -533,3 +533,28 @@ def tree(root: Path) -> dict[str, bytes]:
 def published(root: Path) -> list[str]:
     """Everything in dest but the state directory."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.relative_to(root).parts[0] != ".fetcher")
+
+
+# Runs a command and prints its peak RSS (KiB). The child is started from this small process: a
+# process's peak counts the memory it had before exec, and here that is not the test's.
+_MEASURE = (
+    "import resource, subprocess, sys;"
+    "code = subprocess.call(sys.argv[1:]);"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+    "sys.exit(code)"
+)
+
+
+def run_measured(*args: str) -> tuple[int, str, int]:
+    """Run fetcher and return its exit status, its log and its peak RSS in KiB."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHER_", "AWS_")) and "proxy" not in k.lower()}
+    env["FETCHER_TERMINATION_LOG"] = "/dev/null"
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "fetcher", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, done.stderr, int(done.stdout.split()[-1])

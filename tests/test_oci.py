@@ -18,7 +18,7 @@ import pytest
 from fetcher.errors import ArchiveError, UsageError
 from fetcher.schemes import check_source, parse_oci
 from fetcher.sources.oci import Credentials, layer_file, parse_challenge, registry_credentials
-from tests.conftest import Run, make_tar, run_fetcher, sha256, tree
+from tests.conftest import Run, make_tar, run_fetcher, run_measured, sha256, tree
 from tests.faults_support import Background
 from tests.registry import (
     DOCKER_MANIFEST_LIST,
@@ -30,7 +30,6 @@ from tests.registry import (
     EndlessRegistry,
     Registry,
 )
-from tests.test_tar_stream import _run_measured
 
 MODEL_DOC = "application/vnd.cncf.model.doc.v1"
 DOCKER_MODEL_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
@@ -719,7 +718,7 @@ def test_an_endless_answer_is_read_up_to_its_cap_and_no_further(endless: Endless
     with EndlessRegistry(endless) as hostile:
         source = f"oci://{hostile.host}/org/model@sha256:{HEX}"
         started = time.monotonic()
-        code, log, peak_kib = _run_measured("--source", source, "--oci-plain-http", "--dest", str(tmp_path / "d"))
+        code, log, peak_kib = run_measured("--source", source, "--oci-plain-http", "--dest", str(tmp_path / "d"))
         took = time.monotonic() - started
         sent = hostile.sent
 

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 import tarfile
 import zipfile
 import zlib
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import ROOT, Origin, make_tar, published, run_fetcher, sha256, tree
+from tests.conftest import Origin, make_tar, published, run_fetcher, run_measured, sha256, tree
 from tests.hostile import (
     END,
     base256,
@@ -192,31 +191,6 @@ HUGE = {
 }
 
 
-# Runs a command and prints its peak RSS (KiB). The child is started from this small process: a
-# process's peak counts the memory it had before exec, and here that is not the test's.
-_MEASURE = (
-    "import resource, subprocess, sys;"
-    "code = subprocess.call(sys.argv[1:]);"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
-    "sys.exit(code)"
-)
-
-
-def _run_measured(*args: str) -> tuple[int, str, int]:
-    """Run fetcher and return its exit status, its log and its peak RSS in KiB."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHER_", "AWS_")) and "proxy" not in k.lower()}
-    env["FETCHER_TERMINATION_LOG"] = "/dev/null"
-    done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "fetcher", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return done.returncode, done.stderr, int(done.stdout.split()[-1])
-
-
 @pytest.mark.parametrize(
     "case",
     [pytest.param(case, marks=_fault(f"tar: {case} is refused within 100 MiB of memory")) for case in HUGE],
@@ -227,7 +201,7 @@ def test_memory_does_not_follow_what_a_header_declares(origin: Origin, tmp_path:
     assert len(body) < 2 * MiB
     dest = tmp_path / "dest"
     _publish_old(origin, dest)
-    code, log, peak_kib = _run_measured("--source", origin.add("/huge.tar.gz", body), "--dest", str(dest))
+    code, log, peak_kib = run_measured("--source", origin.add("/huge.tar.gz", body), "--dest", str(dest))
     assert code == 5, log
     assert phrase in log, log
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib // 1024} MiB"
@@ -600,7 +574,7 @@ def test_a_zip_index_is_bounded_before_zipfile_reads_it(origin: Origin, tmp_path
     body = _zip_of_many(300_000)
     dest = tmp_path / "dest"
     _publish_old(origin, dest)
-    code, log, peak_kib = _run_measured("--source", origin.add("/many.zip", body), "--dest", str(dest))
+    code, log, peak_kib = run_measured("--source", origin.add("/many.zip", body), "--dest", str(dest))
     assert code == 5, log
     assert "central directory" in log and "4 MiB" in log, log
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib // 1024} MiB"
