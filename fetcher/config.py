@@ -370,6 +370,26 @@ OPTIONS: tuple[Option, ...] = (
         is_flag=True,
     ),
     Option(
+        "cache_dir",
+        _path,
+        "a cache every fetcher on the node shares (a hostPath): each file stored once by its sha256, "
+        "downloaded once however many pods ask at once, then hard-linked (or copied) into dest",
+        metavar="DIR",
+    ),
+    Option(
+        "cache_max_size",
+        parse_size,
+        "with --cache-dir: evict the least recently used files no fetcher holds past this size (unset: never)",
+        metavar="SIZE",
+    ),
+    Option(
+        "cache_verify",
+        _choice("size", "full"),
+        "how a cache hit is checked: size and mtime as recorded, or a full sha256 of the file",
+        "size",
+        metavar="size|full",
+    ),
+    Option(
         "s3_addressing_style",
         _choice("auto", "path", "virtual"),
         "S3 addressing style",

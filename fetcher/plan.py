@@ -57,6 +57,9 @@ class Artifact:
     oci_platform: str | None
     oci_path: str | None
     oci_plain_http: bool
+    cache_dir: Path | None
+    cache_max_size: int | None
+    cache_verify: str
 
     @property
     def scheme(self) -> str:
