@@ -21,8 +21,9 @@ import structlog
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from fetcher.backoff import wait_retry_after
+from fetcher.cache import CachedArtifact, NodeCache
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError, TransientFetchError
-from fetcher.manifest import Manifest, select
+from fetcher.manifest import SHA256, Manifest, select
 from fetcher.plan import Artifact, check_directory_options
 from fetcher.progress import Progress, human_bytes
 from fetcher.publish import (
@@ -39,6 +40,7 @@ from fetcher.publish import (
 from fetcher.spool import ArtifactSpool
 
 if TYPE_CHECKING:
+    from fetcher.pool import DirectoryTransfer
     from fetcher.sources import Source
 
 log = structlog.get_logger("fetcher")
@@ -184,6 +186,13 @@ class _Fetch:
             manifest = self.manifest()
             if manifest.directory:
                 return self._directory(manifest, staging, present)
+            if artifact.cache_dir is not None:
+                log.warning(
+                    "not cached",
+                    source=artifact.display_source,
+                    reason="--cache-dir keeps the files of directories, registries and hubs; one file or archive "
+                    "is fetched as without it",
+                )
             return self._single(manifest, staging)
 
     def _single(self, manifest: Manifest, staging: Path) -> Result:
@@ -300,6 +309,7 @@ class _Fetch:
         )
         spool = ArtifactSpool(artifact.state_dir, artifact.key)
         progress = Progress(artifact.display_source, total, artifact.progress_interval, files_total=len(entries))
+        cache = self._cache(manifest)
         transfer = DirectoryTransfer(
             self.source,
             manifest,
@@ -310,6 +320,7 @@ class _Fetch:
             on_bytes=progress,
             on_file=progress.file_done,
             published=self._published(earlier),
+            cache=cache,
         )
         try:
             slots = transfer.run()
@@ -322,6 +333,8 @@ class _Fetch:
                     first=transfer.unverified[:3],
                     hint="give --sha256sums; S3 objects uploaded with a SHA-256 checksum are checked against it",
                 )
+            if cache is not None:
+                self._fill_cache(cache, manifest, transfer, spool, slots)
             tree = staging / "tree"
             limits = pipeline.Limits(0, artifact.max_unpacked_size, artifact.max_members)
             packed = [(spool.complete(slots[e.path]), f"layer {e.locator}") for e in entries if e.unpack]
@@ -351,6 +364,12 @@ class _Fetch:
             spool.discard()
             raise
         spool.discard()
+        if cache is not None and artifact.cache_max_size is not None:
+            removed, freed = cache.node.evict(artifact.cache_max_size)
+            if removed:
+                log.info(
+                    "cache evicted", files=removed, size=freed, size_h=human_bytes(freed), cache=str(cache.node.root)
+                )
         seconds = time.monotonic() - self.started
         log.info(
             "published",
@@ -367,6 +386,53 @@ class _Fetch:
             mb_per_s=round((total - transfer.kept_bytes) / max(seconds, 1e-9) / 1e6, 1),
         )
         return Result(artifact, False, total, marker.files, seconds)
+
+    def _cache(self, manifest: Manifest) -> CachedArtifact | None:
+        """The node cache (--cache-dir) as this artifact uses it, with what an earlier fetch of this
+        very identity computed for its files that came without a digest."""
+        artifact = self.artifact
+        if artifact.cache_dir is None:
+            return None
+        node = NodeCache(artifact.cache_dir, artifact.cache_verify)
+        remembered = node.known(manifest.identity) if manifest.identity else {}
+        return CachedArtifact(node, artifact.file_mode, artifact.owner, artifact.progress_interval, remembered)
+
+    def _fill_cache(
+        self,
+        cache: CachedArtifact,
+        manifest: Manifest,
+        transfer: DirectoryTransfer,
+        spool: ArtifactSpool,
+        slots: dict[str, str],
+    ) -> None:
+        """Files that did not come through the cache join it (by a link: no copy), and what this fetch
+        computed for files without a digest is remembered for the next fetch of the same identity.
+
+        Not when --owner or --file-mode is given: the publish changes the spooled inode, which
+        the cache would then share.
+        """
+        artifact = self.artifact
+        computed: dict[str, str] = {}
+        for entry in manifest.entries:
+            digest = str(entry.digest) if entry.digest is not None else transfer.digests.get(entry.path)
+            if digest is None:
+                continue
+            algorithm, _, hex_ = digest.partition(":")
+            key = f"{algorithm}-{hex_}"
+            if entry.digest is None and algorithm == SHA256:
+                computed[entry.path] = key
+            if artifact.owner is None and artifact.file_mode is None:
+                cache.node.adopt(key, spool.complete(slots[entry.path]))
+        if manifest.identity:
+            cache.node.remember(manifest.identity, computed)
+        if transfer.from_cache:
+            log.info(
+                "cache hit",
+                source=artifact.display_source,
+                files=transfer.from_cache,
+                of=len(manifest.entries),
+                cache=str(cache.node.root),
+            )
 
     def _published(self, earlier: Marker | None) -> dict[tuple[str, str], tuple[Path, str | None]]:
         """The files the last publish left in dest as it made them.

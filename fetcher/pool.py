@@ -30,6 +30,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
+from fetcher.cache import CachedArtifact, split_key
 from fetcher.channel import Cancelled
 from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
@@ -78,6 +79,9 @@ class _File:
     hashed: int = 0  # parts hashed, in order
     digest: Digest | None = None  # the entry's, or what the source vouched for when it answered
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cached: str | None = None  # the node cache's key (sha256 hex): fetched through the cache
+    spool: ArtifactSpool | None = None  # where it downloads to: the cache's shared spool while its lock is held
+    held: int | None = None  # the fd of the cache entry's exclusive lock, while this fetcher downloads it
 
 
 class DirectoryTransfer:
@@ -92,6 +96,7 @@ class DirectoryTransfer:
         on_bytes: Callable[[int], None],
         on_file: Callable[[int | None, bool], None],
         published: dict[tuple[str, str], tuple[Path, str | None]] | None = None,
+        cache: CachedArtifact | None = None,
     ) -> None:
         self._source = source
         self._manifest = manifest
@@ -100,6 +105,7 @@ class DirectoryTransfer:
         self._on_bytes = on_bytes
         self._on_file = on_file
         self._published = published or {}
+        self._cache = cache
         self._tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._pending = 0  # files not yet verified
         self._lock = threading.Lock()
@@ -110,6 +116,8 @@ class DirectoryTransfer:
         self.kept = 0  # files verified by an earlier run, or left in dest by the last publish: not fetched
         self.copies = 0  # files whose slot (digest) another file of the manifest already fills: not fetched
         self.kept_bytes = 0
+        self.from_cache = 0  # files the node cache held (or another fetcher put there while this one waited)
+        self._waits: dict[str, float] = {}  # path -> when its wait was last logged
 
     def run(self) -> dict[str, str]:
         slots: dict[str, str] = {}
@@ -129,15 +137,20 @@ class DirectoryTransfer:
                 self.kept_bytes += entry.size or 0
                 self._on_file(entry.size, False)
                 continue
+            if self._cache is not None and self._from_cache(entry, slot):
+                self.kept_bytes += entry.size or 0
+                self._on_file(entry.size, False)
+                continue
             planned.add(slot)
-            todo.append(_File(entry, reader, slot, digest=entry.digest))
+            cached = _cache_key(entry) if self._cache is not None else None
+            todo.append(_File(entry, reader, slot, digest=entry.digest, cached=cached))
         if self.kept:
             log.info("resuming", source=self._source.display, files_verified_before=self.kept, files_to_fetch=len(todo))
         if not todo:
             return slots
         self._pending = len(todo)
         for job in sorted(todo, key=lambda job: -(job.entry.size or 0)):  # the longest first: they set the end
-            self._plan(job)
+            self._schedule(job)
         workers = [
             threading.Thread(target=self._work, name=f"fetcher-pool-{n}", daemon=True)
             for n in range(self._settings.concurrency)
@@ -154,6 +167,7 @@ class DirectoryTransfer:
             for job in todo:
                 if job.parts is not None:
                     job.parts.close()
+                self._let_go(job)
         if self._error is not None:
             raise self._error
         return slots
@@ -187,7 +201,96 @@ class DirectoryTransfer:
             self.unverified.append(entry.path)
         return self._spool.take(path, slot)
 
+    # --- the node cache ----------------------------------------------------------------
+
+    def _from_cache(self, entry: Entry, slot: str) -> bool:
+        """Whether the node cache holds the file (by its digest, or by what an earlier fetch of this very
+        identity computed for it), checked and now in its slot; never waits for another fetcher."""
+        assert self._cache is not None
+        key, remembered = _cache_key(entry), False
+        if key is None:
+            key, remembered = self._cache.remembered.get(entry.path), True
+        if key is None:
+            return False
+        try:
+            with self._cache.node.locked(key, exclusive=False, waiting=_busy):
+                if not self._cache.node.check(key):
+                    return False
+                self._cache.place(key, self._spool.complete(slot))
+        except _Busy:
+            return False  # another fetcher is downloading it: a worker waits for it
+        if remembered:  # what it hashed to, not what any source vouched for
+            self.digests[entry.path] = ":".join(split_key(key))
+            self.unverified.append(entry.path)
+        self.from_cache += 1
+        return True
+
+    def _through_cache(self, job: _File) -> None:
+        """Take the file from the node cache, waiting while another fetcher downloads it; else
+        download it into the cache under its exclusive lock (``_verified`` stores it and lets go)."""
+        assert self._cache is not None and job.cached is not None
+        key, node = job.cached, self._cache.node
+        waiting = self._waiting(job)
+        with node.locked(key, exclusive=False, waiting=waiting):
+            if node.check(key):
+                return self._placed(job)
+        held = node.acquire(key, exclusive=True, waiting=waiting)
+        try:
+            state = node.check(key)  # another fetcher may have stored it meanwhile
+            if state:
+                self._placed(job)
+                os.close(held)
+                return None
+            if state is False:  # not as it was stored: fetched again, never served
+                log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
+                node.remove(key)
+        except BaseException:
+            os.close(held)
+            raise
+        job.held, job.spool = held, node.spool
+        return self._plan(job)
+
+    def _placed(self, job: _File) -> None:
+        assert self._cache is not None and job.cached is not None
+        self._cache.place(job.cached, self._spool.complete(job.slot))
+        with self._lock:
+            self.from_cache += 1
+        self._file_done(job, fetched=False)
+
+    def _waiting(self, job: _File) -> Callable[[float], None]:
+        def waiting(seconds: float) -> None:
+            if self._stopped():
+                raise Cancelled
+            assert self._cache is not None and job.cached is not None
+            last = self._waits.get(job.entry.path, 0.0)
+            if seconds - last >= self._cache.interval or (not last and seconds >= 0.5):
+                self._waits[job.entry.path] = seconds or 1e-9
+                log.info(
+                    "waiting for",
+                    file=job.reader.display,
+                    held_by="another fetcher on this node",
+                    arrived=self._cache.node.arrived(job.cached),
+                    size=job.entry.size,
+                    waited_s=round(seconds, 1),
+                )
+
+        return waiting
+
+    def _let_go(self, job: _File) -> None:
+        if job.held is not None:
+            os.close(job.held)
+            job.held = None
+
+    def _spool_of(self, job: _File) -> ArtifactSpool:
+        return job.spool or self._spool
+
     # --- scheduling -----------------------------------------------------------------
+
+    def _schedule(self, job: _File) -> None:
+        if job.cached is not None:
+            self._tasks.put(lambda: self._through_cache(job))
+        else:
+            self._plan(job)
 
     def _plan(self, job: _File) -> None:
         size, part_size = job.entry.size, self._settings.part_size
@@ -196,7 +299,7 @@ class DirectoryTransfer:
             return
         job.count = -(-size // part_size)
         identity = Identity(job.slot, job.entry.pin or "", size, part_size)
-        job.parts = self._spool.file_parts(job.slot, identity)
+        job.parts = self._spool_of(job).file_parts(job.slot, identity)
         if 0 in job.parts.done:  # an earlier run got this far: go straight to every part
             self._queue_parts(job)
         else:
@@ -235,7 +338,7 @@ class DirectoryTransfer:
     def _whole_file(self, job: _File) -> None:
         """One stream; a retry goes on from the byte where the last one broke, when the source
         pins the file's version (else it starts again, hashing from 0)."""
-        path = self._spool.incomplete(job.slot)
+        path = self._spool_of(job).incomplete(job.slot)
         job.hasher = None
         pinned = [False]
 
@@ -257,7 +360,7 @@ class DirectoryTransfer:
                     out.flush()
                     os.fsync(out.fileno())
             except OSError as exc:
-                raise local_error(exc, f"writing the download spool in {self._spool.directory}") from exc
+                raise local_error(exc, f"writing the download spool in {self._spool_of(job).directory}") from exc
             self._check_whole(job, hasher)
 
         self._retrying(attempt, job.reader.display)
@@ -473,10 +576,17 @@ class DirectoryTransfer:
         else:
             self.unverified.append(entry.path)
         self.digests[entry.path] = f"{got.algorithm}:{got.hexdigest()}"
-        self._spool.finish(written, job.slot)  # type: ignore[arg-type]
+        finished = self._spool_of(job).finish(written, job.slot)  # type: ignore[arg-type]
         if parts is not None:
             parts.remove()
-        self._on_file(entry.size, True)
+        if job.cached is not None and self._cache is not None:
+            self._cache.node.store(job.cached, finished)
+            self._cache.place(job.cached, self._spool.complete(job.slot))
+            self._let_go(job)
+        self._file_done(job, fetched=True)
+
+    def _file_done(self, job: _File, *, fetched: bool) -> None:
+        self._on_file(job.entry.size, fetched)
         with self._lock:
             self._pending -= 1
             if self._pending == 0:
@@ -522,6 +632,19 @@ class DirectoryTransfer:
         while (left := deadline - time.monotonic()) > 0:
             if self._finished.wait(min(left, 0.1)):
                 raise Cancelled
+
+
+def _cache_key(entry: Entry) -> str | None:
+    """The node cache keeps files by their digest, named as the spool names their slots."""
+    return f"{entry.digest.algorithm}-{entry.digest.hex}" if entry.digest is not None else None
+
+
+class _Busy(Exception):
+    """Another fetcher holds the cache entry."""
+
+
+def _busy(_seconds: float) -> None:
+    raise _Busy
 
 
 def _whole(path: os.PathLike[str], size: int | None) -> bool:
