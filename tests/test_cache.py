@@ -1,0 +1,246 @@
+"""--cache-dir: one download per node. Real processes on one cache, moto's S3 behind a front that
+counts what it served, the fake hub for repos that share a file."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import S3, run_fetcher, sha256, tree
+from tests.fakehub import FakeHub
+from tests.faults_support import Background, S3Front
+
+SHARD = random.Random(13).randbytes(6 * 2**20 + 11)
+BIG = random.Random(14).randbytes(20 * 2**20 + 3)  # the 8 parts a stream journals at a time, then as much again
+MODEL = {
+    "config.json": b'{"hidden_size": 64}\n',
+    "model.safetensors": SHARD,
+    "tokenizer.json": b'{"vocab": {"a": 0}}\n',
+}
+
+
+def _model(s3: S3, bucket: str, files: dict[str, bytes], tmp_path: Path) -> tuple[str, ...]:
+    for path, data in files.items():
+        s3.put(bucket, f"m/{path}", data)
+    sums = tmp_path / f"{bucket}.sums"
+    sums.write_text("".join(f"{sha256(data)}  {name}\n" for name, data in files.items()))
+    return ("--source", f"s3://{bucket}/m/", "--sha256sums", str(sums), "--part-size", "1Mi")
+
+
+def _gets(front: S3Front, name: str, since: int = 0) -> list[str]:
+    """The Range of each GET of ``name`` the origin answered (``""`` for a whole object)."""
+    return [
+        r.headers.get("Range", "")
+        for r in front.requests[since:]
+        if r.method == "GET" and r.path.split("?")[0].endswith(name)
+    ]
+
+
+def _blobs(cache: Path) -> dict[str, Path]:
+    return {p.name: p for p in (cache / "blobs").glob("*/*")}
+
+
+@pytest.mark.fault("N fetchers at once on one node cache: the origin serves each file once", exit=0, area="cache")
+def test_fetchers_started_at_once_download_each_file_once(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    args = (*_model(s3, "cache-once", MODEL, tmp_path), "--split-below", "0")  # one GET per file
+    cache = tmp_path / "cache"
+    s3_front.trickle = [8_000_000] * 64  # the shard takes ~0.8 s: the others find it being downloaded
+    runs = [
+        Background(*args, "--dest", str(tmp_path / f"pod{i}"), "--cache-dir", str(cache), env=s3_front.env)
+        for i in range(4)
+    ]
+
+    finished = [run.finish(timeout=90) for run in runs]
+
+    for i, run in enumerate(finished):
+        assert run.code == 0, run.stderr
+        assert tree(tmp_path / f"pod{i}") == MODEL
+    for name in MODEL:
+        assert _gets(s3_front, name) == [""], name  # once, whole, for the four pods
+    assert sum(len(r.all("waiting for")) for r in finished) >= 1
+    assert sum(r.all("cache hit")[0]["files"] if r.all("cache hit") else 0 for r in finished) >= 3
+    shard = tmp_path / "pod0" / "model.safetensors"
+    assert shard.stat().st_nlink >= 5  # the cache and every pod's dest share one inode
+    assert stat.S_IMODE(shard.stat().st_mode) == 0o444
+
+
+@pytest.mark.fault("kill -9 of the cache's downloader: a waiter takes over its journalled parts", exit=0, area="cache")
+def test_kill_9_of_the_downloader_then_a_waiter_resumes_its_parts(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    files = MODEL | {"model.safetensors": BIG}
+    args = (*_model(s3, "cache-kill", files, tmp_path), "--split-below", "1", "--concurrency", "2")
+    cache = tmp_path / "cache"
+    s3_front.trickle = [10**9] + [4_000_000] * 3  # the listing at once, then the files: the shard over seconds
+    holder = Background(*args, "--dest", str(tmp_path / "a"), "--cache-dir", str(cache), env=s3_front.env)
+    journal = cache / "download-partial" / "parts" / f"sha256-{sha256(BIG)}" / "journal"
+    deadline = time.monotonic() + 60
+    while not (journal.exists() and len(journal.read_text().splitlines()) > 1):
+        assert holder.process.poll() is None and time.monotonic() < deadline, "".join(holder.lines)
+        time.sleep(0.05)
+    waiter = Background(*args, "--dest", str(tmp_path / "b"), "--cache-dir", str(cache), env=s3_front.env)
+    waiter.wait_for("waiting for")
+    before = len(s3_front.requests)
+    s3_front.trickle = []
+
+    holder.process.kill()
+    holder.finish()
+    done = waiter.finish(timeout=90)
+
+    assert done.code == 0, done.stderr
+    assert tree(tmp_path / "b") == files
+    ranges = _gets(s3_front, "model.safetensors", before)
+    assert ranges and all(r.startswith("bytes=") for r in ranges), ranges
+    assert min(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges) >= 8 * 2**20, ranges  # journalled
+
+
+@pytest.mark.fault("a damaged node cache entry is fetched again, never served", exit=0, area="cache")
+@pytest.mark.parametrize("damage", ["rewritten", "truncated"])
+def test_a_damaged_entry_is_fetched_again(s3: S3, s3_front: S3Front, tmp_path: Path, damage: str) -> None:
+    args = _model(s3, f"cache-bad-{damage}", MODEL, tmp_path)
+    cache = tmp_path / "cache"
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a"), "--cache-dir", str(cache), env=s3_front.env).code == 0
+    blob = _blobs(cache)[sha256(SHARD)]
+    blob.chmod(0o644)
+    with blob.open("r+b") as file:
+        if damage == "rewritten":
+            file.seek(100)
+            file.write(b"X")  # same size; a later mtime
+        else:
+            file.truncate(1000)
+    before = len(s3_front.requests)
+
+    run = run_fetcher(*args, "--dest", str(tmp_path / "b"), "--cache-dir", str(cache), env=s3_front.env)
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "b") == MODEL
+    assert run.event("cache entry damaged: fetching it again")["file"].endswith("model.safetensors")
+    assert _gets(s3_front, "model.safetensors", before)
+    assert sha256(_blobs(cache)[sha256(SHARD)].read_bytes()) == sha256(SHARD)
+
+
+def test_full_verification_finds_what_size_and_mtime_cannot(s3: S3, tmp_path: Path) -> None:
+    args = _model(s3, "cache-full", MODEL, tmp_path)
+    cache = tmp_path / "cache"
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a"), "--cache-dir", str(cache), env=s3.env).code == 0
+    blob = _blobs(cache)[sha256(SHARD)]
+    kept = blob.stat()
+    blob.chmod(0o644)
+    with blob.open("r+b") as file:
+        file.seek(100)
+        file.write(b"X")
+    os.utime(blob, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # a flipped bit on disk: size and mtime as recorded
+
+    quick = run_fetcher(*args, "--dest", str(tmp_path / "b"), "--cache-dir", str(cache), env=s3.env)
+    full = run_fetcher(
+        *args, "--dest", str(tmp_path / "c"), "--cache-dir", str(cache), "--cache-verify", "full", env=s3.env
+    )
+
+    assert quick.code == 0 and quick.all("cache entry damaged: fetching it again") == []
+    assert full.code == 0, full.stderr
+    assert full.event("cache entry damaged: fetching it again")
+    assert tree(tmp_path / "c") == MODEL
+
+
+@pytest.mark.fault("eviction under --cache-max-size: a dest linked to an evicted file is intact", exit=0, area="cache")
+def test_eviction_keeps_a_linked_dest_intact(s3: S3, tmp_path: Path) -> None:
+    first = {"a.bin": random.Random(1).randbytes(3 * 2**20)}
+    second = {"b.bin": random.Random(2).randbytes(3 * 2**20)}
+    cache = tmp_path / "cache"
+    a = run_fetcher(
+        *_model(s3, "cache-a", first, tmp_path), "--dest", str(tmp_path / "a"), "--cache-dir", str(cache), env=s3.env
+    )
+    assert a.code == 0, a.stderr
+
+    b = run_fetcher(
+        *_model(s3, "cache-b", second, tmp_path),
+        *("--dest", str(tmp_path / "b"), "--cache-dir", str(cache), "--cache-max-size", "4Mi"),
+        env=s3.env,
+    )
+
+    assert b.code == 0, b.stderr
+    assert b.event("cache evicted")["files"] == 1
+    assert set(_blobs(cache)) == {sha256(second["b.bin"])}  # the least recently used went
+    assert tree(tmp_path / "a") == first  # its inode lives on in dest
+    assert tree(tmp_path / "b") == second
+
+
+@pytest.mark.fault("a cache on another filesystem (tmpfs): files are copied into dest", exit=0, area="cache")
+def test_a_cache_on_another_filesystem_is_copied_from(s3: S3, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no tmpfs apart from the test's directory")
+    cache = shm / f"fetcher-cache-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        args = _model(s3, "cache-tmpfs", MODEL, tmp_path)
+        first = run_fetcher(*args, "--dest", str(tmp_path / "a"), "--cache-dir", str(cache), env=s3.env)
+        second = run_fetcher(*args, "--dest", str(tmp_path / "b"), "--cache-dir", str(cache), env=s3.env)
+    finally:
+        subprocess.run(["rm", "-rf", str(cache)], check=False)
+    assert first.code == 0 and second.code == 0, second.stderr
+    assert second.event("cache hit")["files"] == len(MODEL)
+    assert tree(tmp_path / "b") == MODEL
+    assert (tmp_path / "b" / "model.safetensors").stat().st_nlink == 1
+
+
+@pytest.mark.fault(
+    "--owner and --file-mode with a node cache: each dest its own, the cache intact", exit=0, area="cache"
+)
+def test_owner_and_modes_give_each_dest_its_own_copy_and_leave_the_cache_intact(s3: S3, tmp_path: Path) -> None:
+    args = _model(s3, "cache-modes", MODEL, tmp_path)
+    cache = tmp_path / "cache"
+    plain = run_fetcher(*args, "--dest", str(tmp_path / "plain"), "--cache-dir", str(cache), env=s3.env)
+    moded = run_fetcher(
+        *args, "--dest", str(tmp_path / "moded"), "--cache-dir", str(cache), "--file-mode", "0640", env=s3.env
+    )
+    owned = run_fetcher(
+        *args, "--dest", str(tmp_path / "owned"), "--cache-dir", str(cache), "--owner", "1000:1000", env=s3.env
+    )
+
+    assert (plain.code, moded.code, owned.code) == (0, 0, 0), owned.stderr
+    blob = _blobs(cache)[sha256(SHARD)].stat()
+    assert (stat.S_IMODE(blob.st_mode), blob.st_uid) == (0o444, os.getuid())
+    assert stat.S_IMODE((tmp_path / "moded" / "model.safetensors").stat().st_mode) == 0o640
+    assert (tmp_path / "owned" / "model.safetensors").stat().st_uid == 1000
+    assert (tmp_path / "plain" / "model.safetensors").stat().st_ino == blob.st_ino
+    assert (tmp_path / "moded" / "model.safetensors").stat().st_ino != blob.st_ino
+    assert moded.event("cache hit")["files"] == len(MODEL)
+    for dest in ("plain", "moded", "owned"):
+        assert tree(tmp_path / dest) == MODEL
+
+
+def test_two_hub_models_sharing_a_file_store_it_once(hub: FakeHub, tmp_path: Path) -> None:
+    tokenizer = b'{"model": {"vocab": {"shared": 0}}}\n' * 100
+    hub.add_repo("org/base", {"tokenizer.json": tokenizer, "model.safetensors": SHARD})
+    hub.add_repo("org/tuned", {"tokenizer.json": tokenizer, "model.safetensors": SHARD[::-1]})
+    cache = tmp_path / "cache"
+    env = {"HF_ENDPOINT": hub.endpoint, "FETCHER_PART_SIZE": "1Mi"}
+
+    base = run_fetcher(
+        "--source", "hf://org/base", "--dest", str(tmp_path / "base"), "--cache-dir", str(cache), env=env
+    )
+    before = len(hub.requests)
+    tuned = run_fetcher(
+        "--source", "hf://org/tuned", "--dest", str(tmp_path / "tuned"), "--cache-dir", str(cache), env=env
+    )
+
+    assert base.code == 0 and tuned.code == 0, tuned.stderr
+    assert tree(tmp_path / "tuned")["tokenizer.json"] == tokenizer
+    assert not [r for r in hub.requests[before:] if r.path.split("?")[0].endswith("tokenizer.json")]
+    assert tuned.event("cache hit")["files"] >= 1
+    shared = [b for b in _blobs(cache).values() if b.read_bytes() == tokenizer]
+    assert len(shared) == 1
+
+
+def test_a_single_file_with_a_cache_says_it_is_not_cached(tmp_path: Path) -> None:
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights")
+
+    run = run_fetcher("--source", f"file://{source}", "--dest", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"))
+
+    assert run.code == 0, run.stderr
+    assert run.event("not cached")
