@@ -378,7 +378,7 @@ class _Fetch:
             format="directory",
             identity=manifest.identity,
             files=marker.files,
-            fetched=len(entries) - transfer.kept - transfer.copies,
+            fetched=len(entries) - transfer.kept - transfer.copies - transfer.from_cache,
             verified=len(entries) - len(transfer.unverified),
             size=total,
             entries=marker.entries[:10],

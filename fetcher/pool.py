@@ -255,6 +255,7 @@ class DirectoryTransfer:
         self._cache.place(job.cached, self._spool.complete(job.slot))
         with self._lock:
             self.from_cache += 1
+            self.kept_bytes += job.entry.size or 0
         self._file_done(job, fetched=False)
 
     def _waiting(self, job: _File) -> Callable[[float], None]:
