@@ -228,11 +228,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         else:
             step = MiB if rate is None else max(1, min(256 * 1024, rate // 20))
-            began, sent = time.monotonic(), 0
+            burst = self.hub._burst if rate is not None else 0  # sent at once, before the rate applies
+            began: float | None = None
+            sent = 0
             for offset in range(reply.start, reply.end, step):
                 piece = self.hub._bytes(reply.blob, offset, min(reply.end, offset + step), reply.flip)
                 sent += len(piece)
-                self._pace(began, sent, rate)
+                if sent > burst:
+                    began = began or time.monotonic()
+                    self._pace(began, sent - burst, rate)
                 self.wfile.write(piece)
 
     @staticmethod
@@ -282,6 +286,7 @@ class FakeHub:
         self._lock = threading.Lock()
         self._clock = _EPOCH
         self._rate: int | None = None
+        self._burst = 0
         self._secret = secrets.token_bytes(32)
         self._hub_server = _serve("127.0.0.1", self, "hub")
         try:
@@ -336,9 +341,13 @@ class FakeHub:
                 raise ValueError(f"{path} is empty: there is no byte to corrupt")
             repo.corrupted[blob.sha256] = blob.size // 2
 
-    def rate_limit(self, bytes_per_second: int | None) -> None:
-        """Cap each connection's CDN and /resolve bodies at this rate (for benchmarks); None: unlimited."""
+    def rate_limit(self, bytes_per_second: int | None, *, burst: int = 0) -> None:
+        """Cap each connection's CDN and /resolve bodies at this rate (for benchmarks); None: unlimited.
+
+        ``burst``: the first bytes of each file body go at once, as a CDN's token bucket lets them.
+        """
         self._rate = bytes_per_second
+        self._burst = burst
 
     def close(self) -> None:
         if self._closed:

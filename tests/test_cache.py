@@ -50,7 +50,7 @@ def _blobs(cache: Path) -> dict[str, Path]:
 def test_fetchers_started_at_once_download_each_file_once(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
     args = (*_model(s3, "cache-once", MODEL, tmp_path), "--split-below", "0")  # one GET per file
     cache = tmp_path / "cache"
-    s3_front.trickle = [8_000_000] * 64  # the shard takes ~0.8 s: the others find it being downloaded
+    s3_front.trickle = [3_000_000] * 64  # the shard takes ~2 s: the others find it being downloaded
     runs = [
         Background(*args, "--dest", str(tmp_path / f"pod{i}"), "--cache-dir", str(cache), env=s3_front.env)
         for i in range(4)

@@ -265,3 +265,21 @@ def test_a_cdn_url_that_stops_working_mid_file_is_asked_of_the_hub_again(hub: Fa
     assert run.code == 0, run.stderr
     assert tree(tmp_path)["w.safetensors"] == SHARD
     assert any("the CDN refused" in e["reason"] for e in run.all("retrying"))
+
+
+def test_a_stream_that_slows_after_its_first_part_is_split_then(hub: FakeHub, tmp_path: Path) -> None:
+    """A CDN's burst allowance: the first part comes fast, then the connection is capped. The split
+    is decided again at each commit, so the rest does not crawl over one connection."""
+    big = random.Random(8).randbytes(12 * 2**20 + 5)
+    hub.add_repo("org/burst", {"model.safetensors": big, "config.json": b"{}"})
+    hub.rate_limit(4_000_000, burst=3 * 2**19)  # 1.5 MiB at once, then 4 MB/s per connection
+    env = _env(hub, FETCHER_SPLIT_BELOW="20M")  # below a fifth of that rate is slow whatever fetcher does
+
+    run = run_fetcher("--source", "hf://org/burst", "--dest", str(tmp_path / "dest"), env=env)
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest")["model.safetensors"] == big
+    assert run.event("splitting")["at_byte"] == 8 * 2**20  # not at the first part: it came fast
+    ranges = [r.headers.get("range", "") for r in hub.requests if r.server == "cdn" and "safetensors" in r.path]
+    starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges if r)
+    assert starts and starts[0] == 8 * 2**20, ranges  # the journalled stream is not fetched again
