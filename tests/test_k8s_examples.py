@@ -15,7 +15,8 @@ and each placeholder line of a SHA256SUMS gets its file's digest; the OCI exampl
 docker-registry on loopback (tests/registry.py) with htpasswd, so the mounted pull secret must reach it, over
 HTTPS with the test CA from a ConfigMap (see oci_registry), and a secret volume's `optional: false`
 spelt out (podman 4.3 needs it); the pod uses the host's network
-(loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; and restartPolicy is Never,
+(loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; a hostPath is taken under
+the test's directory, its node, so the pods one test plays share it; and restartPolicy is Never,
 because podman 4.3 applies the pod's restart policy to init containers too (Always would re-run a finished
 init container in a loop, which a kubelet does not do).
 
@@ -27,8 +28,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -92,6 +96,11 @@ LOCKED_DOWN = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+# node-cache.yaml alone: its fetcher writes a hostPath the kubelet made root's, so it runs as uid 0 with no
+# capability but CHOWN (for --owner), and its pod runs as the app's uid, which --owner gives the model to.
+AS_ROOT = {"node-cache"}
+ROOT_FETCHER = {"runAsUser": 0, "runAsNonRoot": False, "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}}
+APP_UID = 1000
 
 
 # --- reading the examples -----------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ def ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
 
 
-def test_there_are_the_eight_examples() -> None:
+def test_there_are_the_nine_examples() -> None:
     assert {p.stem for p in EXAMPLE_FILES} >= set(PLAYED)  # and every one of them is played
     listed = (EXAMPLES / "README.md").read_text()
     assert all(f"`{p.name}`" in listed for p in EXAMPLE_FILES), "k8s-examples/README.md lists every example"
@@ -202,12 +211,17 @@ def test_every_container_is_locked_down(path: Path) -> None:
     for spec in specs:
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert spec["securityContext"]["runAsUser"] == 65532
+        assert spec["securityContext"]["runAsUser"] == (APP_UID if path.stem in AS_ROOT else 65532)
         assert spec.get("restartPolicy", "Always") != "Never", "a failed fetch must be retried"
         for container in spec.get("initContainers", []) + spec["containers"]:
             where = f"{path.name}: {container['name']}"
             context = container.get("securityContext", {})
-            for key, value in LOCKED_DOWN.items():
+            wanted = LOCKED_DOWN
+            if path.stem in AS_ROOT and container in fetcher_containers(spec):
+                wanted = LOCKED_DOWN | ROOT_FETCHER
+            else:
+                assert context.get("runAsUser", 1) != 0, where
+            for key, value in wanted.items():
                 assert context.get(key) == value, f"{where}: securityContext.{key} should be {value}"
             assert context.get("privileged", False) is False, where
             assert container.get("terminationMessagePolicy") == "FallbackToLogsOnError", where
@@ -390,6 +404,8 @@ def check_fetcher_accepts(path: Path, tmp_path: Path, served: Served, extra_env:
                 files = by_kind(docs, "ConfigMap")[volume["configMap"]["name"]]["data"]
             elif "secret" in volume:
                 files = by_kind(docs, "Secret")[volume["secret"]["secretName"]]["stringData"]
+            elif "hostPath" in volume:  # the node's cache: an empty directory here
+                files = {}
             else:
                 continue
             local = tmp_path / mount["name"]  # materialise the volume and point the args and env at it
@@ -599,11 +615,12 @@ class Prepared:
     volumes: list[str]
 
 
-def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
+def prepare(path: Path, image: str, served: Served, prefix: str, node: Path) -> Prepared:
     """The example as a local cluster can run it, and the names podman will give what it creates.
 
     Every object's name gets the prefix (and so every reference to it), as podman's pods, secrets and
-    volumes are global to the machine: two test runs at once must not meet.
+    volumes are global to the machine: two test runs at once must not meet. A hostPath is taken under
+    ``node``, the test's stand-in for the node's root (made by podman, as the kubelet does, root's).
     """
     text = path.read_text()
     for old, new in served.replacements.items():
@@ -641,6 +658,8 @@ def prepare(path: Path, image: str, served: Served, prefix: str) -> Prepared:
                 volumes.append(volume["secret"]["secretName"])  # podman 4.3 keeps a secret volume as a named one
             if "emptyDir" in volume:
                 volumes.append(prefix + volume["name"])  # podman 4.3 makes an emptyDir a named volume
+            if "hostPath" in volume:
+                volume["hostPath"]["path"] = str(node / volume["hostPath"]["path"].lstrip("/"))
             for mount in (m for c in containers for m in c.get("volumeMounts", [])):
                 if mount["name"] == volume["name"]:
                     mount["name"] = prefix + volume["name"]
@@ -693,9 +712,10 @@ def kube() -> Iterator[list[Played]]:
 
 
 def play(path: Path, served: Served, tmp_path: Path, kube: list[Played], prefix: str | None = None) -> Played:
+    """Every play in one test runs on the same node: a hostPath is shared, as on a cluster's node."""
     podman, image = session()
     prefix = prefix or f"fetcher-test-{uuid.uuid4().hex[:6]}-"
-    prepared = prepare(path, image, served, prefix)
+    prepared = prepare(path, image, served, prefix, tmp_path / "node")
     podman.run("pod", "rm", "--force", "--ignore", prepared.pod, check=False)
     docs, secrets = [], []
     mounted = {v["secret"]["secretName"] for spec in pod_specs(prepared.docs) for v in spec["volumes"] if "secret" in v}
@@ -743,6 +763,7 @@ PLAYED = [
     "huggingface",
     "s3-prefix",
     "oci-modelpack",
+    "node-cache",
 ]
 
 
@@ -794,7 +815,8 @@ def test_kube_play_the_app_sees_the_verified_model(
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart", "several-artifacts", "s3-credentials", "huggingface", "s3-prefix", "oci-modelpack"]
+    "name",
+    ["quickstart", "several-artifacts", "s3-credentials", "huggingface", "s3-prefix", "oci-modelpack", "node-cache"],
 )
 def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
     name: str,
@@ -821,6 +843,8 @@ def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
     app = played.state(played.app)
     assert app["Status"] in ("created", "configured"), app
     assert app["StartedAt"].startswith("0001-01-01"), "the app container never started"
+    if name in AS_ROOT:  # nothing the pod refused went into the node's cache
+        cache_blobs(tmp_path)
 
 
 def test_kube_play_pvc_a_new_pod_does_not_download_again(
@@ -841,3 +865,69 @@ def test_kube_play_pvc_a_new_pod_does_not_download_again(
     done = [e for e in second.events(second.init) if e.get("event") == "done"]
     assert done and done[-1]["already_present"] == 1 and done[-1]["fetched"] == 0
     assert len(origin.hits("/sentiment-v3.tar.gz")) == 1
+
+
+NODE_CACHE = "var/lib/fetcher-cache"  # node-cache.yaml's hostPath, under the test's node (see play)
+STAT_MODELS = (
+    "import json, os, pathlib; root = pathlib.Path('/models'); "
+    "print(json.dumps({str(p.relative_to(root)): [p.stat().st_uid, p.stat().st_nlink] for p in root.rglob('*') "
+    "if p.is_file() and p.relative_to(root).parts[0] != '.fetcher'}))"
+)
+
+
+def cache_blobs(tmp_path: Path) -> dict[Path, os.stat_result]:
+    """The node cache's files (blobs/<algorithm>/<hex>), each checked against the digest that names it."""
+    found = {}
+    for blob in sorted((tmp_path / "node" / NODE_CACHE / "blobs").glob("*/*")):
+        data = blob.read_bytes()
+        algorithm = blob.parent.name
+        assert algorithm in ("sha256", "sha1-git"), blob
+        if algorithm == "sha256":
+            assert sha256(data) == blob.name, blob
+        else:  # the hub's id of a small file: its git blob id
+            assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob.name, blob
+        found[blob] = blob.stat()
+    return found
+
+
+def file_downloads(hub: FakeHub) -> list[str]:
+    """The GETs of a file's bytes: from the hub (/resolve/) or its CDN, never a listing or a revision."""
+    return [r.path for r in hub.requests if r.method == "GET" and (r.server == "cdn" or "/resolve" in r.path)]
+
+
+def test_kube_play_node_cache_the_next_pod_publishes_from_the_cache(
+    origin: Origin, s3: S3, fake_hub: FakeHub, tmp_path: Path, kube: list[Played]
+) -> None:
+    """Two pods of the Deployment on one node, one after the other, each with its own emptyDir: the second
+    downloads nothing, and its app (uid 1000) gets its own copy, owned by it, while the cache is left as
+    the first fetcher wrote it: root's, 0444, each file under its digest."""
+    path = EXAMPLES / "node-cache.yaml"
+    served = serve(path, origin, s3, fake_hub)
+    expected = {name: sha256(data) for name, data in served.files.items()}
+
+    first = play(path, served, tmp_path, kube)
+    assert first.code == 0, first.output + first.logs(first.init)
+    assert first.app_report()["files"] == expected
+    assert not [e for e in first.events(first.init) if e.get("event") == "cache hit"], "the cache was empty"
+    first.down()
+    downloaded = file_downloads(fake_hub)
+    assert downloaded
+    blobs = cache_blobs(tmp_path)
+    assert {sha256(blob.read_bytes()) for blob in blobs} == set(expected.values()), sorted(map(str, blobs))
+    assert {(stat.S_IMODE(b.st_mode), b.st_uid) for b in blobs.values()} == {(0o444, 0)}, "root's, read-only"
+
+    second = play(path, served, tmp_path, kube)
+
+    assert second.code == 0, second.output + second.logs(second.init)
+    assert second.app_report()["files"] == expected
+    hits = [e for e in second.events(second.init) if e.get("event") == "cache hit"]
+    assert hits and hits[-1]["files"] == len(expected), second.logs(second.init)
+    assert file_downloads(fake_hub) == downloaded, "the second pod downloaded a file again"
+    owned = json.loads(second.podman.run("exec", second.app, "python", "-c", STAT_MODELS).stdout)
+    assert set(owned) == set(expected)
+    assert all(uid == APP_UID and links == 1 for uid, links in owned.values()), owned  # copies, the app's own
+    assert second.podman.run("exec", second.app, "test", "-e", "/cache", check=False).returncode == 1
+    after = cache_blobs(tmp_path)  # the cache as the first fetcher left it
+    assert {p: (b.st_ino, b.st_mode, b.st_uid) for p, b in after.items()} == {
+        p: (b.st_ino, b.st_mode, b.st_uid) for p, b in blobs.items()
+    }
