@@ -128,7 +128,7 @@ def test_help_shows_the_defaults_the_readme_table_gives() -> None:
     }
     entries = re.split(r" (?=--[a-z][a-z0-9-]+\b)", help_text.split("options:", 1)[1])
     shown = {entry.split()[0]: found[1] for entry in entries if (found := re.search(r"\(default: ([^)]+)\)", entry))}
-    assert len(shown) == 15, shown
+    assert len(shown) == 16, shown
     for flag, default in shown.items():
         assert readme_defaults[flag] == default, flag
 
