@@ -1,20 +1,23 @@
 """The node cache: the one owner of ``--cache-dir``, which every fetcher on a node shares.
 
-Its layout follows huggingface_hub's cache (blobs by digest, a lock per blob):
+Its layout follows huggingface_hub's cache (blobs by digest, a lock per entry):
 
 - ``blobs/<algorithm>/<hex>``: a verified file, read-only, named by its digest:
   its sha256, or the id the hub gives a small file (``sha1-git``, content too);
 - ``index/<key>.json`` (a key is ``<algorithm>-<hex>``, as the spool names its
   slots): its size and mtime when stored, which a hit must still show, and when
   it was last used (for eviction);
-- ``locks/<key>``: ``flock``'d shared while a fetcher checks a blob and links it,
-  exclusively while one downloads it, removes it or evicts it. The kernel lets go
-  when a holder dies, in whatever PID namespace: nothing is left to clean up;
-- ``download-partial/``: the downloads under way, a spool (``fetcher.spool``)
-  that all fetchers share, so the next holder of a lock resumes the parts that
-  a killed one journalled;
-- ``manifests/<hash>.json``: for an immutable identity (a hub commit, an OCI
-  digest, ETags), the sha256 fetcher computed for the files that came without one.
+- ``aliases/<name>``: for a file that came without a digest (an S3 object with
+  no checksum, a file of a folder), the key of what it hashed to, named after
+  the source and the file's path, version and size;
+- ``locks/<name>``: ``flock``'d shared while a fetcher checks an entry and links
+  it, exclusively while one downloads it, stores, removes or evicts it. The kernel
+  lets go when a holder dies, in whatever PID namespace: nothing to clean up.
+  Fetchers only ever *try* a lock: a busy one is tried again later, so no worker
+  waits while it holds another, and no two fetchers can wait on each other;
+- ``download-partial/``: downloads of files with a digest under way, a spool
+  (``fetcher.spool``) that all fetchers share, so the next holder of an entry
+  resumes the parts that a killed one journalled.
 
 Keys are content, never the URI: two models that share a file share its bytes,
 and a moved tag or branch is never mistaken for the old one.
@@ -30,84 +33,112 @@ import json
 import os
 import shutil
 import stat
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from fetcher.errors import LocalFilesystemError, local_error
-from fetcher.manifest import SHA256, Hasher
+from fetcher.manifest import Digest, Hasher
 from fetcher.spool import ArtifactSpool
 
 BLOB_MODE = 0o444  # one pod may not change what another pod's model links to
-POLL = 0.1  # seconds between tries of a lock another fetcher holds
+POLL = 0.1  # seconds before a fetcher looks again at an entry another one is downloading
 READ = 1024 * 1024
+EVICTING = ".evicting"  # the lock one evictor holds at a time: two would count the same space twice
 
-Waiting = Callable[[float], None]  # called with the seconds waited so far, while a lock is held elsewhere
+
+def key_of(digest: Digest) -> str:
+    """An entry's key: named as the spool names its slots."""
+    return f"{digest.algorithm}-{digest.hex}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``sha256-<hex>`` -> (``sha256``, ``<hex>``); the algorithm may itself hold a dash (``sha1-git``)."""
+    algorithm, _, hex_ = key.rpartition("-")
+    return algorithm, hex_
+
+
+class Lock:
+    """An entry's flock, held until closed, once, by whichever thread (flock belongs to the open file)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self._guard = threading.Lock()
+
+    def close(self) -> None:
+        with self._guard:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
 
 
 class NodeCache:
-    """The cache at ``root``; ``verify`` is how a hit is checked: "size" (size and mtime) or "full" (sha256)."""
+    """The cache at ``root``; ``verify`` is how a hit is checked: "size" (size and mtime) or "full" (a digest)."""
 
     def __init__(self, root: Path, verify: str = "size") -> None:
+        """
+        Raises:
+            LocalFilesystemError: the cache cannot be made, or this fetcher may not write it.
+        """
         self.root = root
         self.verify = verify
         try:
-            for sub in (f"blobs/{SHA256}", "index", "locks", "manifests"):
+            for sub in ("blobs", "index", "locks", "aliases"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
+            if not os.access(root / "locks", os.W_OK):
+                raise PermissionError(errno.EACCES, "not writable by this user", str(root))
         except OSError as exc:
             raise local_error(exc, f"preparing the cache in {root} (--cache-dir)") from exc
         self.spool = ArtifactSpool(root, "partial")
 
     def blob(self, key: str) -> Path:
-        algorithm, key = split_key(key)
-        return self.root / "blobs" / algorithm / key
+        algorithm, hex_ = split_key(key)
+        return self.root / "blobs" / algorithm / hex_
 
     # --- locks ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self, key: str, *, exclusive: bool, waiting: Waiting) -> Iterator[None]:
-        """Hold the entry's lock; ``waiting`` hears how long, while another fetcher holds it.
+    def try_lock(self, name: str, *, exclusive: bool) -> Lock | None:
+        """The entry's lock if it is free now (shared: free of a writer), else None.
 
         Raises:
             LocalFilesystemError: the lock file cannot be opened.
         """
-        fd = self.acquire(key, exclusive=exclusive, waiting=waiting)
         try:
-            yield
-        finally:
-            os.close(fd)
-
-    def acquire(self, key: str, *, exclusive: bool, waiting: Waiting) -> int:
-        """The entry's lock, held until the returned fd is closed (by any thread: flock belongs to the file)."""
-        try:
-            fd = os.open(self.root / "locks" / key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.root / "locks" / name, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise local_error(exc, f"opening a lock in the cache {self.root}") from exc
-        kind = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        began = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(fd, kind | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                waiting(time.monotonic() - began)
-                time.sleep(POLL)
-            except OSError as exc:
-                os.close(fd)
-                raise local_error(exc, f"locking an entry of the cache {self.root}") from exc
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise local_error(exc, f"locking an entry of the cache {self.root}") from exc
+        return Lock(fd)
 
     def arrived(self, key: str) -> int:
         """How much of an entry another fetcher has downloaded so far (for the waiters' progress)."""
-        slot = key
-        with contextlib.suppress(OSError):
-            return os.stat(self.spool.complete(slot).with_name(f"{slot}.incomplete")).st_size
-        with contextlib.suppress(OSError, ValueError):
-            journal = (self.spool.directory / "parts" / slot / "journal").read_text().split("\n")
-            return int(json.loads(journal[0])["part_size"]) * max(0, len(journal) - 2)
-        return 0
+        return self.spool.arrived(key)
 
     # --- entries (the caller holds the entry's lock) -----------------------------------------
+
+    def resolve(self, name: str) -> str | None:
+        """The key of what ``name`` holds: itself for a digest, what an alias records, else None."""
+        if not name.startswith("alias-"):
+            return name
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return (self.root / "aliases" / name).read_text().strip() or None
+        return None
 
     def check(self, key: str) -> bool | None:
         """Whether the entry is there and whole: True; absent: None; there but not as stored: False."""
@@ -127,37 +158,51 @@ class NodeCache:
         return self.verify != "full" or _digest(self.blob(key), algorithm, info.st_size) == hex_
 
     def remove(self, key: str) -> None:
-        """Drop an entry (corrupt, or evicted): a dest that links its inode keeps it."""
+        """Drop an entry (damaged, or evicted): a dest that links its inode keeps it."""
         for path in (self.blob(key), self.root / "index" / f"{key}.json"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def store(self, key: str, written: Path) -> None:
-        """A verified file becomes the entry ``key``: read-only, recorded as it now stands."""
+    def store(self, key: str, written: Path, alias: str | None = None) -> None:
+        """A verified file becomes the entry ``key``: read-only, recorded as it now stands; moved in,
+        or copied when it is on another filesystem. ``alias``: the name it came under, without a digest.
+
+        Raises:
+            LocalFilesystemError: the cache cannot be written.
+        """
+        blob = self.blob(key)
         try:
+            blob.parent.mkdir(exist_ok=True)
             os.chmod(written, BLOB_MODE)
-            self.blob(key).parent.mkdir(exist_ok=True)
-            os.replace(written, self.blob(key))
-            info = os.stat(self.blob(key))
+            try:
+                os.replace(written, blob)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _copy(written, blob, BLOB_MODE)
+            info = os.stat(blob)
             self._record(key, {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "used": time.time()})
+            if alias is not None:
+                _write_atomically(self.root / "aliases" / alias, key)
         except OSError as exc:
             raise local_error(exc, f"writing the cache {self.root}") from exc
 
     def adopt(self, key: str, verified: Path) -> None:
-        """A file fetcher verified elsewhere (the artifact's spool) joins the cache by a link, when it can."""
-        try:
-            self.blob(key).parent.mkdir(exist_ok=True)
-            os.link(verified, self.blob(key))
-        except FileExistsError:
-            return
-        except OSError:
-            return  # another filesystem, or not allowed: the cache does without it
-        try:
-            os.chmod(self.blob(key), BLOB_MODE)
-            info = os.stat(self.blob(key))
-            self._record(key, {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "used": time.time()})
-        except OSError as exc:
-            raise local_error(exc, f"writing the cache {self.root}") from exc
+        """A file fetcher verified elsewhere (kept from an earlier run) joins the cache by a link, if it can
+        at once: an entry being written, a file owned by another user (an earlier --owner), another
+        filesystem, all leave the cache as it is."""
+        with contextlib.suppress(OSError):
+            if os.stat(verified).st_uid != os.geteuid() or self.blob(key).exists():
+                return
+            lock = self.try_lock(key, exclusive=True)
+            if lock is None:
+                return
+            with lock:
+                self.blob(key).parent.mkdir(exist_ok=True)
+                os.link(verified, self.blob(key))
+                os.chmod(self.blob(key), BLOB_MODE)
+                info = os.stat(self.blob(key))
+                self._record(key, {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "used": time.time()})
 
     def place(self, key: str, target: Path, *, mode: int | None, owner: tuple[int, int | None] | None) -> bool:
         """Put the entry at ``target``: a hard link when it may share the inode, else a copy; whether linked.
@@ -174,17 +219,18 @@ class NodeCache:
             same = (mode is None or stat.S_IMODE(info.st_mode) == mode) and (
                 owner is None or (info.st_uid == owner[0] and owner[1] in (None, info.st_gid))
             )
+            linked = False
             if same:
                 try:
                     os.link(blob, target)
-                    self.touch(key)
-                    return True
+                    linked = True
                 except OSError as exc:
                     if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                         raise
-            _copy(blob, target)
+            if not linked:
+                _copy(blob, target, 0o644)
             self.touch(key)
-            return False
+            return linked
         except OSError as exc:
             raise local_error(exc, f"placing a file from the cache {self.root}") from exc
 
@@ -197,113 +243,108 @@ class NodeCache:
             self._record(key, record)
 
     def _record(self, key: str, record: dict[str, float]) -> None:
-        path = self.root / "index" / f"{key}.json"
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, path)
-
-    # --- what a reference holds ------------------------------------------------------------------
-
-    def known(self, identity: str) -> dict[str, str]:
-        """The keys (of their sha256) fetcher computed for files of ``identity`` that came without a digest."""
-        with contextlib.suppress(OSError, ValueError):
-            found = json.loads(self._manifest(identity).read_text())
-            if found.get("identity") == identity:
-                return {str(k): str(v) for k, v in found.get("files", {}).items()}
-        return {}
-
-    def remember(self, identity: str, files: dict[str, str]) -> None:
-        """Record them, so the next fetch of the same identity finds those files here before fetching."""
-        if not files:
-            return
-        path = self._manifest(identity)
-        with contextlib.suppress(OSError):
-            temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps({"identity": identity, "files": files}))
-            os.replace(temporary, path)
-
-    def _manifest(self, identity: str) -> Path:
-        return self.root / "manifests" / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.json"
+        _write_atomically(self.root / "index" / f"{key}.json", json.dumps(record))
 
     # --- eviction --------------------------------------------------------------------------------
 
-    def evict(self, max_size: int) -> tuple[int, int]:
-        """Remove entries, least recently used first, until the blobs fit in ``max_size``; (files, bytes) removed.
-
-        An entry another fetcher holds (downloading, or linking it) is skipped. Files already
-        linked into a pod's dest keep their inode: only the cache's name for them goes.
+    def evict(self, max_size: int, keep: frozenset[str] = frozenset()) -> tuple[int, int]:
+        """Remove entries, least recently used first, until the cache fits in ``max_size``; (files, bytes)
+        removed. Entries in ``keep`` stay (the model about to be fetched). A file a pod's dest links
+        keeps its inode there: only the cache's name for it goes. Downloads that killed fetchers left
+        go last. An entry another fetcher holds is skipped; so is the whole pass while another evicts.
         """
-        entries: list[tuple[float, str, int]] = []
-        total = 0
-        for kind in os.scandir(self.root / "blobs"):
-            for entry in os.scandir(kind.path):
-                key = f"{kind.name}-{entry.name}"
-                with contextlib.suppress(OSError):
-                    size = entry.stat().st_size
-                    total += size
-                    used = 0.0
-                    with contextlib.suppress(OSError, ValueError):
-                        used = float(json.loads((self.root / "index" / f"{key}.json").read_text())["used"])
-                    entries.append((used, key, size))
-        removed = freed = 0
-        for _, key, size in sorted(entries):
-            if total <= max_size:
-                break
-            try:
-                fd = os.open(self.root / "locks" / key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.remove(key)
+        guard = self.try_lock(EVICTING, exclusive=True)
+        if guard is None:
+            return 0, 0
+        with guard:
+            candidates: list[tuple[float, str, int]] = []
+            total = self.spool.size()
+            for kind in os.scandir(self.root / "blobs"):
+                for entry in os.scandir(kind.path):
+                    with contextlib.suppress(OSError):
+                        info = entry.stat(follow_symlinks=False)
+                        key = f"{kind.name}-{entry.name}"
+                        total += info.st_size
+                        used = 0.0
+                        with contextlib.suppress(OSError, ValueError, KeyError):
+                            used = float(json.loads((self.root / "index" / f"{key}.json").read_text())["used"])
+                        if key not in keep:
+                            candidates.append((used, key, info.st_size))
+            removed = freed = 0
+            for _, key, size in sorted(candidates):
+                if total <= max_size:
+                    break
+                lock = self.try_lock(key, exclusive=True)
+                if lock is None:
+                    continue  # held by a fetcher: not now
+                with lock:
+                    if not self.blob(key).exists():
+                        continue  # removed meanwhile (damaged, by a fetcher holding it)
+                    self.remove(key)
                 total, removed, freed = total - size, removed + 1, freed + size
-            except OSError:
-                continue  # held by a fetcher: not now
-            finally:
-                os.close(fd)
-        return removed, freed
+            if total > max_size:
+                freed += self.spool.drop_stale(lambda name: self.try_lock(name, exclusive=True))
+            return removed, freed
 
 
 @dataclass
 class CachedArtifact:
-    """The node cache as one artifact uses it: how its files are placed, and what an earlier fetch learnt."""
+    """The node cache as one artifact uses it: how its files are named there and placed from it."""
 
     node: NodeCache
+    artifact_key: str  # the source's: what names a file that came without a digest
     mode: int | None  # --file-mode: a cached inode without it is copied, not linked
     owner: tuple[int, int | None] | None  # --owner: likewise
     interval: float  # seconds between "waiting for" lines
-    remembered: dict[str, str] = field(default_factory=dict)  # path -> the key of the sha256 an earlier fetch computed
+
+    def name_of(self, digest: Digest | None, slot: str) -> str:
+        """What the cache calls a file: its key, or for one without a digest an alias of the source's."""
+        if digest is not None:
+            return key_of(digest)
+        return "alias-" + hashlib.sha256(f"{self.artifact_key}\0{slot}".encode()).hexdigest()[:40]
 
     def place(self, key: str, target: Path) -> bool:
         return self.node.place(key, target, mode=self.mode, owner=self.owner)
 
 
-def _copy(source: Path, target: Path) -> None:
+def _copy(source: Path, target: Path, mode: int) -> None:
     """A copy made by the kernel: ``copy_file_range`` shares the extents on XFS or btrfs (a reflink: no
     bytes written, and a write to either side leaves the other as it was), and elsewhere copies without
     a round trip through Python. Why: in a pod, the cache (a hostPath) and dest (an emptyDir) are two
     mounts, which a hard link never crosses, even on one disk. Written aside, then renamed: a copy cut
     short never stands in the target's place.
     """
-    aside = target.with_name(f"{target.name}.copying")
-    with open(source, "rb") as src, open(aside, "wb") as dst:
-        os.fchmod(dst.fileno(), 0o644)
-        left = os.fstat(src.fileno()).st_size
-        try:
-            while left > 0 and (copied := os.copy_file_range(src.fileno(), dst.fileno(), left)):
-                left -= copied
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        if left > 0:  # refused, or not all of it: the rest from where the kernel left off
-            shutil.copyfileobj(src, dst)
-    os.replace(aside, target)
+    fd, aside = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            os.fchmod(dst.fileno(), mode)
+            left = os.fstat(src.fileno()).st_size
+            try:
+                while left > 0 and (copied := os.copy_file_range(src.fileno(), dst.fileno(), left)):
+                    left -= copied
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            if left > 0:  # refused, or not all of it: the rest from where the kernel left off
+                shutil.copyfileobj(src, dst)
+        os.replace(aside, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        raise
 
 
-def split_key(key: str) -> tuple[str, str]:
-    """``sha256-<hex>`` -> (``sha256``, ``<hex>``); the algorithm may itself hold a dash (``sha1-git``)."""
-    algorithm, _, hex_ = key.rpartition("-")
-    return algorithm, hex_
+def _write_atomically(path: Path, text: str) -> None:
+    """A random name, made exclusively: every init container is PID 1, so a PID names nothing."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _digest(path: Path, algorithm: str, size: int) -> str:

@@ -21,9 +21,9 @@ import structlog
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from fetcher.backoff import wait_retry_after
-from fetcher.cache import CachedArtifact, NodeCache
+from fetcher.cache import CachedArtifact, NodeCache, key_of
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError, TransientFetchError
-from fetcher.manifest import SHA256, Manifest, select
+from fetcher.manifest import Manifest, select
 from fetcher.plan import Artifact, check_directory_options
 from fetcher.progress import Progress, human_bytes
 from fetcher.publish import (
@@ -365,11 +365,7 @@ class _Fetch:
             raise
         spool.discard()
         if cache is not None and artifact.cache_max_size is not None:
-            removed, freed = cache.node.evict(artifact.cache_max_size)
-            if removed:
-                log.info(
-                    "cache evicted", files=removed, size=freed, size_h=human_bytes(freed), cache=str(cache.node.root)
-                )
+            self._evicted(cache.node.evict(artifact.cache_max_size))
         seconds = time.monotonic() - self.started
         log.info(
             "published",
@@ -388,14 +384,29 @@ class _Fetch:
         return Result(artifact, False, total, marker.files, seconds)
 
     def _cache(self, manifest: Manifest) -> CachedArtifact | None:
-        """The node cache (--cache-dir) as this artifact uses it, with what an earlier fetch of this
-        very identity computed for its files that came without a digest."""
+        """The node cache (--cache-dir) as this artifact uses it; room made first for what it lacks.
+
+        A cache this fetcher cannot write (another user's, a read-only mount) is named in a
+        warning and done without: the model still arrives, verified.
+        """
         artifact = self.artifact
         if artifact.cache_dir is None:
             return None
-        node = NodeCache(artifact.cache_dir, artifact.cache_verify)
-        remembered = node.known(manifest.identity) if manifest.identity else {}
-        return CachedArtifact(node, artifact.file_mode, artifact.owner, artifact.progress_interval, remembered)
+        try:
+            node = NodeCache(artifact.cache_dir, artifact.cache_verify)
+        except LocalFilesystemError as exc:
+            log.warning("cache unusable: fetching without it", cache=str(artifact.cache_dir), reason=str(exc))
+            return None
+        if artifact.cache_max_size is not None:
+            keep = frozenset(key_of(e.digest) for e in manifest.entries if e.digest is not None)
+            self._evicted(node.evict(max(0, artifact.cache_max_size - (manifest.size or 0)), keep))
+        return CachedArtifact(node, artifact.key, artifact.file_mode, artifact.owner, artifact.progress_interval)
+
+    def _evicted(self, removed: tuple[int, int]) -> None:
+        files, freed = removed
+        if files or freed:
+            cache = str(self.artifact.cache_dir)
+            log.info("cache evicted", files=files, size=freed, size_h=human_bytes(freed), cache=cache)
 
     def _fill_cache(
         self,
@@ -405,26 +416,15 @@ class _Fetch:
         spool: ArtifactSpool,
         slots: dict[str, str],
     ) -> None:
-        """Files that did not come through the cache join it (by a link: no copy), and what this fetch
-        computed for files without a digest is remembered for the next fetch of the same identity.
-
-        Not when --owner or --file-mode is given: the publish changes the spooled inode, which
-        the cache would then share.
+        """Files with a digest that did not come through the cache (kept from an earlier run of this
+        artifact) join it, by a link. Not with --owner or --file-mode: the publish changes the
+        spooled inode, which the cache would then share.
         """
         artifact = self.artifact
-        computed: dict[str, str] = {}
-        for entry in manifest.entries:
-            digest = str(entry.digest) if entry.digest is not None else transfer.digests.get(entry.path)
-            if digest is None:
-                continue
-            algorithm, _, hex_ = digest.partition(":")
-            key = f"{algorithm}-{hex_}"
-            if entry.digest is None and algorithm == SHA256:
-                computed[entry.path] = key
-            if artifact.owner is None and artifact.file_mode is None:
-                cache.node.adopt(key, spool.complete(slots[entry.path]))
-        if manifest.identity:
-            cache.node.remember(manifest.identity, computed)
+        if artifact.owner is None and artifact.file_mode is None:
+            for entry in manifest.entries:
+                if entry.digest is not None:
+                    cache.node.adopt(key_of(entry.digest), spool.complete(slots[entry.path]))
         if transfer.from_cache:
             log.info(
                 "cache hit",

@@ -30,7 +30,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
-from fetcher.cache import CachedArtifact, split_key
+from fetcher.cache import POLL, CachedArtifact, Lock, split_key
 from fetcher.channel import Cancelled
 from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
@@ -55,6 +55,10 @@ COMMIT_EVERY = 8
 # streaming as fast as two shared cores allow, 0.6-1.0 (the OCI and S3 bench rows).
 CPU_SLOWDOWN = 4
 BUSY_CORES = 0.5
+
+# Seconds a failed or stopped transfer waits for its workers before letting go of the cache entries
+# it holds: another fetcher may take one at once, and must not find this one still writing it.
+LET_GO_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,10 @@ class _File:
     hashed: int = 0  # parts hashed, in order
     digest: Digest | None = None  # the entry's, or what the source vouched for when it answered
     lock: threading.Lock = field(default_factory=threading.Lock)
-    cached: str | None = None  # the node cache's key (sha256 hex): fetched through the cache
+    cached: str | None = None  # its name in the node cache (a key, or an alias): fetched through the cache
     spool: ArtifactSpool | None = None  # where it downloads to: the cache's shared spool while its lock is held
-    held: int | None = None  # the fd of the cache entry's exclusive lock, while this fetcher downloads it
+    held: Lock | None = None  # the cache entry's exclusive lock, while this fetcher downloads it
+    waiting_since: float | None = None  # when it first found another fetcher downloading it
 
 
 class DirectoryTransfer:
@@ -147,12 +152,12 @@ class DirectoryTransfer:
                 self.kept_bytes += entry.size or 0
                 self._on_file(entry.size, False)
                 continue
-            if self._cache is not None and self._from_cache(entry, slot):
+            cached = self._cache.name_of(entry.digest, slot) if self._cache is not None else None
+            if cached is not None and self._from_cache(entry, slot, cached):
                 self.kept_bytes += entry.size or 0
                 self._on_file(entry.size, False)
                 continue
             planned.add(slot)
-            cached = _cache_key(entry) if self._cache is not None else None
             todo.append(_File(entry, reader, slot, digest=entry.digest, cached=cached))
         if self.kept:
             log.info("resuming", source=self._source.display, files_verified_before=self.kept, files_to_fetch=len(todo))
@@ -176,8 +181,13 @@ class DirectoryTransfer:
                 self._tasks.put(None)
             for job in todo:
                 if job.parts is not None:
-                    job.parts.close()
-                self._let_go(job)
+                    job.parts.close()  # a write in flight ends first; later ones are Cancelled
+            deadline = time.monotonic() + LET_GO_WAIT
+            for worker in workers:  # a cache entry is let go only once nobody here writes it
+                worker.join(max(0.0, deadline - time.monotonic()))
+            for job in todo:
+                if job.held is not None:
+                    job.held.close()
         if self._error is not None:
             raise self._error
         return slots
@@ -213,84 +223,88 @@ class DirectoryTransfer:
 
     # --- the node cache ----------------------------------------------------------------
 
-    def _from_cache(self, entry: Entry, slot: str) -> bool:
-        """Whether the node cache holds the file (by its digest, or by what an earlier fetch of this very
-        identity computed for it), checked and now in its slot; never waits for another fetcher."""
+    def _from_cache(self, entry: Entry, slot: str, name: str) -> bool:
+        """Whether the node cache holds the file, checked and now in its slot; never waits."""
         assert self._cache is not None
-        key, remembered = _cache_key(entry), False
-        if key is None:
-            key, remembered = self._cache.remembered.get(entry.path), True
-        if key is None:
-            return False
-        try:
-            with self._cache.node.locked(key, exclusive=False, waiting=_busy):
-                if not self._cache.node.check(key):
-                    return False
-                self._cache.place(key, self._spool.complete(slot))
-        except _Busy:
-            return False  # another fetcher is downloading it: a worker waits for it
-        if remembered:  # what it hashed to, not what any source vouched for
+        node = self._cache.node
+        lock = node.try_lock(name, exclusive=False)
+        if lock is None:
+            return False  # another fetcher is downloading it: a worker comes back for it
+        with lock:
+            key = node.resolve(name)
+            if key is None or not node.check(key):
+                return False
+            self._cache.place(key, self._spool.complete(slot))
+        if entry.digest is None:  # what it hashed to, not what any source vouched for
             self.digests[entry.path] = ":".join(split_key(key))
             self.unverified.append(entry.path)
         self.from_cache += 1
         return True
 
     def _through_cache(self, job: _File) -> None:
-        """Take the file from the node cache, waiting while another fetcher downloads it; else
-        download it into the cache under its exclusive lock (``_verified`` stores it and lets go)."""
+        """Take the file from the node cache, or download it into the cache under its exclusive lock
+        (``_verified`` stores it and lets go). A lock another fetcher holds is tried again later,
+        by whichever worker is free: no worker ever waits while holding one."""
         assert self._cache is not None and job.cached is not None
-        key, node = job.cached, self._cache.node
-        waiting = self._waiting(job)
-        with node.locked(key, exclusive=False, waiting=waiting):
-            if node.check(key):
-                return self._placed(job)
-        held = node.acquire(key, exclusive=True, waiting=waiting)
+        node, name = self._cache.node, job.cached
+        lock = node.try_lock(name, exclusive=False)
+        if lock is None:
+            return self._later(job)
+        with lock:
+            key = node.resolve(name)
+            if key is not None and node.check(key):
+                return self._placed(job, key)
+        lock = node.try_lock(name, exclusive=True)
+        if lock is None:
+            return self._later(job)
         try:
-            state = node.check(key)  # another fetcher may have stored it meanwhile
-            if state:
-                self._placed(job)
-                os.close(held)
+            key = node.resolve(name)  # another fetcher may have stored it meanwhile
+            state = node.check(key) if key is not None else None
+            if key is not None and state:
+                self._placed(job, key)
+                lock.close()
                 return None
-            if state is False:  # not as it was stored: fetched again, never served
+            if key is not None and state is False:  # not as it was stored: fetched again, never served
                 log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
                 node.remove(key)
         except BaseException:
-            os.close(held)
+            lock.close()
             raise
-        job.held, job.spool = held, node.spool
-        return self._plan(job)
+        job.held = lock
+        if job.digest is not None:  # pinned by its digest: the next holder may resume its parts
+            job.spool = node.spool
+        return self._plan(job, now=True)  # this worker, holding the lock, downloads it
 
-    def _placed(self, job: _File) -> None:
+    def _later(self, job: _File) -> None:
+        """Another fetcher is downloading the file: say so now and then, and look again a moment later."""
         assert self._cache is not None and job.cached is not None
-        self._cache.place(job.cached, self._spool.complete(job.slot))
+        now = time.monotonic()
+        job.waiting_since = job.waiting_since or now
+        waited, last = now - job.waiting_since, self._waits.get(job.entry.path)
+        if waited >= 0.5 and (last is None or waited - last >= self._cache.interval):
+            self._waits[job.entry.path] = waited
+            log.info(
+                "waiting for",
+                file=job.reader.display,
+                held_by="another fetcher on this node",
+                arrived=self._cache.node.arrived(job.cached),
+                size=job.entry.size,
+                waited_s=round(waited, 1),
+            )
+        if self._finished.wait(POLL):
+            raise Cancelled
+        self._tasks.put(lambda: self._through_cache(job))
+
+    def _placed(self, job: _File, key: str) -> None:
+        assert self._cache is not None
+        self._cache.place(key, self._spool.complete(job.slot))
+        if job.entry.digest is None:
+            self.digests[job.entry.path] = ":".join(split_key(key))
+            self.unverified.append(job.entry.path)
         with self._lock:
             self.from_cache += 1
             self.kept_bytes += job.entry.size or 0
         self._file_done(job, fetched=False)
-
-    def _waiting(self, job: _File) -> Callable[[float], None]:
-        def waiting(seconds: float) -> None:
-            if self._stopped():
-                raise Cancelled
-            assert self._cache is not None and job.cached is not None
-            last = self._waits.get(job.entry.path, 0.0)
-            if seconds - last >= self._cache.interval or (not last and seconds >= 0.5):
-                self._waits[job.entry.path] = seconds or 1e-9
-                log.info(
-                    "waiting for",
-                    file=job.reader.display,
-                    held_by="another fetcher on this node",
-                    arrived=self._cache.node.arrived(job.cached),
-                    size=job.entry.size,
-                    waited_s=round(seconds, 1),
-                )
-
-        return waiting
-
-    def _let_go(self, job: _File) -> None:
-        if job.held is not None:
-            os.close(job.held)
-            job.held = None
 
     def _spool_of(self, job: _File) -> ArtifactSpool:
         return job.spool or self._spool
@@ -303,18 +317,23 @@ class DirectoryTransfer:
         else:
             self._plan(job)
 
-    def _plan(self, job: _File) -> None:
+    def _plan(self, job: _File, *, now: bool = False) -> None:
+        """Queue the file's first task, or with ``now`` run it in this worker."""
         size, part_size = job.entry.size, self._settings.part_size
         if size is None or size < 2 * part_size:
-            self._tasks.put(lambda: self._whole_file(job))
-            return
+            return self._run(lambda: self._whole_file(job), now)
         job.count = -(-size // part_size)
-        identity = Identity(job.slot, job.entry.pin or "", size, part_size)
-        job.parts = self._spool_of(job).file_parts(job.slot, identity)
+        pin = "" if job.spool is not None else job.entry.pin or ""  # in the cache, the digest pins it
+        job.parts = self._spool_of(job).file_parts(job.slot, Identity(job.slot, pin, size, part_size))
         if 0 in job.parts.done:  # an earlier run got this far: go straight to every part
-            self._queue_parts(job)
+            return self._queue_parts(job)
+        return self._run(lambda: self._stream(job), now)
+
+    def _run(self, task: Task, now: bool) -> None:
+        if now:
+            task()
         else:
-            self._tasks.put(lambda: self._stream(job))
+            self._tasks.put(task)
 
     def _queue_parts(self, job: _File) -> None:
         assert job.parts is not None
@@ -602,10 +621,11 @@ class DirectoryTransfer:
         finished = self._spool_of(job).finish(written, job.slot)  # type: ignore[arg-type]
         if parts is not None:
             parts.remove()
-        if job.cached is not None and self._cache is not None:
-            self._cache.node.store(job.cached, finished)
-            self._cache.place(job.cached, self._spool.complete(job.slot))
-            self._let_go(job)
+        if job.held is not None and self._cache is not None and job.cached is not None:
+            key = f"{got.algorithm}-{got.hexdigest()}"
+            self._cache.node.store(key, finished, alias=job.cached if job.cached != key else None)
+            self._cache.place(key, self._spool.complete(job.slot))
+            job.held.close()
         self._file_done(job, fetched=True)
 
     def _file_done(self, job: _File, *, fetched: bool) -> None:
@@ -655,19 +675,6 @@ class DirectoryTransfer:
         while (left := deadline - time.monotonic()) > 0:
             if self._finished.wait(min(left, 0.1)):
                 raise Cancelled
-
-
-def _cache_key(entry: Entry) -> str | None:
-    """The node cache keeps files by their digest, named as the spool names their slots."""
-    return f"{entry.digest.algorithm}-{entry.digest.hex}" if entry.digest is not None else None
-
-
-class _Busy(Exception):
-    """Another fetcher holds the cache entry."""
-
-
-def _busy(_seconds: float) -> None:
-    raise _Busy
 
 
 def _whole(path: os.PathLike[str], size: int | None) -> bool:

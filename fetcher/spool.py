@@ -12,6 +12,9 @@ creates, adopts or removes it:
   not change are not fetched again;
 - ``no-room``: the last parallel attempt filled the disk, so the next uses one stream.
 
+The node cache (``fetcher.cache``) keeps one of these too, ``download-partial``, shared by
+every fetcher on the node, for the files being downloaded into it.
+
 The spool goes once its artifact is published, or once its bytes are known to be
 useless (a digest mismatch, an unsafe archive); a failure worth retrying keeps it.
 """
@@ -24,7 +27,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,6 +132,37 @@ class ArtifactSpool:
         except OSError as exc:
             raise local_error(exc, "placing the downloaded files in staging") from exc
 
+    def arrived(self, slot: str) -> int:
+        """How much of a file has arrived so far: its ``.incomplete`` size, or its journalled parts."""
+        with contextlib.suppress(OSError):
+            return os.stat(self.directory / "files" / f"{slot}.incomplete").st_size
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            lines = (self.directory / "parts" / slot / "journal").read_text().split("\n")
+            return int(json.loads(lines[0])["part_size"]) * max(0, len(lines) - 2)
+        return 0
+
+    def size(self) -> int:
+        """The bytes it holds on disk."""
+        return _disk_usage(self.directory)
+
+    def drop_stale(self, claim: Callable[[str], contextlib.AbstractContextManager[object] | None]) -> int:
+        """Remove the unfinished files that ``claim`` (a free lock on the slot) says nobody is writing;
+        the bytes freed. What a killed fetcher left, when the space is wanted more than its resume."""
+        freed = 0
+        leftovers = [(p.name.removesuffix(".incomplete"), p) for p in (self.directory / "files").glob("*.incomplete")]
+        leftovers += [(p.name, p) for p in (self.directory / "parts").glob("*")]
+        for slot, path in leftovers:
+            held = claim(slot)
+            if held is None:
+                continue
+            with held:
+                freed += _disk_usage(path)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        return freed
+
     # --- its end -------------------------------------------------------------------------
 
     def discard(self) -> None:
@@ -140,6 +174,20 @@ class ArtifactSpool:
         for entry in state_dir.glob(f"{PREFIX}*"):
             if entry.name.removeprefix(PREFIX) not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _disk_usage(path: Path) -> int:
+    """Bytes on disk (a sparse spool file counts what it holds, not its length)."""
+    if not path.is_dir():
+        with contextlib.suppress(OSError):
+            return path.lstat().st_blocks * 512
+        return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ counts what it served, the fake hub for repos that share a file."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import stat
@@ -244,3 +245,81 @@ def test_a_single_file_with_a_cache_says_it_is_not_cached(tmp_path: Path) -> Non
 
     assert run.code == 0, run.stderr
     assert run.event("not cached")
+
+
+def test_a_file_another_fetcher_holds_holds_up_no_other_file(s3: S3, tmp_path: Path) -> None:
+    """What a review found: a worker waited on a busy entry while its own entry's download sat queued
+    behind it, locked; two fetchers listing shared files in opposite orders then waited on each other
+    forever. A busy entry is now tried again later, and the worker goes on with other work."""
+    x, y = random.Random(21).randbytes(2**20), random.Random(22).randbytes(2**20)
+    args = _model(s3, "cache-busy", {"a.bin": x, "b.bin": y}, tmp_path)  # equal sizes: a.bin first
+    cache = tmp_path / "cache"
+    (cache / "locks").mkdir(parents=True)
+    fd = os.open(cache / "locks" / f"sha256-{sha256(y)}", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another fetcher is downloading b.bin
+    try:
+        run = Background(
+            *args, "--concurrency", "1", "--dest", str(tmp_path / "d"), "--cache-dir", str(cache), env=s3.env
+        )
+        deadline = time.monotonic() + 20
+        while not (cache / "blobs" / "sha256" / sha256(x)).exists():
+            assert time.monotonic() < deadline, "".join(run.lines)  # a.bin waited for b.bin's lock
+            time.sleep(0.05)
+        run.wait_for("waiting for")
+    finally:
+        os.close(fd)
+
+    done = run.finish(timeout=30)
+
+    assert done.code == 0, done.stderr
+    assert tree(tmp_path / "d") == {"a.bin": x, "b.bin": y}
+    assert done.event("waiting for")["file"].endswith("b.bin")
+
+
+@pytest.mark.fault("N fetchers at once on files with no digest: each downloaded once, by alias", exit=0, area="cache")
+def test_files_without_a_digest_are_downloaded_once_too(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    for path, data in MODEL.items():
+        s3.put("cache-nosums", f"m/{path}", data)
+    cache = tmp_path / "cache"
+    s3_front.trickle = [3_000_000] * 64
+    args = ("--source", "s3://cache-nosums/m/", "--split-below", "0", "--cache-dir", str(cache))
+    runs = [Background(*args, "--dest", str(tmp_path / f"pod{i}"), env=s3_front.env) for i in range(3)]
+
+    finished = [run.finish(timeout=90) for run in runs]
+
+    for i, run in enumerate(finished):
+        assert run.code == 0, run.stderr
+        assert tree(tmp_path / f"pod{i}") == MODEL
+    for name in MODEL:
+        assert _gets(s3_front, name) == [""], name
+
+
+def test_two_folders_with_the_same_names_sizes_and_times_do_not_share_files(tmp_path: Path) -> None:
+    """What a review found: files with no digest were remembered by path, size and mtime alone."""
+    cache = tmp_path / "cache"
+    for name, data in (("a", b"AAAA-weights-v1"), ("b", b"BBBB-weights-v2")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.bin").write_bytes(data)
+        os.utime(folder / "model.bin", (1_600_000_000, 1_600_000_000))
+
+    for name in ("a", "b"):
+        run = run_fetcher(
+            "--source", f"file://{tmp_path / name}/", "--dest", str(tmp_path / f"d{name}"), "--cache-dir", str(cache)
+        )
+        assert run.code == 0, run.stderr
+
+    assert tree(tmp_path / "da") == {"model.bin": b"AAAA-weights-v1"}
+    assert tree(tmp_path / "db") == {"model.bin": b"BBBB-weights-v2"}
+
+
+def test_a_cache_that_cannot_be_used_is_named_and_the_model_still_arrives(s3: S3, tmp_path: Path) -> None:
+    args = _model(s3, "cache-unusable", MODEL, tmp_path)
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("a file where the cache should be")
+
+    run = run_fetcher(*args, "--dest", str(tmp_path / "d"), "--cache-dir", str(not_a_directory), env=s3.env)
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "d") == MODEL
+    assert run.event("cache unusable: fetching without it")["cache"] == str(not_a_directory)
