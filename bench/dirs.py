@@ -319,6 +319,17 @@ class DirBench(B.Bench):
             for t in tools if r % 2 == 0 else list(reversed(tools)):  # A B C, then C B A: drift hits all alike
                 row.runs[t.name].append(self.one_tree(row, t, tree))
 
+    def run_rows(self, rows: list[Row], tree: Tree) -> dict[str, str]:
+        """Every row, then with --profile one fetcher run of each under py-spy: the profiles by row key."""
+        for row in rows:
+            self.run_row(row, tree)
+        profiles = {}
+        if self.args.profile:
+            for row in rows:
+                B.log(f"profile: one fetcher run of row {row.key} under py-spy")
+                profiles[row.key] = self.profile_tree(row)
+        return profiles
+
     def profile_tree(self, row: Row) -> str:
         """py-spy over one fetcher run of the row (raw --native for the summary, and a flamegraph)."""
         pyspy = str(VENVS / "tools" / "bin" / "py-spy")
@@ -396,21 +407,26 @@ def presigned_urls(moto: B.Moto, tree: Tree, out: Path) -> Path:
 # --- reporting ---------------------------------------------------------------------------------------
 
 
-def versions(bench: DirBench, hubs: list[Hub]) -> list[str]:
-    def pkg(venv: str, name: str) -> str:
-        out = subprocess.run(
-            [str(VENVS / venv / "bin" / "python"), "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout.strip() or "?"
+def pkg(venv: str, name: str) -> str:
+    """The version of package name in bench/.cache/venvs/<venv>, or '?'."""
+    out = subprocess.run(
+        [str(VENVS / venv / "bin" / "python"), "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() or "?"
 
+
+def machine(bench: DirBench) -> list[str]:
+    """bench.machine's lines without its alternatives and servers, which are about the single-file rows."""
+    return [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
+
+
+def versions(bench: DirBench, hubs: list[Hub]) -> list[str]:
     s5 = subprocess.run(
         [str(VENVS / "s5cmd" / "bin" / "s5cmd"), "version"], capture_output=True, text=True
     ).stdout.strip()
-    lines = B.machine(bench)
-    # bench.machine's alternatives and servers lines are about the single-file rows: replace them.
-    lines = [ln for ln in lines if not ln.startswith(("- alternatives:", "- servers:"))]
+    lines = machine(bench)
     lines += [
         f"- alternatives: huggingface_hub {pkg('hf', 'huggingface_hub')} (hf-xet {pkg('hf', 'hf_xet')}, unused: the fake hub "
         f"sends no Xet headers), s5cmd {s5}, awscli {pkg('aws', 'awscli')}",
@@ -631,20 +647,12 @@ def stop_servers(bench: DirBench, hubs: list[Hub], moto: B.Moto | None) -> None:
     shutil.rmtree(bench.workdir, ignore_errors=True)
 
 
-# --- main --------------------------------------------------------------------------------------------
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(
-        prog="bench/dirs.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_tree_options(ap: argparse.ArgumentParser, name: str, rows: str) -> None:
+    """The options of dirs.py and kserve.py (name: results-<name>.md), rows the comma-separated row keys."""
     ap.add_argument("--quick", action="store_true", help="1 tensor (32 MiB) per shard and 1 round: a smoke test")
     ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
     ap.add_argument("--pairs", type=int, help="rounds per row (default 3, 1 with --quick)")
-    ap.add_argument("--rows", default="hf,s3,capped", help="comma-separated subset of hf,s3,capped (default: all)")
-    ap.add_argument(
-        "--rate", type=int, default=RATE_DEFAULT, help="bytes/s per connection of the capped hub (default 40000000)"
-    )
+    ap.add_argument("--rows", default=rows, help=f"comma-separated subset of {rows} (default: all)")
     ap.add_argument("--rss-target", type=float, default=100, help="fetcher's peak RSS target in MiB (default 100)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")
     ap.add_argument(
@@ -652,24 +660,39 @@ def main() -> int:
     )
     ap.add_argument("--profile", action="store_true", help="also py-spy one fetcher run of each row")
     ap.add_argument(
-        "--fetcher-args", default="", help="extra fetcher options for every fetcher run, e.g. '--concurrency 16'"
+        "--fetcher-args", default="", help="extra fetcher options for every fetcher run, e.g. '--concurrency 8'"
     )
     ap.add_argument("--no-setup", action="store_true", help="skip making/updating the venvs")
     ap.add_argument(
         "--out",
         type=Path,
-        help="results file (default bench/results-dirs.md, bench/.cache/results-dirs-quick.md with --quick)",
+        help=f"results file (default bench/results-{name}.md, bench/.cache/results-{name}-quick.md with --quick)",
     )
+
+
+def parse_tree_options(ap: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespace, int, list[str], Path]:
+    """args (argv and pairs filled in), tensors per shard, the rows wanted and the results file."""
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     args.pairs = args.pairs or (1 if args.quick else 3)
     tensors = args.tensors or (1 if args.quick else 6)
-    rows_wanted = args.rows.split(",")
-    out_path = (
-        args.out.resolve()
-        if args.out
-        else (CACHE / "results-dirs-quick.md" if args.quick else HERE / "results-dirs.md")
+    quick = CACHE / f"results-{name}-quick.md"
+    out_path = args.out.resolve() if args.out else (quick if args.quick else HERE / f"results-{name}.md")
+    return args, tensors, args.rows.split(","), out_path
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench/dirs.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_tree_options(ap, "dirs", "hf,s3,capped")
+    ap.add_argument(
+        "--rate", type=int, default=RATE_DEFAULT, help="bytes/s per connection of the capped hub (default 40000000)"
+    )
+    args, tensors, rows_wanted, out_path = parse_tree_options(ap, "dirs")
     # bench.Bench reads these (its single-file options): fetcher runs with its own defaults here.
     args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", f"{args.rate} B/s"
     started = time.monotonic()
@@ -764,13 +787,7 @@ def main() -> int:
                 )
             )
         cmd_lines = command_lines(bench, tree, rows, hubs, moto)
-        for row in rows:
-            bench.run_row(row, tree)
-        profiles = {}
-        if args.profile:
-            for row in rows:
-                B.log(f"profile: one fetcher run of row {row.key} under py-spy")
-                profiles[row.key] = bench.profile_tree(row)
+        profiles = bench.run_rows(rows, tree)
         write_results(bench, rows, report(bench, tree, rows, profiles, cmd_lines, time.monotonic() - started), out_path)
     finally:
         stop_servers(bench, hubs, moto)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,17 +96,9 @@ def kserve_tool(bench: D.DirBench, uri: str, env: dict[str, str]) -> D.TreeTool:
 
 
 def versions(bench: D.DirBench) -> list[str]:
-    def pkg(venv: str, name: str) -> str:
-        out = subprocess.run(
-            [str(VENVS / venv / "bin" / "python"), "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout.strip() or "?"
-
-    lines = [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
+    pkg = D.pkg
     return [
-        *lines,
+        *D.machine(bench),
         f"- alternative: kserve-storage {pkg('kserve', 'kserve-storage')} from PyPI (huggingface_hub "
         f"{pkg('kserve', 'huggingface_hub')}, hf-xet {pkg('kserve', 'hf_xet')}, unused: the fake hub sends no Xet headers; "
         f"boto3 {pkg('kserve', 'boto3')}), run as KServe's storage-initializer image runs it (its entrypoint, below)",
@@ -149,41 +140,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         prog="bench/kserve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="1 tensor (32 MiB) per shard and 1 round: a smoke test")
-    ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
-    ap.add_argument("--pairs", type=int, help="rounds per row (default 3, 1 with --quick)")
-    ap.add_argument("--rows", default="s3,hf", help="comma-separated subset of s3,hf (default: both)")
-    ap.add_argument("--rss-target", type=float, default=100, help="fetcher's peak RSS target in MiB (default 100)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")
-    ap.add_argument(
-        "--no-verify-output", dest="verify_output", action="store_false", help="check sizes only, not sha256"
-    )
-    ap.add_argument("--profile", action="store_true", help="also py-spy one fetcher run of each row")
-    ap.add_argument(
-        "--fetcher-args", default="", help="extra fetcher options for every fetcher run, e.g. '--concurrency 8'"
-    )
-    ap.add_argument("--no-setup", action="store_true", help="skip making/updating the venvs")
-    ap.add_argument(
-        "--out",
-        type=Path,
-        help="results file (default bench/results-kserve.md, bench/.cache/results-kserve-quick.md with --quick)",
-    )
-    args = ap.parse_args()
-    args.argv = sys.argv[1:]
-    args.pairs = args.pairs or (1 if args.quick else 3)
-    rows_wanted = args.rows.split(",")
-    out_path = (
-        args.out.resolve()
-        if args.out
-        else (CACHE / "results-kserve-quick.md" if args.quick else HERE / "results-kserve.md")
-    )
+    D.add_tree_options(ap, "kserve", "s3,hf")
+    args, tensors, rows_wanted, out_path = D.parse_tree_options(ap, "kserve")
     # bench.Bench reads these (its single-file options): fetcher runs with its own defaults here.
     args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", "none"
     started = time.monotonic()
     if not args.no_setup:
         D.setup_servers()
     bench = KServeBench(args)
-    tree = D.prepare(bench, "work-kserve", args.tensors or (1 if args.quick else 6))
+    tree = D.prepare(bench, "work-kserve", tensors)
     hubs: list[D.Hub] = []
     moto: B.Moto | None = None
     try:
@@ -208,13 +173,7 @@ def main() -> int:
             ln.replace(shlex.quote(ENTRYPOINT), '"$ENTRYPOINT"')
             for ln in D.command_lines(bench, tree, rows, hubs, moto)
         ]
-        for row in rows:
-            bench.run_row(row, tree)
-        profiles = {}
-        if args.profile:
-            for row in rows:
-                B.log(f"profile: one fetcher run of row {row.key} under py-spy")
-                profiles[row.key] = bench.profile_tree(row)
+        profiles = bench.run_rows(rows, tree)
         text = D.report(
             bench,
             tree,
