@@ -669,9 +669,8 @@ def versions(bench: OciBench) -> list[str]:
     )
     skopeo_v = out(["skopeo", "--version"], r"version (\S+)")
     registry_v = out(["dpkg-query", "-W", "-f", "${Version}", "docker-registry"], r"(\S+)")
-    lines = [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
     return [
-        *lines,
+        *D.machine(bench),
         f"- alternatives: skopeo {skopeo_v} (Debian), oras-py {oras_v} (PyPI, venvs/oras)",
         f"- server: docker-registry {registry_v} (Debian's, the CNCF distribution registry) in its own process on 127.0.0.1, "
         "filesystem storage in bench/.cache/oci/storage, anonymous",
@@ -941,12 +940,7 @@ def main() -> int:
     if not args.no_setup:
         setup()
     bench = OciBench(args)
-    bench.workdir = CACHE / "work-oci"  # not bench.py's work/ nor dirs.py's
-    shutil.rmtree(bench.workdir, ignore_errors=True)
-    bench.workdir.mkdir(parents=True)
-    os.chdir(bench.workdir)
-    bench.snapshot_fetcher()
-    tree = D.generate_tree(tensors)
+    tree = D.prepare(bench, "work-oci", tensors)  # not bench.py's work/ nor dirs.py's
     registry: Registry | None = None
     capped: CappedBlobs | None = None
     try:
@@ -1000,16 +994,7 @@ def main() -> int:
                 B.log(f"profile: one fetcher run of row {row.key} under py-spy")
                 profiles[row.key] = bench.profile_tree(row)  # its Row has the key and fetcher that needs
         text = report(bench, tree, rows, profiles, cmd_lines, time.monotonic() - started)
-        out_path.write_text(text)
-        (bench.logdir / "runs.json").write_text(
-            json.dumps(
-                [{"row": r.key, "runs": {k: [vars(x) for x in v] for k, v in r.runs.items()}} for r in rows],
-                indent=1,
-                default=str,
-            )
-        )
-        print(text)
-        B.log(f"results in {out_path}; per-run logs and runs.json in {bench.logdir}")
+        D.write_results(bench, rows, text, out_path)  # type: ignore[arg-type]  # oci's Row: the same key and runs
     finally:
         if capped:
             capped.stop()
