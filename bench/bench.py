@@ -240,9 +240,26 @@ class Nginx:
         # A self-signed certificate for 127.0.0.1: clients trust it as their CA (fetcher via SSL_CERT_FILE).
         self.ca_file = self.tmp / "tls.pem"
         sh(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-            + ["-keyout", str(self.tmp / "tls.key"), "-out", str(self.ca_file), "-days", "2"]
-            + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(self.tmp / "tls.key"),
+                "-out",
+                str(self.ca_file),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ]
         )
         conf = NGINX_CONF.format(
             tmp=self.tmp, root=root, port=self.port, capped_port=self.capped_port, tls_port=self.tls_port, rate=rate

@@ -36,7 +36,9 @@ def inflate_mb_per_s(module: ModuleType, compressed: bytes, size: int) -> float:
 def main() -> None:
     raw = np.random.default_rng(1).normal(0.0, 0.02, 100_000_000).astype(np.float16).tobytes()
     compressed = gzip.compress(raw, 6)
-    print(f"{len(raw) / 1e6:.0f} MB of fp16 weights, {len(compressed) / 1e6:.0f} MB gzipped ({1 - len(compressed) / len(raw):.1%} saved)")
+    print(
+        f"{len(raw) / 1e6:.0f} MB of fp16 weights, {len(compressed) / 1e6:.0f} MB gzipped ({1 - len(compressed) / len(raw):.1%} saved)"
+    )
     libraries = {"zlib": zlib, "zlib-ng": zlib_ng, "isal": isal_zlib}
     speeds: dict[str, list[float]] = {name: [] for name in libraries}
     for _ in range(ROUNDS):  # interleaved, so a noisy neighbour hurts each library alike

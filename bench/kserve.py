@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-import bench as B  # bench/bench.py: this script's directory is first on sys.path
 import dirs as D  # bench/dirs.py: the tree, the servers, the runs and the report
+
+import bench as B  # bench/bench.py: this script's directory is first on sys.path
 
 HERE, CACHE, VENVS = B.HERE, B.CACHE, B.VENVS
 TARGET = 0.5  # issue 14: fetcher's wall time / kserve-storage's, each row
