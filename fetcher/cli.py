@@ -156,8 +156,8 @@ def _early_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpar
     with contextlib.suppress(UsageError):
         return parser.parse_known_args(list(argv))[0]
     reporting = QuietParser(add_help=False, allow_abbrev=False)
-    for name in ("log_format", "termination_log"):
-        reporting.add_argument(BY_NAME[name].flag, dest=name)
+    for name in ("log_format", "termination_log"):  # nargs="?": one of them left without its value loses only it
+        reporting.add_argument(BY_NAME[name].flag, dest=name, nargs="?")
     with contextlib.suppress(UsageError):
         return reporting.parse_known_args(list(argv))[0]
     return None
