@@ -401,11 +401,17 @@ def test_fetcher_include_wins_over_storage_allow_patterns(hub: FakeHub, tmp_path
     assert set(tree(tmp_path / "d")) == {"README.md"}
 
 
-def test_patterns_leave_a_single_object_alone_as_in_kserve(origin: Origin, tmp_path: Path) -> None:
+def test_patterns_leave_a_single_object_alone_as_in_kserve(origin: Origin, s3: S3, tmp_path: Path) -> None:
     url = origin.add("/model.bin", b"one file")
     run = run_fetcher(url, str(tmp_path / "d"), env={"STORAGE_ALLOW_PATTERNS": '["*.json"]'})
     assert run.code == 0, run.stderr
     assert tree(tmp_path / "d") == {"model.bin": b"one file"}
+    # an S3 key is found to be one object only when it is resolved
+    source = s3.put("kserve-one", "model.tar.gz", make_tar({"w.bin": b"w"}))
+    env = webhook_s3_env(s3.endpoint) | {"STORAGE_IGNORE_PATTERNS": "*.bin"}
+    run = run_fetcher(source, str(tmp_path / "s3"), env=env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "s3") == {"w.bin": b"w"}
     mine = run_fetcher(url, str(tmp_path / "e"), "--include", "*.json")
     assert mine.code == 2 and "--include/--exclude applies to a directory" in mine.error  # fetcher's own: a mistake
 
