@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import structlog
 
-from fetcher import __version__, logs, memory
+from fetcher import __version__, kserve, logs, memory
 from fetcher.config import BY_NAME, QuietParser, build_parser, resolve, unknown_env
 from fetcher.errors import (
     ArchiveError,
@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logs.configure(config.run["log_format"], config.run["log_level"])
         for name in unknown_env(environ):
             log.warning("unknown env var ignored", name=name)
+        _take_kserve(config.kserve)
         plan = build_plan(config)
         if config.run["dry_run"]:
             shown = []
@@ -147,6 +148,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_INTERNAL
 
 
+def _take_kserve(contract: kserve.Contract) -> None:
+    """KServe's environment: what boto3 reads set in this process's, and said, by name only."""
+    contract.export(os.environ)
+    if contract.honoured:
+        log.info("KServe settings read", names=list(contract.honoured))
+    if contract.unsupported:
+        log.warning("KServe settings not supported, ignored", names=list(contract.unsupported))
+    if contract.missing_ca is not None:  # as KServe's initializer, which goes on with the default trust store
+        log.warning("CA bundle not found: trusting the default CAs", path=contract.missing_ca)
+
+
 def _early_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | None:
     """The flags that say how to report, read even beside ones that cannot be read.
 
@@ -156,8 +168,8 @@ def _early_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpar
     with contextlib.suppress(UsageError):
         return parser.parse_known_args(list(argv))[0]
     reporting = QuietParser(add_help=False, allow_abbrev=False)
-    for name in ("log_format", "termination_log"):
-        reporting.add_argument(BY_NAME[name].flag, dest=name)
+    for name in ("log_format", "termination_log"):  # nargs="?": one of them left without its value loses only it
+        reporting.add_argument(BY_NAME[name].flag, dest=name, nargs="?")
     with contextlib.suppress(UsageError):
         return reporting.parse_known_args(list(argv))[0]
     return None

@@ -3,9 +3,14 @@
 Every option is declared once in ``OPTIONS``; the flag, the env var, the
 config-file key and the parser all derive from that one entry, so the three
 ways of configuring fetcher cannot drift apart. Precedence, highest first:
-flag, env var, the artifact's own entry in the config file, the file's
-top-level keys, the default. Every value is parsed from text by the same
-parser, whichever layer it came from, and a bad one names that layer.
+flag, env var, KServe's environment (``fetcher.kserve``), the artifact's own
+entry in the config file, the file's top-level keys, the default. Every value
+is parsed from text by the same parser, whichever layer it came from, and a bad
+one names that layer.
+
+Artifacts come from ``--source``/``--dest``, from a config file, or from
+``SRC DEST`` pairs given as arguments, as KServe's and Seldon's webhooks invoke a
+storage initializer: one of the three.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import quote
 
-from fetcher import STATE_DIR, __version__
+from fetcher import STATE_DIR, __version__, kserve
 from fetcher.errors import UsageError
 from fetcher.schemes import CONTROL, check_path, check_source
 
@@ -345,6 +351,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("progress_interval", parse_seconds, "seconds between progress log lines", 5.0, metavar="SECONDS"),
     Option("s3_anonymous", parse_bool, "unsigned S3 requests, for public buckets", False, is_flag=True),
     Option(
+        "s3_no_verify_ssl",
+        parse_bool,
+        "do not verify the S3 endpoint's TLS certificate (a self-signed MinIO; KServe's S3_VERIFY_SSL=0)",
+        False,
+        is_flag=True,
+    ),
+    Option(
         "registry_auth_file",
         _path,
         "docker config.json with registry credentials (a mounted kubernetes.io/dockerconfigjson Secret)",
@@ -446,8 +459,9 @@ class RunConfig:
     """Everything one run needs: run-wide settings and one value set per artifact."""
 
     run: Values
-    artifacts: list[Values]
+    artifacts: list[Values]  # each also holds "from_kserve": option name -> the KServe variable that set it
     config_path: Path | None
+    kserve: kserve.Contract
 
 
 class QuietParser(argparse.ArgumentParser):
@@ -467,8 +481,8 @@ class _Parser(QuietParser):
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         namespace, extras = self.parse_known_args(args, namespace)
-        if extras:
-            raise UsageError(self._unrecognized(extras))
+        if extras:  # what argparse took for SRC DEST may be an unknown option's value
+            raise UsageError(self._unrecognized([*extras, *(getattr(namespace, "pairs", None) or [])]))
         return namespace
 
     def _unrecognized(self, extras: list[str]) -> str:
@@ -495,7 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # --bearer-token SECRET must not be taken for --bearer-token-file, and shown as a path
         description="Fetch a model from HTTP(S), S3 or a file, verify its SHA-256, unpack it safely and publish it.",
         epilog="Every option is also an env var: --foo-bar is FETCHER_FOO_BAR (--header: FETCHER_HEADERS, one per"
-        " line). Flags win over env, env over --config.",
+        " line). Flags win over env, env over KServe's env, which wins over --config.",
+    )
+    parser.add_argument(
+        "pairs",
+        nargs="*",
+        metavar="SRC DEST",
+        help="a source and its dest, as --source SRC --dest DEST; repeatable, one artifact per pair (how KServe and"
+        " Seldon Core invoke a storage initializer); SRC may be an absolute path",
     )
     for option in OPTIONS:
         if option.is_flag:
@@ -719,21 +740,68 @@ _IDENTIFYING = ("source", "sha256", "filename")
 def resolve(namespace: argparse.Namespace, environ: Mapping[str, str]) -> RunConfig:
     """Merge the layers into one value set per artifact."""
     overrides = _from_env(environ) | _from_flags(namespace)
+    contract = kserve.read(environ)
+    from_kserve = {name: _parse(BY_NAME[name], raw, contract.origins[name]) for name, raw in contract.values.items()}
     config_path: Path | None = overrides.get("config")
     top: Values = {}
     entries: list[Values] = [{}]
-    if config_path is not None:
+    if pairs := getattr(namespace, "pairs", None):
+        entries = _pairs(pairs, overrides)
+        many = f"{len(entries)} SRC DEST pairs"
+    elif config_path is not None:
         top, entries = load_config_file(config_path)
-        clashing = [name for name in _IDENTIFYING if name in overrides]
-        if len(entries) > 1 and clashing:
-            option = BY_NAME[clashing[0]]
-            raise UsageError(
-                f"{option.flag} / {option.env} cannot be combined with a --config listing {len(entries)} artifacts"
-            )
+        many = f"a --config listing {len(entries)} artifacts"
+    if len(entries) > 1:
+        for name in _IDENTIFYING:
+            if name in overrides:
+                option = BY_NAME[name]
+                raise UsageError(f"{option.flag} / {option.env} cannot be combined with {many}")
+            if name in from_kserve:  # KServe's initializer refuses it too (PR #6051)
+                raise UsageError(f"{contract.origins[name]} pins one artifact: it cannot be combined with {many}")
     defaults = {option.name: option.default for option in OPTIONS}
     run = {name: value for name, value in (defaults | top | overrides).items() if not BY_NAME[name].per_artifact}
-    artifacts = [
-        {name: value for name, value in (defaults | top | entry | overrides).items() if BY_NAME[name].per_artifact}
-        for entry in entries
-    ]
-    return RunConfig(run=run, artifacts=artifacts, config_path=config_path)
+    artifacts = [_artifact_values(defaults | top | entry, from_kserve, overrides, contract) for entry in entries]
+    return RunConfig(run=run, artifacts=artifacts, config_path=config_path, kserve=contract)
+
+
+def _pairs(given: list[str], overrides: Values) -> list[Values]:
+    """``SRC DEST [SRC DEST ...]``, each pair one artifact as ``--source SRC --dest DEST``.
+
+    KServe's initializer takes its arguments so (python/storage-initializer/scripts/initializer-entrypoint:
+    ``sys.argv[1::2]``, ``sys.argv[2::2]``; an odd count is a usage error there too). A bare absolute
+    path is a file:// source: Seldon Core v1 passes a pvc:// model as the path it mounts it at,
+    ``/mnt/pvc/<path>`` (operator/controllers/model_initializer_injector.go). Values are never
+    repeated in a message: a URL may hold a password.
+    """
+    shown = f"{len(given)} value{'s' if len(given) > 1 else ''}, not shown"
+    if len(given) % 2:
+        raise UsageError(f"expected SRC DEST pairs, got an odd number of arguments ({shown})")
+    for name in ("config", "source", "dest"):
+        if name in overrides:
+            option = BY_NAME[name]
+            raise UsageError(f"{option.flag} / {option.env} cannot be combined with SRC DEST arguments ({shown})")
+    entries = []
+    for i in range(0, len(given), 2):
+        source = given[i]
+        if source.startswith("/"):
+            source = "file://" + quote(source, safe="/", errors="surrogateescape")
+        entries.append(
+            {
+                "source": _parse(BY_NAME["source"], source, f"SRC (argument {i + 1})"),
+                "dest": _parse(BY_NAME["dest"], given[i + 1], f"DEST (argument {i + 2})"),
+            }
+        )
+    return entries
+
+
+def _artifact_values(base: Values, from_kserve: Values, overrides: Values, contract: kserve.Contract) -> Values:
+    """One artifact's values: KServe's layer between the config file's and FETCHER_*'s, with the
+    headers KServe sends to this source's host; ``from_kserve`` names what that layer decided."""
+    layer, origins = dict(from_kserve), dict(contract.origins)
+    source = overrides.get("source", base.get("source"))
+    if (found := contract.headers_for(source)) is not None:
+        variable, headers = found
+        layer["headers"], origins["headers"] = _parse(BY_NAME["headers"], headers, variable), variable
+    values = {name: value for name, value in (base | layer | overrides).items() if BY_NAME[name].per_artifact}
+    values["from_kserve"] = {name: origins[name] for name in layer if name not in overrides}
+    return values

@@ -52,6 +52,7 @@ class Artifact:
     max_members: int
     progress_interval: float
     s3_anonymous: bool
+    s3_no_verify_ssl: bool
     s3_addressing_style: str
     registry_auth_file: Path | None
     oci_platform: str | None
@@ -60,6 +61,9 @@ class Artifact:
     cache_dir: Path | None
     cache_max_size: int | None
     cache_verify: str
+    # Options set by KServe's environment (fetcher.kserve), each with the variable that set it: named
+    # so in messages, and its patterns, as KServe's, left unused by a single object.
+    from_kserve: tuple[tuple[str, str], ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -144,6 +148,7 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
             "headers": tuple(values["headers"] or ()),
             "include": tuple(values["include"] or ()),
             "exclude": tuple(values["exclude"] or ()),
+            "from_kserve": tuple(sorted(values.get("from_kserve", {}).items())),
         }
     )
     check_directory_options(artifact, artifact.is_directory, where)
@@ -166,13 +171,18 @@ def check_directory_options(artifact: Artifact, directory: bool | None, where: s
     """--sha256 names one stream's digest, --sha256sums a directory's: each only where it means something.
 
     Called again by a source that finds out only when it resolves (an S3 key that is a prefix).
+    KServe's STORAGE_ALLOW_PATTERNS and STORAGE_IGNORE_PATTERNS are no mistake with one object:
+    its initializer applies them to the files of a directory only (kserve_storage.py ``_download_s3``).
     """
+    kserve = dict(artifact.from_kserve)
     if directory and artifact.sha256 is not None:
+        given = kserve.get("sha256", "--sha256")
         raise UsageError(
-            f"{where}--sha256 verifies one file or archive, but {artifact.display_source} is a directory: "
+            f"{where}{given} verifies one file or archive, but {artifact.display_source} is a directory: "
             "give its files' digests with --sha256sums (sha256sum's format)"
         )
-    if directory is False and (artifact.sha256sums is not None or artifact.include or artifact.exclude):
+    patterns = [name for name in ("include", "exclude") if getattr(artifact, name) and name not in kserve]
+    if directory is False and (artifact.sha256sums is not None or patterns):
         given = "--sha256sums" if artifact.sha256sums is not None else "--include/--exclude"
         raise UsageError(
             f"{where}{given} applies to a directory (s3://bucket/prefix/, hf://org/model, file:///dir/), "

@@ -22,6 +22,7 @@ def connection(artifact: Artifact) -> Connection:
         concurrency=artifact.concurrency,
         floor=SpeedFloor(artifact.low_speed_limit, artifact.low_speed_time),
         s3_anonymous=artifact.s3_anonymous,
+        s3_no_verify_ssl=artifact.s3_no_verify_ssl,
         s3_addressing_style=artifact.s3_addressing_style,
         registry_auth_file=artifact.registry_auth_file,
         oci_platform=artifact.oci_platform,

@@ -100,6 +100,7 @@ class Connection:
     concurrency: int = 16
     floor: SpeedFloor = SpeedFloor(0, 60.0)
     s3_anonymous: bool = False
+    s3_no_verify_ssl: bool = False
     s3_addressing_style: str = "auto"
     registry_auth_file: Path | None = None
     oci_platform: str | None = None  # None: linux and this node's architecture

@@ -27,6 +27,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from fetcher import kserve
 from fetcher.errors import UsageError
 
 READ_SIZE = 1024 * 1024
@@ -42,12 +43,20 @@ _UNLOADED = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
-    """httpx's own: certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set."""
+    """httpx's own: certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set; and besides them the CA bundle
+    KServe's webhook mounts for CA_BUNDLE_CONFIGMAP_NAME (``kserve.global_ca_bundle``)."""
     try:
         context = httpx.create_ssl_context()
     except OSError as exc:  # ssl.SSLError too: a file that is not PEM
         where = next((f"{k}={os.environ[k]}" for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if os.environ.get(k)), None)
         raise UsageError(f"cannot load CA certificates from {where or 'certifi'}: {exc.strerror or exc}") from None
+    if (bundle := kserve.global_ca_bundle(os.environ)) is not None:
+        try:
+            context.load_verify_locations(cafile=bundle)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot load CA certificates from {bundle} (CA_BUNDLE_CONFIGMAP_NAME): {exc.strerror or exc}"
+            ) from None
     context.set_alpn_protocols(["http/1.1"])
     return context
 

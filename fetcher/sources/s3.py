@@ -3,7 +3,8 @@
 botocore's own retries are switched off so that tenacity (in ``transfer``)
 is the only retry loop, with one budget and one log line per retry.
 AWS_ENDPOINT_URL, AWS_REGION, AWS_CA_BUNDLE, profiles and IRSA web identity
-are read by botocore itself.
+are read by botocore itself (KServe's S3 settings are mapped onto them in
+``fetcher.kserve``).
 """
 
 from __future__ import annotations
@@ -177,8 +178,14 @@ class S3Source:
             max_pool_connections=max(10, connection.concurrency + 1),
         )
         core = botocore.session.Session()
-        self._client: S3Client = boto3.session.Session(botocore_session=core).client("s3", config=config)
-        bundle = _ca_bundle_setting(core)
+        # verify=False only when asked (KServe's S3_VERIFY_SSL=0): a self-signed MinIO. None is botocore's
+        # own choice, which reads AWS_CA_BUNDLE.
+        verify = False if connection.s3_no_verify_ssl else None
+        if verify is False:  # urllib3 would warn on stderr at every request, outside the log
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        session = boto3.session.Session(botocore_session=core)
+        self._client: S3Client = session.client("s3", config=config, verify=verify)
+        bundle = _ca_bundle_setting(core) if verify is None else None
         https = self._client.meta.endpoint_url.lower().startswith("https:")
         if https and bundle is not None and (why := _unloadable(bundle[1])) is not None:
             # Found here, not on the first request: botocore reports it as a connection error.
