@@ -445,8 +445,9 @@ def _clean_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("FETCHER_", "AWS_", "SSL_CERT_", "HF_", "HUGGING_FACE_"))
-        and not k.lower().endswith("_proxy")
+        if not k.startswith(("FETCHER_", "AWS_", "SSL_CERT_", "HF_", "HUGGING_FACE_", "S3_", "STORAGE_", "CA_BUNDLE_"))
+        and k not in ("VERIFICATION_DIGEST", "awsAnonymousCredential")  # KServe's, which fetcher reads too
+        and not k.lower().endswith(("_proxy", "-headers"))
     }
     env["HF_HOME"] = "/nonexistent"  # no token file of the developer's
     env["AWS_CONFIG_FILE"] = "/nonexistent"
