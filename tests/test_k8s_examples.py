@@ -16,9 +16,13 @@ docker-registry on loopback (tests/registry.py) with htpasswd, so the mounted pu
 HTTPS with the test CA from a ConfigMap (see oci_registry), and a secret volume's `optional: false`
 spelt out (podman 4.3 needs it); the pod uses the host's network
 (loopback, and the fake hub's CDN on 127.0.0.2); volume names get a test prefix; a hostPath is taken under
-the test's directory, its node, so the pods one test plays share it; and restartPolicy is Never,
+the test's directory, its node, so the pods one test plays share it; a downwardAPI volume no container
+mounts (Seldon's podinfo) is dropped, as podman 4.3 has none; and restartPolicy is Never,
 because podman 4.3 applies the pod's restart policy to init containers too (Always would re-run a finished
 init container in a loop, which a kubelet does not do).
+
+The KServe and Seldon Core pods (k8s-examples/*/pods/) are played the same way, with what they name from
+their folder (see the section at the end): their model server is a stand-in that lists /mnt/models.
 
 A dry run resolves what a source names (an S3 key that may be a prefix, a hub revision), so the offline
 checks serve each example from the same loopback servers.
@@ -68,6 +72,8 @@ HF_COMMIT = "PUT-THE-40-HEX-COMMIT-HERE"
 HF_TOKEN = "PUT-YOUR-HUGGING-FACE-READ-TOKEN-HERE"
 REGISTRY = "registry.example.com"
 REGISTRY_AUTH = "PUT-BASE64-OF-USERNAME:PASSWORD-HERE"
+# The model servers of the KServe and Seldon pods (k8s-examples/*/pods/), replaced by a stand-in when played.
+MODEL_SERVERS = {"kserve/huggingfaceserver:v0.15.2", "seldonio/sklearnserver:1.18.2"}
 OCI_SOURCE = re.compile(r"oci://registry\.example\.com/([\w./-]+):([\w.-]+)")
 SUMS_LINE = re.compile(r"PUT-THE-SHA256-OF-(\S+)-HERE  (\S+)")  # a SHA256SUMS line left for the reader
 
@@ -190,15 +196,21 @@ def test_yamllint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_kubernetes_validate_strict() -> None:
+def kubernetes_validate(paths: list[Path]) -> str:
+    """`kubernetes-validate --strict` of these files, which must pass; its report."""
     result = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, *map(str, EXAMPLE_FILES)],
+        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, *map(str, paths)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_kubernetes_validate_strict() -> None:
+    report = kubernetes_validate(EXAMPLE_FILES)
     for path in EXAMPLE_FILES:
-        assert f"{path.relative_to(ROOT)} passed" in result.stdout
+        assert f"{path.relative_to(ROOT)} passed" in report
 
 
 # --- what the schema misses ---------------------------------------------------------------------------------
@@ -293,12 +305,7 @@ def test_the_readme_pods_are_valid_and_accepted(tmp_path: Path, origin: Origin, 
     for number, manifest in enumerate(manifests):
         path = tmp_path / f"readme-pod-{number}.yaml"
         path.write_text(manifest)
-        result = subprocess.run(
-            [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        kubernetes_validate([path])
         served = serve(path, origin, s3, fake_hub)
         (tmp_path / path.stem).mkdir()
         check_fetcher_accepts(path, tmp_path / path.stem, served, extra_env=s3.env)  # the S3 Pod has a role
@@ -439,6 +446,17 @@ APP_CHECK = (
     "files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob('*')) "
     "if p.is_file() and p.relative_to(root).parts[0] != '.fetcher'}; model = os.environ.get('MODEL_PATH', ''); "
     "print(json.dumps({'model_path': model, 'model_path_exists': os.path.exists(model), 'files': files}), flush=True); "
+    "time.sleep(600)"
+)
+
+# A platform's model server (KServe's kserve-container, Seldon's classifier) is replaced by this stand-in: it
+# lists /mnt/models as a runtime would, and hashes every file outside fetcher's state directories.
+MODEL_SERVER_CHECK = (
+    "import hashlib, json, os, pathlib, time; root = pathlib.Path('/mnt/models'); "
+    "files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob('*')) "
+    "if p.is_file() and '.fetcher' not in p.relative_to(root).parts}; "
+    "state = sorted(str(p.relative_to(root)) for p in root.rglob('.fetcher')); "
+    "print(json.dumps({'listing': sorted(os.listdir(root)), 'files': files, 'state': state}), flush=True); "
     "time.sleep(600)"
 )
 
@@ -599,6 +617,18 @@ class Played:
             time.sleep(0.2)
         raise AssertionError(f"the app container printed no report:\n{self.logs(self.app)}")
 
+    def assert_stopped_by_a_mismatch(self) -> None:
+        """The init container failed on a sha256 mismatch (exit 4), and the app container never started."""
+        assert self.code != 0
+        assert "exited with code 4" in self.output, self.output + self.logs(self.init)
+        init = self.state(self.init)
+        assert init["ExitCode"] == 4 and init["Status"] == "exited"
+        failed = [e for e in self.events(self.init) if e.get("event") == "failed"]
+        assert failed and failed[-1]["exit_code"] == 4 and "sha256 mismatch" in failed[-1]["error"]
+        app = self.state(self.app)
+        assert app["Status"] in ("created", "configured"), app
+        assert app["StartedAt"].startswith("0001-01-01"), "the app container never started"
+
     def down(self) -> None:
         self.podman.run("pod", "stop", "--ignore", "--time", "0", self.pod, check=False)
         self.podman.run("pod", "rm", "--force", "--ignore", self.pod, check=False)
@@ -647,6 +677,9 @@ def prepare(path: Path, image: str, served: Served, prefix: str, node: Path) -> 
         spec["hostNetwork"] = True
         spec["restartPolicy"] = "Never"
         containers = spec.get("initContainers", []) + spec["containers"]
+        mounted = {m["name"] for c in containers for m in c.get("volumeMounts", [])}
+        assert not any("downwardAPI" in v and v["name"] in mounted for v in spec["volumes"])
+        spec["volumes"] = [v for v in spec["volumes"] if "downwardAPI" not in v]  # podman 4.3 has none
         for volume in spec["volumes"]:
             if "configMap" in volume:
                 volume["configMap"]["name"] = prefix + volume["configMap"]["name"]
@@ -686,12 +719,20 @@ def prepare(path: Path, image: str, served: Served, prefix: str, node: Path) -> 
             init["volumeMounts"].append({"name": ca, "mountPath": "/etc/registry-ca", "readOnly": True})
             init["env"].append({"name": "SSL_CERT_FILE", "value": "/etc/registry-ca/ca.crt"})
         # Keep the finished init container (podman removes it by default), so its log and exit code can be read.
+        # podman 4.3 refuses an annotation value over 63 characters (KServe's notes to itself, such as the
+        # storage URI it injected, can be longer; no container reads them), and a hostname over 63, where a
+        # kubelet cuts the pod's name to 63.
         for where in {id(metadata): metadata, id(doc["metadata"]): doc["metadata"]}.values():
-            where.setdefault("annotations", {})["io.podman.annotations.init.container.type"] = "always"
+            notes = {k: v for k, v in where.get("annotations", {}).items() if len(v) <= 63}
+            where["annotations"] = notes | {"io.podman.annotations.init.container.type": "always"}
+        if len(doc["metadata"]["name"]) > 63:
+            spec["hostname"] = doc["metadata"]["name"][:63].rstrip("-.")
         (app,) = spec["containers"]
-        assert app["image"] == APP_IMAGE
+        model_server = app["image"] in MODEL_SERVERS  # a platform's runtime: the stand-in lists /mnt/models
+        assert app["image"] == APP_IMAGE or model_server, app["image"]
         app["image"] = image
-        app["command"] = ["python", "-c", APP_CHECK]
+        app.pop("args", None)
+        app["command"] = ["python", "-c", MODEL_SERVER_CHECK if model_server else APP_CHECK]
         pod_name = doc["metadata"]["name"] if doc["kind"] == "Pod" else f"{doc['metadata']['name']}-pod-0"
         init_name, app_name = f"{pod_name}-{init['name']}", f"{pod_name}-{app['name']}"
     return Prepared(added + docs, pod_name, init_name, app_name, volumes)
@@ -834,15 +875,7 @@ def test_kube_play_a_wrong_sha256_keeps_the_app_from_starting(
 
     played = play(path, served, tmp_path, kube)
 
-    assert played.code != 0
-    assert "exited with code 4" in played.output, played.output
-    init = played.state(played.init)
-    assert init["ExitCode"] == 4 and init["Status"] == "exited"
-    failed = [e for e in played.events(played.init) if e.get("event") == "failed"]
-    assert failed and failed[-1]["exit_code"] == 4 and "sha256 mismatch" in failed[-1]["error"]
-    app = played.state(played.app)
-    assert app["Status"] in ("created", "configured"), app
-    assert app["StartedAt"].startswith("0001-01-01"), "the app container never started"
+    played.assert_stopped_by_a_mismatch()
     if name in AS_ROOT:  # nothing the pod refused went into the node's cache
         cache_blobs(tmp_path)
 
@@ -931,3 +964,501 @@ def test_kube_play_node_cache_the_next_pod_publishes_from_the_cache(
     assert {p: (b.st_ino, b.st_mode, b.st_uid) for p, b in after.items()} == {
         p: (b.st_ino, b.st_mode, b.st_uid) for p, b in blobs.items()
     }
+
+
+# --- KServe and Seldon Core ---------------------------------------------------------------------------------
+#
+# k8s-examples/kserve/ and k8s-examples/seldon-core/ hold what a platform team applies (a ClusterStorageContainer,
+# InferenceServices, a SeldonDeployment) and, under pods/, the pods KServe and Seldon make of them. The custom
+# resources are validated against the platforms' own CRD schemas, vendored under */schemas/ (see
+# kserve/schemas/vendor.py: the `kserve` SDK from PyPI was the other way, but it pulls in numpy, pandas, grpcio
+# and fastapi, and its generated models check only that required fields are set, never an unknown one). The
+# pods are checked against a port of the code that makes them, then played as the examples above are, with the
+# model server replaced by MODEL_SERVER_CHECK.
+
+KSERVE = EXAMPLES / "kserve"
+SELDON = EXAMPLES / "seldon-core"
+PLATFORM_FILES = sorted(p for folder in (KSERVE, SELDON) for p in folder.rglob("*.yaml"))
+SCHEMA_FILES = sorted(EXAMPLES.glob("*/schemas/*.json"))
+MINIO_HOST = "minio.minio.svc.cluster.local:9000"
+LORA_REPO = "example-org/sentiment-v4-lora"
+LORA_COMMIT = "PUT-THE-40-HEX-COMMIT-OF-THE-ADAPTER-HERE"
+CA_PLACEHOLDER = "PUT-YOUR-CA-CERTIFICATES-PEM-HERE"
+# The pods under */pods/, by the file they are made from.
+PLATFORM_PODS = {
+    "kserve/s3-prefix": KSERVE / "s3-prefix.yaml",
+    "kserve/huggingface": KSERVE / "huggingface.yaml",
+    "kserve/https-archive": KSERVE / "https-archive.yaml",
+    "kserve/storage-uris": KSERVE / "storage-uris.yaml",
+    "seldon-core/seldondeployment": SELDON / "seldondeployment.yaml",
+}
+# What KServe's inferenceservice-config holds in the cluster these pods were made in (storageInitializer and
+# credentials.s3, as shipped, plus a CA bundle), and Seldon's seldon-config (its Helm chart's defaults).
+KSERVE_STORAGE_INITIALIZER = {
+    "image": "kserve/storage-initializer:v0.15.2",
+    "cpuRequest": "100m",
+    "cpuLimit": "1",
+    "memoryRequest": "100Mi",
+    "memoryLimit": "1Gi",
+    "caBundleConfigMapName": "cabundle",
+    "caBundleVolumeMountPath": "/etc/ssl/custom-certs",
+}
+KSERVE_HF_DEFAULTS = {  # utils.AddDefaultHuggingFaceEnvVars, for KServe's own downloader
+    "HF_HUB_ENABLE_HF_TRANSFER": "1",
+    "HF_XET_HIGH_PERFORMANCE": "1",
+    "HF_XET_NUM_CONCURRENT_RANGE_GETS": "8",
+}
+KSERVE_S3_CONFIG = {"s3AccessKeyIDName": "AWS_ACCESS_KEY_ID", "s3SecretAccessKeyName": "AWS_SECRET_ACCESS_KEY"}
+SELDON_STORAGE_INITIALIZER = {"cpuRequest": "100m", "cpuLimit": "1", "memoryRequest": "100Mi", "memoryLimit": "1Gi"}
+
+
+def pod_of(name: str) -> Path:
+    folder, stem = name.split("/")
+    return EXAMPLES / folder / "pods" / f"{stem}.yaml"
+
+
+def platform_docs(folder: Path) -> list[dict[str, Any]]:
+    """Every object a platform's example files define (not its pods)."""
+    return [doc for path in sorted(folder.glob("*.yaml")) for doc in documents(path)]
+
+
+def test_the_platform_examples_are_all_checked() -> None:
+    assert {pod_of(name) for name in PLATFORM_PODS} == set((KSERVE / "pods").glob("*.yaml")) - {
+        KSERVE / "pods" / "global-ca-bundle.yaml"
+    } | set((SELDON / "pods").glob("*.yaml"))
+    listed = (KSERVE / "README.md").read_text()
+    assert all(f"`{p.relative_to(KSERVE)}`" in listed for p in PLATFORM_FILES if p.is_relative_to(KSERVE))
+    assert "`seldondeployment.yaml`" in (SELDON / "README.md").read_text()
+
+
+def builtin(doc: dict[str, Any]) -> bool:
+    return bool(doc["apiVersion"] == "v1" or doc["apiVersion"].startswith(("apps/", "batch/")))
+
+
+def test_kubernetes_validate_strict_the_platform_files() -> None:
+    """Every built-in object (Secret, ServiceAccount, ConfigMap, Pod); the custom resources are warned about
+    here and checked against their own schemas below."""
+    report = kubernetes_validate(PLATFORM_FILES)
+    for path in PLATFORM_FILES:
+        for doc in documents(path):
+            if builtin(doc):
+                assert f"passed for resource {doc['kind'].lower()}/{doc['metadata']['name']}" in report
+
+
+def strict_schema(node: Any) -> Any:
+    """A CRD's structural schema as strict field validation applies it: an object refuses what it does not
+    declare, unless it keeps unknown fields or takes additionalProperties."""
+    if isinstance(node, list):
+        return [strict_schema(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for key in ("properties", "$defs"):
+        if key in node:
+            out[key] = {name: strict_schema(value) for name, value in node[key].items()}
+    for key in ("items", "additionalProperties", "not", "anyOf", "allOf", "oneOf"):
+        if isinstance(node.get(key), dict | list):
+            out[key] = strict_schema(node[key])
+    keeps = "additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields")
+    if node.get("type") == "object" and not keeps:
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validator(api_version: str, kind: str) -> Any:
+    import jsonschema  # type: ignore[import-untyped]  # kubernetes-validate's: it validates with it
+
+    for path in SCHEMA_FILES:
+        vendored = json.loads(path.read_text())
+        if (vendored["apiVersion"], vendored["kind"]) == (api_version, kind):
+            schema = strict_schema(vendored["openAPIV3Schema"])
+            schema["properties"]["metadata"] = {"type": "object"}  # an ObjectMeta: checked as such, below
+            return jsonschema.Draft202012Validator(schema)
+    raise AssertionError(f"no vendored schema for {kind} {api_version}")
+
+
+CUSTOM_RESOURCES = [(path, doc) for path in PLATFORM_FILES for doc in documents(path) if not builtin(doc)]
+
+
+@pytest.mark.parametrize(
+    ("path", "doc"), CUSTOM_RESOURCES, ids=[f"{p.relative_to(EXAMPLES)}:{d['kind']}" for p, d in CUSTOM_RESOURCES]
+)
+def test_custom_resources_are_valid_by_their_crds(path: Path, doc: dict[str, Any]) -> None:
+    import kubernetes_validate  # type: ignore[import-untyped]
+
+    validator = crd_validator(doc["apiVersion"], doc["kind"])
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    assert not errors, errors
+    as_configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}
+    kubernetes_validate.validate(as_configmap, KUBERNETES_VERSION, strict=True)
+    misspelt = json.loads(json.dumps(doc))  # the schema is strict: an unknown field is refused, at any depth
+    misspelt["spec"]["storageUrl"] = "s3://models/x/"
+    assert not validator.is_valid(misspelt)
+
+
+def test_the_vendored_schemas_name_their_source() -> None:
+    assert {path.name for path in SCHEMA_FILES} == {
+        "serving.kserve.io_clusterstoragecontainers.v1alpha1.json",
+        "serving.kserve.io_inferenceservices.v1beta1.json",
+        "machinelearning.seldon.io_seldondeployments.v1.json",
+    }
+    for path in SCHEMA_FILES:
+        source = json.loads(path.read_text())["source"]
+        assert re.fullmatch("[0-9a-f]{40}", source["commit"]) and re.fullmatch("[0-9a-f]{64}", source["sha256"])
+        assert source["repository"] in ("kserve/kserve", "SeldonIO/seldon-core") and source["path"].endswith(".yaml")
+
+
+def test_the_cluster_storage_container_keeps_kserves_contract() -> None:
+    (csc,) = documents(KSERVE / "cluster-storage-container.yaml")
+    spec = csc["spec"]
+    container = spec["container"]
+    assert container["name"] == "storage-initializer", "KServe finds its init container by this name"
+    assert "args" not in container, "they would replace KServe's [uri, path] pairs"
+    assert container["image"] == FETCHER_IMAGE and container.get("command", ["fetcher"]) == ["fetcher"]
+    assert [f["prefix"] for f in spec["supportedUriFormats"]] == ["s3://", "hf://", "https://", "oci://"]
+    assert spec["workloadType"] == "initContainer" and spec["supportsMultiModelDownload"] is True
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])  # else the config's cpuLimit (1) applies
+    for key, value in LOCKED_DOWN.items():
+        assert container["securityContext"][key] == value, key
+    assert container["securityContext"]["runAsUser"] == 65532
+
+
+# A port of what makes the pods, enough for these examples: KServe's CommonStorageInitialization
+# (pkg/webhook/admission/pod/storage_initializer_injector.go) with its credential builder (pkg/credentials/,
+# s3/), and Seldon's InjectModelInitializer (operator/controllers/model_initializer_injector.go).
+
+KSERVE_S3_ENV = [  # BuildS3EnvVars: (annotation, env name, secret data key) in the order it emits them
+    ("serving.kserve.io/s3-verifyssl", "S3_VERIFY_SSL"),
+    ("serving.kserve.io/s3-useanoncredential", "awsAnonymousCredential"),
+    ("serving.kserve.io/s3-region", "AWS_DEFAULT_REGION"),
+    ("serving.kserve.io/s3-usevirtualbucket", "S3_USER_VIRTUAL_BUCKET"),
+    ("serving.kserve.io/s3-useaccelerate", "S3_USE_ACCELERATE"),
+    ("serving.kserve.io/s3-cabundle", "AWS_CA_BUNDLE"),
+    ("serving.kserve.io/s3-cabundle-configmap", "AWS_CA_BUNDLE_CONFIGMAP"),
+]
+
+
+def secret_ref(secret: str, key: str) -> dict[str, Any]:
+    return {"valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def kserve_secret_env(secret: dict[str, Any]) -> list[dict[str, Any]]:
+    """mountSecretCredential: the env of one Secret of the service account (S3 keys, or a Hugging Face token)."""
+    data, notes = secret["stringData"], secret["metadata"].get("annotations", {})
+    name = secret["metadata"]["name"]
+    if KSERVE_S3_CONFIG["s3SecretAccessKeyName"] in data:
+        env = [
+            {"name": "AWS_ACCESS_KEY_ID"} | secret_ref(name, KSERVE_S3_CONFIG["s3AccessKeyIDName"]),
+            {"name": "AWS_SECRET_ACCESS_KEY"} | secret_ref(name, KSERVE_S3_CONFIG["s3SecretAccessKeyName"]),
+        ]
+        endpoint = notes.get("serving.kserve.io/s3-endpoint", data.get("S3_ENDPOINT", "")).strip()
+        if endpoint:
+            if endpoint.lower().startswith(("https://", "http://")):
+                https = "1" if endpoint.lower().startswith("https://") else "0"
+                url, endpoint = endpoint, endpoint.split("://", 1)[1]
+            else:
+                https = notes.get("serving.kserve.io/s3-usehttps", data.get("S3_USE_HTTPS", ""))
+                url = ("http://" if https == "0" else "https://") + endpoint
+            env += [{"name": "S3_USE_HTTPS", "value": https}] if https else []
+            env += [{"name": "S3_ENDPOINT", "value": endpoint}, {"name": "AWS_ENDPOINT_URL", "value": url}]
+        for annotation, variable in KSERVE_S3_ENV:
+            value = notes.get(annotation, data.get(variable, ""))
+            env += [{"name": variable, "value": value}] if value else []
+        return env
+    if "HF_TOKEN" in data:
+        return [{"name": "HF_TOKEN"} | secret_ref(name, "HF_TOKEN")]
+    return []
+
+
+def merge_env(env: list[dict[str, Any]], more: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """utils.MergeEnvs, and a strategic merge patch of env: by name, the later wins, new names at the end."""
+    merged = {item["name"]: item for item in env}
+    for item in more:
+        merged[item["name"]] = item
+    return list(merged.values())
+
+
+def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """A strategic merge patch of a Container, as far as a ClusterStorageContainer uses one: maps merge,
+    env and volumeMounts merge by their keys, other lists are replaced."""
+    merged = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = strategic_merge(base[key], value)
+        elif key == "env":
+            merged[key] = merge_env(base.get(key, []), value)
+        elif key == "volumeMounts":
+            mounts = {m["mountPath"]: m for m in base.get(key, [])} | {m["mountPath"]: m for m in value}
+            merged[key] = list(mounts.values())
+        else:
+            merged[key] = value
+    return merged
+
+
+def common_parent(paths: list[str]) -> str:
+    """utils.FindCommonParentPath."""
+    if len(paths) == 1:
+        return paths[0]
+    parts = [p.strip("/").split("/") for p in paths]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/" + "/".join(common)
+
+
+def kserve_pod(isvc: dict[str, Any], annotations: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The storage-initializer container and the volumes KServe adds for an InferenceService, with the
+    ClusterStorageContainer and the Secrets and ServiceAccounts of k8s-examples/kserve/."""
+    docs = platform_docs(KSERVE)
+    (csc,) = by_kind(docs, "ClusterStorageContainer").values()
+    predictor = isvc["spec"]["predictor"]
+    if "storageUris" in predictor:
+        pairs = [(u["uri"], u["mountPath"]) for u in predictor["storageUris"]]
+        mount_path = common_parent([path for _, path in pairs])
+        volume = mount_path.strip("/").replace("/", "-")
+    else:
+        pairs = [(predictor["model"]["storageUri"], "/mnt/models")]
+        mount_path, volume = "/mnt/models", "kserve-provision-location"
+    assert any(pairs[0][0].startswith(f["prefix"]) for f in csc["spec"]["supportedUriFormats"])
+    config = KSERVE_STORAGE_INITIALIZER
+    container: dict[str, Any] = {
+        "name": "storage-initializer",
+        "image": config["image"],
+        "args": [text for pair in pairs for text in pair],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {
+            "limits": {"cpu": config["cpuLimit"], "memory": config["memoryLimit"]},
+            "requests": {"cpu": config["cpuRequest"], "memory": config["memoryRequest"]},
+        },
+        "volumeMounts": [{"name": volume, "mountPath": mount_path}],
+    }
+    volumes = [{"name": volume, "emptyDir": {}}]
+    account = by_kind(docs, "ServiceAccount").get(predictor.get("serviceAccountName", "default"), {})
+    env: list[dict[str, Any]] = []
+    for ref in account.get("secrets", []):
+        env = merge_env(env, kserve_secret_env(by_kind(docs, "Secret")[ref["name"]]))
+    container = strategic_merge(container | ({"env": env} if env else {}), csc["spec"]["container"])
+    if config["caBundleConfigMapName"]:  # a namespace other than KServe's gets the copy, global-ca-bundle
+        ca_path = config["caBundleVolumeMountPath"] or "/etc/ssl/custom-certs"
+        container["env"] = [
+            *container.get("env", []),
+            {"name": "CA_BUNDLE_CONFIGMAP_NAME", "value": "global-ca-bundle"},
+            {"name": "CA_BUNDLE_VOLUME_MOUNT_POINT", "value": ca_path},
+        ]
+        volumes.append({"name": "cabundle-cert", "configMap": {"name": "global-ca-bundle"}})
+        container["volumeMounts"].append({"name": "cabundle-cert", "mountPath": ca_path, "readOnly": True})
+    for name, value in KSERVE_HF_DEFAULTS.items():
+        if name not in {item["name"] for item in container["env"]}:
+            container["env"].append({"name": name, "value": value})
+    digest = annotations.get("internal.serving.kserve.io/verification-digest")
+    if digest:  # KServe pull request 6051 (open): the model's verification.digest
+        container["env"].append({"name": "VERIFICATION_DIGEST", "value": digest})
+    return container, volumes
+
+
+@pytest.mark.parametrize("name", [n for n in PLATFORM_PODS if n.startswith("kserve/")])
+def test_the_kserve_pods_are_what_kserve_makes(name: str) -> None:
+    (isvc,) = by_kind(documents(PLATFORM_PODS[name]), "InferenceService").values()
+    (pod,) = documents(pod_of(name))
+    spec = pod["spec"]
+    annotations = pod["metadata"].get("annotations", {})
+    expected, volumes = kserve_pod(isvc, annotations)
+    (init,) = spec["initContainers"]
+    assert init == expected
+    assert [v for v in spec["volumes"] if v["name"] in {v["name"] for v in volumes}] == volumes
+    predictor = isvc["spec"]["predictor"]
+    assert spec.get("serviceAccountName") == predictor.get("serviceAccountName")
+    assert spec["securityContext"] == predictor["securityContext"]
+    (server,) = spec["containers"]
+    assert server["name"] == "kserve-container" and server["image"] in MODEL_SERVERS
+    model_mount = {"name": volumes[0]["name"], "mountPath": init["volumeMounts"][0]["mountPath"], "readOnly": True}
+    assert model_mount in server["volumeMounts"], "the model server reads the same volume, read-only"
+    if "storageUri" in predictor["model"]:  # the controller's note to the webhook: which URI to inject for
+        source = annotations["internal.serving.kserve.io/storage-initializer-sourceuri"]
+        assert source == predictor["model"]["storageUri"]
+
+
+def test_the_seldon_pod_is_what_seldon_makes() -> None:
+    docs = platform_docs(SELDON)
+    (sdep,) = by_kind(docs, "SeldonDeployment").values()
+    (predictor,) = sdep["spec"]["predictors"]
+    graph, (component,) = predictor["graph"], predictor["componentSpecs"]
+    (pod,) = documents(pod_of("seldon-core/seldondeployment"))
+    spec = pod["spec"]
+    config = SELDON_STORAGE_INITIALIZER
+    volume = f"{graph['name']}-provision-location"
+    assert spec["initContainers"] == [
+        {
+            "name": f"{graph['name']}-model-initializer",
+            "image": graph["storageInitializerImage"],
+            "imagePullPolicy": "IfNotPresent",
+            "args": [graph["modelUri"], "/mnt/models"],
+            "envFrom": [{"secretRef": {"name": graph["envSecretRefName"]}}],
+            "resources": {
+                "requests": {"cpu": config["cpuRequest"], "memory": config["memoryRequest"]},
+                "limits": {"cpu": config["cpuLimit"], "memory": config["memoryLimit"]},
+            },
+            "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePolicy": "File",
+            "volumeMounts": [{"name": volume, "mountPath": "/mnt/models"}],
+        }
+    ]
+    assert {"name": volume, "emptyDir": {}} in spec["volumes"]
+    assert spec["securityContext"] == component["spec"]["securityContext"]
+    (server,) = spec["containers"]
+    (declared,) = component["spec"]["containers"]
+    assert server["name"] == declared["name"] == graph["name"] and server["image"] in MODEL_SERVERS
+    for key in ("securityContext", "resources"):  # a declared container's fields are kept
+        assert server[key] == declared[key], key
+    assert {"name": volume, "mountPath": "/mnt/models", "readOnly": True} in server["volumeMounts"]
+    parameters = json.loads(container_env([], server)["PREDICTIVE_UNIT_PARAMETERS"])
+    assert parameters == [{"name": "model_uri", "value": "/mnt/models", "type": "STRING"}]
+    assert set(by_kind(docs, "Secret")[graph["envSecretRefName"]]["stringData"]) <= AWS_ENV, "fetcher's own env"
+
+
+def platform_manifest(name: str, tmp_path: Path, ca_pem: str) -> Path:
+    """The pod with what it needs from its folder: the Secrets it names and KServe's CA bundle ConfigMap."""
+    pod_docs = documents(pod_of(name))
+    (spec,) = pod_specs(pod_docs)
+    containers = spec["initContainers"] + spec["containers"]
+    named = {s["secretRef"]["name"] for c in containers for s in c.get("envFrom", []) if "secretRef" in s}
+    named |= {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for c in containers
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    folder = EXAMPLES / name.split("/")[0]
+    secrets = [doc for doc in platform_docs(folder) if doc["kind"] == "Secret" and doc["metadata"]["name"] in named]
+    assert {doc["metadata"]["name"] for doc in secrets} == named
+    maps = []
+    if any(v.get("configMap", {}).get("name") == "global-ca-bundle" for v in spec["volumes"]):
+        (bundle,) = documents(KSERVE / "pods" / "global-ca-bundle.yaml")
+        assert bundle["data"]["cabundle.crt"].strip() == CA_PLACEHOLDER
+        bundle["data"]["cabundle.crt"] = ca_pem
+        maps.append(bundle)
+    path = tmp_path / f"{name.replace('/', '-')}.yaml"
+    path.write_text(yaml.safe_dump_all([*secrets, *maps, *pod_docs], sort_keys=False, width=2**20))
+    return path
+
+
+def put_model(s3: S3, bucket: str, prefix: str, files: dict[str, bytes], corrupt: str | None = None) -> None:
+    """A model under an S3 prefix, each object with the SHA-256 S3 keeps (``aws s3 cp --checksum-algorithm
+    SHA256``); ``corrupt``'s checksum is another file's, as bytes damaged at rest would be. A sibling prefix
+    that shares the string is there too, and is not the model."""
+    with contextlib.suppress(s3.client.exceptions.BucketAlreadyOwnedByYou):
+        s3.client.create_bucket(Bucket=bucket)
+    for name, data in files.items():
+        checksum = base64.b64encode(hashlib.sha256(b"other bytes" if name == corrupt else data).digest()).decode()
+        s3.client.put_object(
+            Bucket=bucket, Key=prefix + name, Body=data, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum
+        )
+    s3.put(bucket, prefix.rstrip("/") + "-rc1/config.json", b'{"rc": 1}\n')
+
+
+def lora_files() -> dict[str, bytes]:
+    return {
+        "adapter_config.json": b'{"peft_type": "LORA", "r": 8}\n',
+        "adapter_model.safetensors": bytes(range(256)) * 2048,
+    }
+
+
+def serve_platform(name: str, s3: S3, hub: FakeHub, https: Origin, wrong: bool = False) -> Served:
+    """What the pod's sources hold, on loopback. ``wrong``: bytes that do not match what names them (an
+    S3 checksum, the hub's digest) or, for the archive, a VERIFICATION_DIGEST that is not its own."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"  # the session's moto holds the other tests' buckets too
+    host = s3.endpoint.removeprefix("http://")
+    replacements = {
+        "s3://models/": f"s3://{bucket}/",
+        MINIO_HOST: host,
+        "fetcher-reader": s3.env["AWS_ACCESS_KEY_ID"],
+        "change-me-to-the-real-secret": s3.env["AWS_SECRET_ACCESS_KEY"],
+    }
+    files: dict[str, bytes] = {}
+    env: dict[str, str] = {}
+    text = pod_of(name).read_text()
+    if "s3://models/sentiment/v4/" in text:
+        base = "base/" if name == "kserve/storage-uris" else ""
+        put_model(s3, bucket, "sentiment/v4/", model_files(), corrupt="model.safetensors" if wrong else None)
+        files |= {base + k: v for k, v in model_files().items()}
+    attributes = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}  # every repo has one
+    for repo, placeholder, repo_files, under in (
+        (HF_REPO, HF_COMMIT, model_files() | attributes, ""),
+        (LORA_REPO, LORA_COMMIT, lora_files() | attributes, "adapter/"),
+    ):
+        if placeholder in text:
+            replacements |= {placeholder: hub.add_repo(repo, repo_files, private=True), HF_TOKEN: str(hub.token)}
+            if wrong and not files:
+                hub.corrupt(repo, "model.safetensors")
+            files |= {under + k: v for k, v in repo_files.items()}
+            env["HF_ENDPOINT"] = hub.endpoint
+    if ORIGIN in text:
+        archive = make_tar(dict(model_files()))
+        https.add("/sentiment-v3.tgz", archive)
+        replacements |= {
+            ORIGIN: https.url("").rstrip("/"),
+            PLACEHOLDER_SHA256: sha256(b"not the archive" if wrong else archive),
+        }
+        files |= model_files()
+    assert files, name
+    return Served(replacements, files, env)
+
+
+PLATFORM_PLAYED = list(PLATFORM_PODS)
+
+
+@pytest.mark.parametrize("name", PLATFORM_PLAYED)
+def test_fetcher_accepts_the_platform_pods(
+    name: str, tmp_path: Path, s3: S3, fake_hub: FakeHub, tls_origin: Origin, tls: Any
+) -> None:
+    """`fetcher --dry-run` with the init container's args and env as the platform gives them."""
+    served = serve_platform(name, s3, fake_hub, tls_origin)
+    manifest = platform_manifest(name, tmp_path, tls.ca_file.read_text())
+    (tmp_path / "dry").mkdir()
+    check_fetcher_accepts(manifest, tmp_path / "dry", served)
+
+
+@pytest.mark.parametrize("name", PLATFORM_PLAYED)
+def test_kube_play_the_model_server_sees_exactly_the_model(
+    name: str, s3: S3, fake_hub: FakeHub, tls_origin: Origin, tls: Any, tmp_path: Path, kube: list[Played]
+) -> None:
+    served = serve_platform(name, s3, fake_hub, tls_origin)
+
+    played = play(platform_manifest(name, tmp_path, tls.ca_file.read_text()), served, tmp_path, kube)
+
+    assert played.code == 0, played.output + played.logs(played.init)
+    report = played.app_report()
+    assert report["files"] == {path: sha256(data) for path, data in served.files.items()}
+    top = {path.split("/")[0] for path in served.files}
+    assert set(report["listing"]) - {".fetcher"} == top, report["listing"]
+    init = played.state(played.init)
+    assert init["ExitCode"] == 0 and init["Status"] == "exited"
+    published = [e for e in played.events(played.init) if e.get("event") == "published"]
+    (pod,) = pod_specs(documents(pod_of(name)))
+    assert len(published) == len(pod["initContainers"][0]["args"]) // 2, "one artifact per SRC DEST pair"
+    for event in published:
+        if event["format"] == "directory":  # every file verified: by S3's checksums, or the hub's digests
+            assert event["verified"] == event["files"] > 0, event
+        else:
+            assert event["verified"] is True, event
+    if "HF_ENDPOINT" in served.env:  # the Secret's token went to the hub, and never to its CDN
+        assert {r.headers.get("authorization") for r in fake_hub.requests if r.server == "hub"} == {
+            f"Bearer {fake_hub.token}"
+        }
+        assert {r.headers.get("authorization") for r in fake_hub.requests if r.server == "cdn"} <= {None}
+    logs = played.logs(played.init)
+    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in logs and str(fake_hub.token) not in logs
+
+
+@pytest.mark.parametrize("name", PLATFORM_PLAYED)
+def test_kube_play_a_wrong_digest_keeps_the_model_server_from_starting(
+    name: str, s3: S3, fake_hub: FakeHub, tls_origin: Origin, tls: Any, tmp_path: Path, kube: list[Played]
+) -> None:
+    served = serve_platform(name, s3, fake_hub, tls_origin, wrong=True)
+
+    played = play(platform_manifest(name, tmp_path, tls.ca_file.read_text()), served, tmp_path, kube)
+
+    played.assert_stopped_by_a_mismatch()
