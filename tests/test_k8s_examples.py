@@ -1319,10 +1319,13 @@ def test_the_seldon_pod_is_what_seldon_makes() -> None:
     assert set(by_kind(docs, "Secret")[graph["envSecretRefName"]]["stringData"]) <= AWS_ENV, "fetcher's own env"
 
 
-def platform_manifest(name: str, tmp_path: Path, ca_pem: str) -> Path:
-    """The pod with what it needs from its folder: the Secrets it names and KServe's CA bundle ConfigMap."""
+def platform_manifest(name: str, tmp_path: Path, ca_pem: str, without: tuple[str, ...] = ()) -> Path:
+    """The pod with what it needs from its folder: the Secrets it names and KServe's CA bundle ConfigMap.
+    ``without``: env names taken out of its init container."""
     pod_docs = documents(pod_of(name))
     (spec,) = pod_specs(pod_docs)
+    for init in spec["initContainers"]:
+        init["env"] = [item for item in init.get("env", []) if item["name"] not in without]
     containers = spec["initContainers"] + spec["containers"]
     named = {s["secretRef"]["name"] for c in containers for s in c.get("envFrom", []) if "secretRef" in s}
     named |= {
@@ -1462,3 +1465,18 @@ def test_kube_play_a_wrong_digest_keeps_the_model_server_from_starting(
     played = play(platform_manifest(name, tmp_path, tls.ca_file.read_text()), served, tmp_path, kube)
 
     played.assert_stopped_by_a_mismatch()
+
+
+def test_kube_play_kserve_s3_endpoint_alone(
+    s3: S3, fake_hub: FakeHub, tls_origin: Origin, tls: Any, tmp_path: Path, kube: list[Played]
+) -> None:
+    """Without AWS_ENDPOINT_URL (which boto3 reads itself) the endpoint is KServe's S3_ENDPOINT, a host with
+    no scheme, and S3_USE_HTTPS ("0") its scheme, as KServe's own initializer reads them."""
+    name = "kserve/s3-prefix"
+    served = serve_platform(name, s3, fake_hub, tls_origin)
+    manifest = platform_manifest(name, tmp_path, tls.ca_file.read_text(), without=("AWS_ENDPOINT_URL",))
+
+    played = play(manifest, served, tmp_path, kube)
+
+    assert played.code == 0, played.output + played.logs(played.init)
+    assert played.app_report()["files"] == {path: sha256(data) for path, data in served.files.items()}
