@@ -385,8 +385,13 @@ def test_an_unedited_pull_secret_is_an_obvious_usage_error(tmp_path: Path) -> No
     assert not (tmp_path / "models").exists()
 
 
-def check_fetcher_accepts(path: Path, tmp_path: Path, served: Served, extra_env: dict[str, str] | None = None) -> None:
+def check_fetcher_accepts(
+    path: Path, tmp_path: Path, served: Served, extra_env: dict[str, str] | None = None, s3_checksums: bool = False
+) -> None:
     """`fetcher --dry-run` with the example's env, args and mounted files; dest is the shared volume.
+
+    ``s3_checksums``: an S3 prefix's files are verified against the ChecksumSHA256 each GET returns, which a
+    dry run, from the listing alone, cannot show: their plan says unverified (the plays prove otherwise).
 
     The examples hold placeholders where the reader's digests, commit and token go: ``served`` puts what
     the loopback servers hold there, as a dry run resolves directories (and S3 keys that may be one).
@@ -428,8 +433,10 @@ def check_fetcher_accepts(path: Path, tmp_path: Path, served: Served, extra_env:
         for artifact in plan:
             if artifact.get("directory"):
                 assert artifact["files"], f"{artifact['source']}: a directory of no files"
+                vouched = s3_checksums and artifact["source"].startswith("s3://")
                 for file in artifact["files"]:
-                    assert not file["checksum"].startswith("(none"), f"{file['path']} would not be verified"
+                    unverified = file["checksum"].startswith("(none")
+                    assert not unverified or vouched, f"{file['path']} would not be verified"
             else:
                 assert re.fullmatch("[0-9a-f]{64}", artifact["sha256"]), "every file or archive is pinned by sha256"
             model_mount = next(m for p, m in mounts.items() if artifact["dest"].startswith(p))
@@ -1421,7 +1428,7 @@ def test_fetcher_accepts_the_platform_pods(
     served = serve_platform(name, s3, fake_hub, tls_origin)
     manifest = platform_manifest(name, tmp_path, tls.ca_file.read_text())
     (tmp_path / "dry").mkdir()
-    check_fetcher_accepts(manifest, tmp_path / "dry", served)
+    check_fetcher_accepts(manifest, tmp_path / "dry", served, s3_checksums=True)
 
 
 @pytest.mark.parametrize("name", PLATFORM_PLAYED)
@@ -1454,6 +1461,11 @@ def test_kube_play_the_model_server_sees_exactly_the_model(
         assert {r.headers.get("authorization") for r in fake_hub.requests if r.server == "cdn"} <= {None}
     logs = played.logs(played.init)
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in logs and str(fake_hub.token) not in logs
+    events = {e.get("event"): e for e in played.events(played.init)}
+    assert "KServe settings not supported, ignored" not in events and "CA bundle not found" not in logs
+    if name.startswith("kserve/"):  # every variable of KServe's in the pod took effect (but its own HF_* tuning)
+        given = {item["name"] for item in pod["initContainers"][0]["env"]} - set(KSERVE_HF_DEFAULTS)
+        assert given <= set(events["KServe settings read"]["names"]), events["KServe settings read"]
 
 
 @pytest.mark.parametrize("name", PLATFORM_PLAYED)
@@ -1480,3 +1492,5 @@ def test_kube_play_kserve_s3_endpoint_alone(
 
     assert played.code == 0, played.output + played.logs(played.init)
     assert played.app_report()["files"] == {path: sha256(data) for path, data in served.files.items()}
+    (read,) = [e for e in played.events(played.init) if e.get("event") == "KServe settings read"]
+    assert {"S3_ENDPOINT", "S3_USE_HTTPS"} <= set(read["names"]) and "AWS_ENDPOINT_URL" not in read["names"]
