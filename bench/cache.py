@@ -1,0 +1,687 @@
+"""Node cache rows of the benchmark (issue 13): fetchers of one node sharing ``--cache-dir``.
+
+fetcher against itself, on the fake hub of bench/dirs.py (tests/fakehub.py, run by
+bench/counting_hub.py, which counts every byte it sends), with dirs.py's tree (~805 MB: 4 shards of
+~200 MB and 10 small files), as ``hf://org/model``:
+
+- row ``concurrent``: 8 fetchers started at once on one empty cache, each into its own dest, against
+  one fetcher on an empty cache: the origin must send the bytes of one download, and the slowest of
+  the 8 finish within 1.3x of the one; for context, 8 fetchers at once without a cache;
+- row ``hit``: one fetcher into a fresh dest when the cache holds every file (hard-linked, same
+  filesystem) against one on an empty cache: under 0.1x; for context, a hit with ``--cache-verify
+  full`` and a download without ``--cache-dir``.
+
+Run ``bench/run --help`` once first (it makes the tools and runtime venvs), then
+``bench/.cache/venvs/tools/bin/python bench/cache.py [--pairs N] [--quick]``.
+Helpers (timing, the fetcher snapshot, the tree, cleaning and checking a dest) come from bench.py and
+dirs.py; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dirs as D  # bench/dirs.py: the tree, the bench class that cleans and checks a dest, /proc CPU seconds
+
+import bench as B  # bench/bench.py: this script's directory is first on sys.path
+
+HERE, CACHE, VENVS, MiB = B.HERE, B.CACHE, B.VENVS, B.MiB
+CONCURRENT = 8  # fetchers started at once: the issue's row
+
+
+# --- the origin ----------------------------------------------------------------------------------
+
+
+class CountingHub:
+    """bench/counting_hub.py in a process of its own: dirs.py's fake hub, asked on stdin what it has sent."""
+
+    def __init__(self, root: Path, rate: int | None, logfile: Path) -> None:
+        cmd = [str(VENVS / "tools" / "bin" / "python"), str(HERE / "counting_hub.py"), "--repo", D.HF_REPO]
+        cmd += ["--dir", str(root), *(["--rate", str(rate)] if rate else [])]
+        self.rate = rate
+        self._err = logfile.open("w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        assert self.proc.stdout and self.proc.stdin
+        line = self.proc.stdout.readline()  # after it has hashed every file: can take seconds
+        if not line:
+            raise RuntimeError(f"counting_hub did not start: {B.tail(logfile)}")
+        info = json.loads(line)
+        self.endpoint, self.cdn, self.commit = info["endpoint"], info["cdn_endpoint"], info["commit"]
+
+    def stats(self) -> dict[str, Any]:
+        assert self.proc.stdout and self.proc.stdin
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self.proc.stdout.readline()))
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+        self._err.close()
+
+
+def sent_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the origin sent between two of its counts: wire bytes, each file's content bytes, requests."""
+
+    def diff(kind: str) -> dict[str, int]:
+        return {k: v - before[kind].get(k, 0) for k, v in after[kind].items() if v != before[kind].get(k, 0)}
+
+    return {
+        "wire": sum(diff("sent").values()),
+        "content": diff("content"),
+        "requests": sum(diff("requests").values()),
+        "ranged": after["ranged"] - before["ranged"],
+    }
+
+
+# --- cases and rows --------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str  # shown in the tables
+    fetchers: int  # started at once, each into its own dest
+    cache: str  # before the run: "empty" (removed, untimed), "full" (every file in it), "none" (no --cache-dir)
+    extra: tuple[str, ...] = ()  # fetcher options besides the cache's
+
+
+@dataclass
+class Target:
+    ratio: float
+    strict: bool = False  # "<" rather than "<="
+
+    def met(self, ratio: float) -> bool:
+        return ratio < self.ratio if self.strict else ratio <= self.ratio
+
+    def __str__(self) -> str:
+        return f"{'<' if self.strict else '<='} {self.ratio}x"
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    baseline: Case
+    cases: list[tuple[Case, Target | None]]  # (case, target of its wall time / the baseline's, same round)
+    runs: dict[str, list[B.Run]] = field(default_factory=dict)
+
+    @property
+    def all_cases(self) -> list[Case]:
+        return [self.baseline] + [c for c, _ in self.cases]
+
+
+def make_rows(wanted: list[str]) -> list[Row]:
+    empty = Case("1 fetcher, empty cache", 1, "empty")
+    rows = []
+    if "concurrent" in wanted:
+        rows.append(
+            Row(
+                "concurrent",
+                f"{CONCURRENT} fetchers at once on one node",
+                empty,
+                [
+                    (Case(f"{CONCURRENT} fetchers at once, one empty cache", CONCURRENT, "empty"), Target(1.3)),
+                    (Case(f"{CONCURRENT} fetchers at once, no --cache-dir", CONCURRENT, "none"), None),
+                ],
+            )
+        )
+    if "hit" in wanted:
+        rows.append(
+            Row(
+                "hit",
+                "a cache hit, hard-linked into a fresh dest",
+                empty,
+                [
+                    (Case("hit: the cache holds every file", 1, "full"), Target(0.1, strict=True)),
+                    (Case("hit, --cache-verify full", 1, "full", ("--cache-verify", "full")), None),
+                    (Case("1 fetcher, no --cache-dir", 1, "none"), None),
+                ],
+            )
+        )
+    return rows
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def timed_at_once(
+    name: str, cmds: list[list[str]], env: dict[str, str], logs: list[Path], timeout: float
+) -> list[B.Run]:
+    """bench.timed for each command, all started at once (a thread each); each Run's wall is from the common start."""
+    runs: list[B.Run | None] = [None] * len(cmds)
+    starts = [0.0] * len(cmds)
+
+    def go(i: int) -> None:
+        starts[i] = time.perf_counter()
+        runs[i] = B.timed(name, cmds[i], env, logs[i], timeout)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(cmds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [r for r in runs if r is not None]
+    assert len(done) == len(cmds)
+    for r, s in zip(done, starts, strict=True):
+        r.extra["started_after"] = s - t0
+        r.wall += s - t0
+    return done
+
+
+@contextlib.contextmanager
+def hashing_each_inode_once() -> Iterator[None]:
+    """dirs.py's check hashes every file of every dest: dests hard-linked to one cache share inodes, hash each once."""
+    plain = B.sha256_file
+    seen: dict[tuple[int, ...], str] = {}
+
+    def sha256_file(path: Path) -> str:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in seen:
+            seen[key] = plain(path)
+        return seen[key]
+
+    B.sha256_file = sha256_file
+    try:
+        yield
+    finally:
+        B.sha256_file = plain
+
+
+def log_events(logfile: Path) -> tuple[collections.Counter[str], list[str]]:
+    """A fetcher's JSON log: how often each event came, and its warnings and errors (event and reason)."""
+    events: collections.Counter[str] = collections.Counter()
+    problems = []
+    for line in logfile.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            ev = json.loads(line)
+            name = str(ev.get("event", "?"))
+            events[name] += 1
+            if ev.get("level") in ("warning", "error", "critical"):
+                problems.append(f"{ev.get('level')}: {name}" + (f" ({ev['reason']})" if "reason" in ev else ""))
+    return events, problems
+
+
+class CacheBench(D.DirBench):
+    """dirs.py's bench (cleaning and checking a dest), with a node cache on the dests' filesystem."""
+
+    LOG_PREFIX = "cache-"
+    ALLOWED_EXTRA = (".fetcher",)  # type: ignore[assignment]
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.cache_state = "unknown"
+        self.populations = 0
+
+    @property
+    def node_cache(self) -> Path:
+        return self.workdir / "node-cache"
+
+    def fetcher_cmd_for(self, case: Case, hub: CountingHub) -> D.TreeTool:
+        extra = ["--cache-dir", str(self.node_cache)] if case.cache != "none" else []
+        return D.fetcher_tool(self, f"hf://{D.HF_REPO}", [*extra, *case.extra], {"HF_ENDPOINT": hub.endpoint})
+
+    def empty_cache(self) -> None:
+        shutil.rmtree(self.node_cache, ignore_errors=True)
+        self.node_cache.mkdir()  # as a hostPath of type DirectoryOrCreate leaves it
+        subprocess.run(["sync"], check=False)
+        self.cache_state = "empty"
+
+    def prepare(self, case: Case, hub: CountingHub, tree: D.Tree) -> None:
+        """The cache as the case needs it, untimed: removed and made again, or filled by one fetcher."""
+        if case.cache == "empty" or (case.cache == "full" and self.cache_state != "full"):
+            self.empty_cache()
+        if case.cache == "full" and self.cache_state != "full":
+            self.populations += 1
+            dest = self.fresh_dest("fill-cache")
+            tool = self.fetcher_cmd_for(Case("fill the cache", 1, "empty"), hub)
+            run = B.timed("fill", tool.cmd(dest), tool.env, self.logdir / f"{dest.name}.log", self.args.timeout)
+            why = self.check_tree(dest, tree) if run.ok else run.note
+            self.clean_tree(dest)
+            if why:
+                raise RuntimeError(f"filling the cache failed: {why}")
+            self.cache_state = "full"
+
+    def cache_inodes(self) -> set[tuple[int, int]]:
+        found = set()
+        for p in (self.node_cache / "blobs").rglob("*"):
+            with contextlib.suppress(OSError):
+                st = p.lstat()
+                if p.is_file():
+                    found.add((st.st_dev, st.st_ino))
+        return found
+
+    def cache_report(self, tree: D.Tree) -> dict[str, object]:
+        """What the cache holds after a run: each file of the tree by its sha256, the blobs' modes."""
+        blobs = [p for p in (self.node_cache / "blobs").rglob("*") if p.is_file()]
+        by_sha = self.node_cache / "blobs" / "sha256"
+        return {
+            "blobs": len(blobs),
+            "blob_bytes": sum(p.stat().st_size for p in blobs),
+            "tree_files_by_sha256": sum(1 for f in tree.files.values() if (by_sha / str(f["sha256"])).is_file()),
+            "writable_blobs": sum(1 for p in blobs if p.stat().st_mode & 0o222),
+        }
+
+    def one_case(self, row: Row, case: Case, hub: CountingHub, tree: D.Tree) -> B.Run:
+        self.prepare(case, hub, tree)
+        tool = self.fetcher_cmd_for(case, hub)
+        label = f"{row.key}-{case.cache}-{case.fetchers}"
+        dests = [self.fresh_dest(f"{label}-{i}" if case.fetchers > 1 else label) for i in range(case.fetchers)]
+        logs = [self.logdir / f"{d.name}.log" for d in dests]
+        origin_cpu = D.cpu_seconds(hub.proc.pid)
+        before = hub.stats()
+        runs = timed_at_once(case.name, [tool.cmd(d) for d in dests], tool.env, logs, self.args.timeout)
+        sent = sent_between(before, hub.stats())
+        ok = [r for r in runs if r.ok]
+        spread = max(float(r.extra["started_after"]) for r in runs)  # type: ignore[arg-type]
+        run = B.Run(
+            case.name,
+            len(ok) == len(runs),
+            max(r.wall for r in runs),
+            max((r.rss_mib or 0 for r in runs), default=None),
+            sum(r.cpu or 0 for r in runs),
+        )
+        run.extra = {
+            "origin_cpu": D.cpu_seconds(hub.proc.pid) - origin_cpu,
+            "walls": [round(r.wall, 3) for r in runs],
+            "start_spread": spread,
+            "wire_bytes": sent["wire"],
+            "requests": sent["requests"],
+            "ranged": sent["ranged"],
+            "times_sent": {
+                path: round(sent["content"].get(str(f["sha256"]), 0) / int(f["size"]), 3) if int(f["size"]) else 0
+                for path, f in tree.files.items()
+            },
+        }
+        events: collections.Counter[str] = collections.Counter()
+        problems: list[str] = []
+        waited = 0
+        for logfile in logs:
+            ev, pr = log_events(logfile)
+            events += ev
+            problems += pr
+            waited += any(name.startswith("waiting for") for name in ev)
+        run.extra.update(events=dict(events), problems=sorted(set(problems)), waited=waited, splits=events["splitting"])
+        notes = [f"fetcher {i + 1}: {r.note} :: {B.tail(logs[i], 3)[-300:]}" for i, r in enumerate(runs) if not r.ok]
+        if run.ok:
+            inodes = self.cache_inodes() if case.cache != "none" else set()
+            linked = 0
+            with hashing_each_inode_once():
+                for dest in dests:
+                    if why := self.check_tree(dest, tree):
+                        notes.append(f"{dest.name}: {why}")
+                    for path in tree.files:
+                        with contextlib.suppress(OSError):
+                            st = (dest / path).stat()
+                            linked += (st.st_dev, st.st_ino) in inodes
+            run.extra["linked"] = f"{linked}/{len(tree.files) * len(dests)}"
+            if case.cache != "none":
+                run.extra["cache"] = self.cache_report(tree)
+        if notes:
+            run.ok, run.note = False, "; ".join(notes)
+        if case.cache != "none":
+            self.cache_state = "full" if run.ok else "unknown"
+        walls = sorted(r.wall for r in runs)
+        B.log(
+            f"  {row.key:10} {case.name:42} {run.wall:7.2f}s"
+            + (f" (fastest {walls[0]:.2f}s, start spread {spread * 1000:.0f} ms)" if len(runs) > 1 else "")
+            + f"  rss {run.rss_mib or 0:4.0f} MiB  cpu {run.cpu or 0:6.2f}s  origin sent {sent['wire'] / 1e6:7.1f} MB "
+            f"({sent['wire'] / tree.size:.2f}x) in {sent['requests']} requests  waited {waited}"
+            + (f"  linked {run.extra['linked']}" if "linked" in run.extra else "")
+            + f"  {'ok' if run.ok else 'FAILED ' + run.note}"
+        )
+        for d in dests:
+            self.clean_tree(d)
+        return run
+
+    def run_cache_row(self, row: Row, hub: CountingHub, tree: D.Tree) -> None:
+        cases = row.all_cases
+        B.log(f"row {row.key}: {row.title}, {self.args.pairs} round(s): {', '.join(c.name for c in cases)}")
+        row.runs = {c.name: [] for c in cases}
+        for r in range(self.args.pairs):
+            for c in cases if r % 2 == 0 else list(reversed(cases)):  # A B C, then C B A: drift hits all alike
+                row.runs[c.name].append(self.one_case(row, c, hub, tree))
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def ratios(row: Row, case: Case, key: str | None = None) -> list[float]:
+    """Per round, the case's wall time (or extra[key]) over the baseline's, where both ran ok."""
+    out = []
+    for c, b in zip(row.runs[case.name], row.runs[row.baseline.name], strict=True):
+        if c.ok and b.ok:
+            cv, bv = (c.wall, b.wall) if key is None else (float(c.extra[key]), float(b.extra[key]))  # type: ignore[arg-type]
+            if bv:
+                out.append(cv / bv)
+    return out
+
+
+def times(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}x"
+
+
+def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
+    """What fetcher did that a reader should know: files sent twice, hits that downloaded, copies, warnings."""
+    notes = []
+    for row in rows:
+        for case in row.all_cases:
+            for i, run in enumerate(row.runs[case.name]):
+                where = f"{row.key}, {case.name}, round {i + 1}"
+                times = run.extra.get("times_sent", {})
+                assert isinstance(times, dict)
+                if case.cache == "empty":
+                    twice = {p: t for p, t in times.items() if t > 1.01}
+                    if twice:
+                        notes.append(
+                            f"{where}: files sent more than once by the origin: "
+                            + ", ".join(f"{p} {t:.2f}x" for p, t in sorted(twice.items()))
+                        )
+                if case.cache == "full" and (
+                    got := sum(float(t) * int(tree.files[p]["size"]) for p, t in times.items())
+                ):
+                    notes.append(f"{where}: a hit, yet the origin sent {got / 1e6:.1f} MB of file content")
+                linked = str(run.extra.get("linked", ""))
+                if case.cache != "none" and linked and linked.split("/")[0] != linked.split("/")[1]:
+                    notes.append(f"{where}: only {linked} files of the dests are hard links of the cache's")
+                cache = run.extra.get("cache")
+                if isinstance(cache, dict) and cache.get("writable_blobs"):
+                    notes.append(f"{where}: {cache['writable_blobs']} blobs in the cache are writable")
+                if isinstance(cache, dict) and cache.get("tree_files_by_sha256") != len(tree.files):
+                    notes.append(
+                        f"{where}: {cache.get('tree_files_by_sha256')} of the {len(tree.files)} files are in the cache "
+                        f"as blobs/sha256/<hex> ({cache.get('blobs')} blobs in all)"
+                    )
+                for p in run.extra.get("problems", []):  # type: ignore[attr-defined]
+                    notes.append(f"{where}: {B.cell(str(p))}")
+    return notes
+
+
+def report(
+    bench: CacheBench, tree: D.Tree, hub: CountingHub, rows: list[Row], cmd_lines: list[str], elapsed: float
+) -> str:
+    args = bench.args
+    main_rows = [
+        "| row | case | baseline median s | case median s | ratio (median of rounds) | ratio, rounds the baseline ran first / last "
+        "| origin sent / artifact (median) | origin sent / one fetch's (median of rounds) | fetcher peak RSS MiB | target | met? |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|",
+    ]
+    details = [
+        "| row | case | runs ok | median s (slowest fetcher) | min s | max s | median s, all fetchers | median CPU s, all fetchers "
+        "| median origin CPU s | median origin MB sent | median requests (ranged) | fetchers that logged waiting (median) "
+        "| dest files hard-linked to the cache | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    rounds = [
+        "| row | round | wall s of each case, in the order run (slowest fetcher; all of them) |",
+        "|---|---:|---|",
+    ]
+    for row in rows:
+        base = row.runs[row.baseline.name]
+        for case, target in row.cases:
+            runs = row.runs[case.name]
+            ok = [r for r in runs if r.ok]
+            rs = ratios(row, case)
+            ratio = B.median(rs)
+            # rounds 1, 3, ... run the baseline first, 2, 4, ... last
+            by_order = [B.median([x for i, x in enumerate(rs) if i % 2 == k]) for k in (0, 1)]
+            rss = max((r.rss_mib or 0 for r in ok), default=None)
+            bytes_art = B.median([float(r.extra["wire_bytes"]) / tree.size for r in ok])  # type: ignore[arg-type]
+            bytes_one = B.median(ratios(row, case, "wire_bytes"))
+            mets = []
+            if target is not None and ratio is not None:
+                mets.append(("yes" if target.met(ratio) else "**no**") + f" ({ratio:.2f} vs {target})")
+            if case.cache == "empty" and case.fetchers > 1 and bytes_one is not None:
+                once = bytes_one <= 1.05 and not any(
+                    t > 1.01
+                    for r in ok
+                    for t in r.extra["times_sent"].values()  # type: ignore[attr-defined]
+                )
+                mets.append(f"one download {'yes' if once else '**no**'} ({bytes_one:.2f}x one fetch's bytes)")
+            if rss is not None:
+                mets.append(f"RSS {'yes' if rss <= args.rss_target else '**no**'}")
+            failed = len(runs) - len(ok), len([b for b in base if not b.ok])
+            if any(failed):
+                mets.append(f"FAILED runs: case {failed[0]}, baseline {failed[1]}")
+            main_rows.append(
+                f"| {row.title} | {B.cell(case.name)} | {B.fmt(B.median([b.wall for b in base if b.ok]))} | "
+                f"{B.fmt(B.median([r.wall for r in ok]))} | {times(ratio)} | "
+                f"{times(by_order[0])} / {times(by_order[1])} | {times(bytes_art)} | {times(bytes_one)} | {B.fmt(rss, '.0f')} | "
+                f"{str(target) if target else '— (context)'}, RSS <= {args.rss_target:.0f} MiB | {'; '.join(mets) or '—'} |"
+            )
+        for case in row.all_cases:
+            runs = row.runs[case.name]
+            ok = [r for r in runs if r.ok]
+            walls = [r.wall for r in ok]
+            every = [float(w) for r in ok for w in r.extra["walls"]]  # type: ignore[attr-defined]
+            details.append(
+                f"| {row.key} | {B.cell(case.name)} | {len(ok)}/{len(runs)} | {B.fmt(B.median(walls))} | "
+                f"{B.fmt(min(walls) if walls else None)} | {B.fmt(max(walls) if walls else None)} | {B.fmt(B.median(every))} | "
+                f"{B.fmt(B.median([r.cpu for r in ok if r.cpu is not None]))} | "
+                f"{B.fmt(B.median([float(r.extra['origin_cpu']) for r in ok]))} | "  # type: ignore[arg-type]
+                f"{B.fmt(B.median([float(r.extra['wire_bytes']) / 1e6 for r in ok]), '.1f')} | "  # type: ignore[arg-type]
+                f"{B.fmt(B.median([float(r.extra['requests']) for r in ok]), '.0f')} "  # type: ignore[arg-type]
+                f"({B.fmt(B.median([float(r.extra['ranged']) for r in ok]), '.0f')}) | "  # type: ignore[arg-type]
+                f"{B.fmt(B.median([float(r.extra['waited']) for r in ok]), '.0f') if case.fetchers > 1 else '—'} | "  # type: ignore[arg-type]
+                f"{', '.join(sorted({str(r.extra.get('linked', '?')) for r in ok})) if case.cache != 'none' else '—'} | "
+                f"{B.fmt(max((r.rss_mib or 0 for r in ok), default=None), '.0f')} |"
+            )
+        names = [c.name for c in row.all_cases]
+        for r in range(args.pairs):
+            order = names if r % 2 == 0 else list(reversed(names))
+            cells = []
+            for n in order:
+                run = row.runs[n][r]
+                each = run.extra["walls"]
+                assert isinstance(each, list)
+                cells.append(
+                    f"{n} {run.wall:.2f}{'' if run.ok else ' FAILED'}"
+                    + (f" ({' '.join(f'{w:.2f}' for w in sorted(each))})" if len(each) > 1 else "")
+                )
+            rounds.append(f"| {row.key} | {r + 1} | {B.cell(', '.join(cells))} |")
+    failures = [
+        f"- {row.key}, {name}, round {i + 1}: {B.cell(r.note)}"
+        for row in rows
+        for name, rs in row.runs.items()
+        for i, r in enumerate(rs)
+        if not r.ok
+    ]
+    odd = oddities(rows, tree)
+    events = collections.Counter[str]()
+    for row in rows:
+        for case in row.all_cases:
+            for run in row.runs[case.name]:
+                events.update({f"{case.name}: {k}": v for k, v in run.extra.get("events", {}).items()})  # type: ignore[attr-defined]
+    shards = [p for p in tree.files if p.endswith(".safetensors")]
+    small = [p for p in tree.files if p not in shards]
+    fs = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "--target", str(bench.workdir)], capture_output=True, text=True
+    ).stdout.strip()
+    lines = [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
+    text = [
+        f"# fetcher benchmark: node cache{' (--quick)' if args.quick else ''}",
+        "",
+        f"Generated by `bench/.cache/venvs/tools/bin/python bench/cache.py{(' ' + shlex.join(args.argv)) if args.argv else ''}`; "
+        f"took {elapsed / 60:.1f} min.",
+        "",
+        *lines,
+        "- server: tests/fakehub.py in its own process (hub API on 127.0.0.1, LFS files redirected to its CDN on 127.0.0.2"
+        + (f", --rate {hub.rate} bytes/s per connection" if hub.rate else ", unlimited")
+        + "), run by bench/counting_hub.py, which counts every byte written to a client (status lines, headers, bodies) "
+        "and each file's content bytes sent; all on loopback",
+        f"- data: bench/dirs.py's tree, {tree.size / 1e6:.0f} MB: {len(shards)} shards of "
+        f"{B.fmt(B.median([int(tree.files[p]['size']) / 1e6 for p in shards]), '.0f')} MB (fp16 values from N(0, 0.02)) and "
+        f"{len(small)} small files, as `hf://{D.HF_REPO}` (the branch main: every fetch resolves it, lists the tree)",
+        f"- the node cache: `--cache-dir {bench.node_cache.relative_to(CACHE)}` under bench/.cache, on the dests' filesystem "
+        f"({fs or '?'}), so files are hard-linked into dest. An empty cache is removed and made again before the case "
+        "(untimed, then `sync`); a full one was filled by one fetcher into a dest removed afterwards (untimed), or is "
+        f"what the previous case left; filled that way {bench.populations} time(s) in this run.",
+        f"- method: {args.pairs} round(s) per row, the cases alternating (A B C, then C B A); ratio = median over rounds of "
+        "the case's wall time / the baseline's in the same round. A case of N fetchers starts them at once (a thread each, "
+        "every one under `/usr/bin/time -v`), each into its own fresh dest; its wall time is the slowest's, from the first "
+        "start. Dests are on the cache's filesystem and removed afterwards, then `sync` (untimed). The page cache is not "
+        "dropped: the hub reads the tree from RAM, and the untimed check of one case's output reads the cache's blobs "
+        "(the same inodes) into RAM before the next case, which matters only to `--cache-verify full`. CPU seconds "
+        "(user+sys, summed over the case's fetchers) and peak RSS (the largest fetcher's) from `/usr/bin/time -v`; origin "
+        "CPU: the hub's process, from /proc. Origin sent: every byte the hub wrote to clients during the case, against "
+        "the artifact's size and against the baseline's bytes in the same round. "
+        + (
+            "Every file of every dest is checked (size and sha256, untimed; an inode shared by several dests is hashed "
+            "once), and nothing else may be in dest but `.fetcher/`."
+            if args.verify_output
+            else "Outputs are checked by size only (--no-verify-output)."
+        ),
+        (
+            f"- fetcher runs with `{args.fetcher_args}` added"
+            if args.fetcher_args
+            else "- fetcher runs with its defaults"
+        )
+        + ", from a snapshot of fetcher/ in venvs/runtime.",
+        "",
+        *main_rows,
+        "",
+        "Per case:",
+        "",
+        *details,
+        "",
+        "Every round:",
+        "",
+        *rounds,
+    ]
+    if failures:
+        text += ["", "Failed runs:", "", *failures]
+    text += [
+        "",
+        "What fetcher did that is worth a look (files sent twice, hits that downloaded, copies, warnings):",
+        "",
+    ]
+    text += [f"- {n}" for n in odd] or ["- nothing"]
+    text += [
+        "",
+        "fetcher's log events, summed over every run of a case (JSON `event`):",
+        "",
+        *[f"- {B.cell(k)}: {v}" for k, v in sorted(events.items())],
+        "",
+        "Commands (DEST a fresh directory per fetcher, HUB the fake hub, CACHE the node cache):",
+        "",
+        *[f"- {ln}" for ln in cmd_lines],
+    ]
+    return "\n".join(text) + "\n"
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench/cache.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="1 tensor (32 MiB) per shard and 1 round: a smoke test")
+    ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
+    ap.add_argument("--pairs", type=int, help="rounds per row (default 3, 1 with --quick)")
+    ap.add_argument("--rows", default="concurrent,hit", help="comma-separated subset of concurrent,hit (default: both)")
+    ap.add_argument("--rate", type=int, help="bytes/s per connection of the hub (default: unlimited)")
+    ap.add_argument("--rss-target", type=float, default=100, help="fetcher's peak RSS target in MiB (default 100)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")
+    ap.add_argument(
+        "--no-verify-output", dest="verify_output", action="store_false", help="check sizes only, not sha256"
+    )
+    ap.add_argument(
+        "--fetcher-args", default="", help="extra fetcher options for every fetcher run, e.g. '--concurrency 4'"
+    )
+    ap.add_argument("--no-setup", action="store_true", help="skip making/updating the venvs")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="results file (default bench/results-cache.md, bench/.cache/results-cache-quick.md with --quick)",
+    )
+    args = ap.parse_args()
+    args.argv = sys.argv[1:]
+    args.pairs = args.pairs or (1 if args.quick else 3)
+    tensors = args.tensors or (1 if args.quick else 6)
+    out_path = (
+        args.out.resolve()
+        if args.out
+        else (CACHE / "results-cache-quick.md" if args.quick else HERE / "results-cache.md")
+    )
+    # bench.Bench and bench.machine read these (their single-file options): fetcher runs with its own defaults here.
+    args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", "none"
+    started = time.monotonic()
+    if not args.no_setup:
+        D.setup()
+    bench = CacheBench(args)
+    bench.workdir = CACHE / "work-cache"  # not bench.py's, dirs.py's nor oci.py's
+    shutil.rmtree(bench.workdir, ignore_errors=True)
+    bench.workdir.mkdir(parents=True)
+    os.chdir(bench.workdir)
+    bench.snapshot_fetcher()
+    if "--cache-dir" not in bench.fetcher_help:
+        raise SystemExit("this fetcher has no --cache-dir (issue 13)")
+    tree = D.generate_tree(tensors)
+    for p in tree.files:  # into the page cache before anything is timed
+        with (tree.root / p).open("rb") as f:
+            while f.read(16 * MiB):
+                pass
+    hub: CountingHub | None = None
+    try:
+        hub = CountingHub(tree.root, args.rate, bench.logdir / "hub.log")
+        B.log(f"fake hub: {hub.endpoint} (CDN {hub.cdn}), commit {hub.commit}")
+        rows = make_rows(args.rows.split(","))
+        cmd_lines = []
+        for row in rows:
+            for case in row.all_cases:
+                tool = bench.fetcher_cmd_for(case, hub)
+                line = shlex.join(tool.cmd(Path("DEST")))
+                line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(
+                    str(bench.node_cache), "CACHE"
+                )
+                times = f"{case.fetchers} at once, each with its own DEST: " if case.fetchers > 1 else ""
+                cmd_lines.append(f"{row.key}, {case.name}: {times}`HF_ENDPOINT=HUB {line}`")
+        for row in rows:
+            bench.run_cache_row(row, hub, tree)
+        text = report(bench, tree, hub, rows, cmd_lines, time.monotonic() - started)
+        out_path.write_text(text)
+        (bench.logdir / "runs.json").write_text(
+            json.dumps(
+                [{"row": r.key, "runs": {k: [vars(x) for x in v] for k, v in r.runs.items()}} for r in rows],
+                indent=1,
+                default=str,
+            )
+        )
+        print(text)
+        B.log(f"results in {out_path}; per-run logs and runs.json in {bench.logdir}")
+    finally:
+        if hub:
+            hub.stop()
+        with contextlib.suppress(OSError):
+            os.chdir(CACHE)
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
