@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import datetime
 import json
 import os
 import shlex
@@ -90,6 +91,7 @@ def sent_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
     return {
         "wire": sum(diff("sent").values()),
         "content": diff("content"),
+        "starts": diff("starts"),
         "requests": sum(diff("requests").values()),
         "ranged": after["ranged"] - before["ranged"],
     }
@@ -173,8 +175,9 @@ def timed_at_once(
     starts = [0.0] * len(cmds)
 
     def go(i: int) -> None:
-        starts[i] = time.perf_counter()
+        starts[i], launched = time.perf_counter(), time.time()
         runs[i] = B.timed(name, cmds[i], env, logs[i], timeout)
+        runs[i].extra["launched"] = launched  # type: ignore[union-attr]
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(cmds))]
@@ -210,20 +213,31 @@ def hashing_each_inode_once() -> Iterator[None]:
         B.sha256_file = plain
 
 
-def log_events(logfile: Path) -> tuple[collections.Counter[str], list[str]]:
-    """A fetcher's JSON log: how often each event came, and its warnings and errors (event and reason)."""
-    events: collections.Counter[str] = collections.Counter()
-    problems = []
-    for line in logfile.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        with contextlib.suppress(ValueError):
-            ev = json.loads(line)
-            name = str(ev.get("event", "?"))
-            events[name] += 1
-            if ev.get("level") in ("warning", "error", "critical"):
-                problems.append(f"{ev.get('level')}: {name}" + (f" ({ev['reason']})" if "reason" in ev else ""))
-    return events, problems
+@dataclass
+class FetcherLog:
+    """What one fetcher's JSON log says: how often each event came, its warnings and errors, when it logged."""
+
+    events: collections.Counter[str] = field(default_factory=collections.Counter)
+    problems: list[str] = field(default_factory=list)
+    first: float | None = None  # time.time() of its first line and its last
+    last: float | None = None
+
+    @classmethod
+    def read(cls, logfile: Path) -> FetcherLog:
+        out = cls()
+        for line in logfile.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            with contextlib.suppress(ValueError, TypeError):
+                ev = json.loads(line)
+                name = str(ev.get("event", "?"))
+                out.events[name] += 1
+                if ev.get("level") in ("warning", "error", "critical"):
+                    out.problems.append(f"{ev['level']}: {name}" + (f" ({ev['reason']})" if "reason" in ev else ""))
+                when = datetime.datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
+                out.first = when if out.first is None else out.first
+                out.last = when
+        return out
 
 
 class CacheBench(D.DirBench):
@@ -275,14 +289,12 @@ class CacheBench(D.DirBench):
                     found.add((st.st_dev, st.st_ino))
         return found
 
-    def cache_report(self, tree: D.Tree) -> dict[str, object]:
-        """What the cache holds after a run: each file of the tree by its sha256, the blobs' modes."""
+    def cache_report(self) -> dict[str, object]:
+        """What the cache holds after a run: blobs by the digest that names them, their bytes, any writable."""
         blobs = [p for p in (self.node_cache / "blobs").rglob("*") if p.is_file()]
-        by_sha = self.node_cache / "blobs" / "sha256"
         return {
-            "blobs": len(blobs),
+            "blobs": dict(collections.Counter(p.parent.name for p in blobs)),
             "blob_bytes": sum(p.stat().st_size for p in blobs),
-            "tree_files_by_sha256": sum(1 for f in tree.files.values() if (by_sha / str(f["sha256"])).is_file()),
             "writable_blobs": sum(1 for p in blobs if p.stat().st_mode & 0o222),
         }
 
@@ -312,20 +324,31 @@ class CacheBench(D.DirBench):
             "wire_bytes": sent["wire"],
             "requests": sent["requests"],
             "ranged": sent["ranged"],
-            "times_sent": {
+            "times_sent": {  # a file's content bytes sent / its size: over 1 where ranged parts overlap its first stream
                 path: round(sent["content"].get(str(f["sha256"]), 0) / int(f["size"]), 3) if int(f["size"]) else 0
                 for path, f in tree.files.items()
             },
+            "downloads": {path: sent["starts"].get(str(f["sha256"]), 0) for path, f in tree.files.items()},
         }
         events: collections.Counter[str] = collections.Counter()
         problems: list[str] = []
-        waited = 0
-        for logfile in logs:
-            ev, pr = log_events(logfile)
-            events += ev
-            problems += pr
-            waited += any(name.startswith("waiting for") for name in ev)
-        run.extra.update(events=dict(events), problems=sorted(set(problems)), waited=waited, splits=events["splitting"])
+        waited, startup, span = 0, [], []
+        for r, logfile in zip(runs, logs, strict=True):
+            flog = FetcherLog.read(logfile)
+            events += flog.events
+            problems += flog.problems
+            waited += flog.events["waiting for"] > 0
+            if flog.first is not None and flog.last is not None:
+                startup.append(round(flog.first - float(r.extra["launched"]), 3))  # type: ignore[arg-type]
+                span.append(round(flog.last - flog.first, 3))
+        run.extra.update(
+            events=dict(events),
+            problems=sorted(set(problems)),
+            waited=waited,
+            splits=events["splitting"],
+            startup=startup,  # each fetcher's launch to its first log line: the interpreter and imports
+            span=span,  # its first log line to its last: the work
+        )
         notes = [f"fetcher {i + 1}: {r.note} :: {B.tail(logs[i], 3)[-300:]}" for i, r in enumerate(runs) if not r.ok]
         if run.ok:
             inodes = self.cache_inodes() if case.cache != "none" else set()
@@ -340,7 +363,7 @@ class CacheBench(D.DirBench):
                             linked += (st.st_dev, st.st_ino) in inodes
             run.extra["linked"] = f"{linked}/{len(tree.files) * len(dests)}"
             if case.cache != "none":
-                run.extra["cache"] = self.cache_report(tree)
+                run.extra["cache"] = self.cache_report()
         if notes:
             run.ok, run.note = False, "; ".join(notes)
         if case.cache != "none":
@@ -381,6 +404,11 @@ def ratios(row: Row, case: Case, key: str | None = None) -> list[float]:
     return out
 
 
+def each(runs: list[B.Run], key: str) -> list[float]:
+    """extra[key] of every fetcher of the runs: a list per run (walls, startup, span)."""
+    return [float(x) for r in runs for x in r.extra.get(key, [])]  # type: ignore[attr-defined]
+
+
 def times(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}x"
 
@@ -394,13 +422,21 @@ def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
                 where = f"{row.key}, {case.name}, round {i + 1}"
                 times = run.extra.get("times_sent", {})
                 assert isinstance(times, dict)
-                if case.cache == "empty":
-                    twice = {p: t for p, t in times.items() if t > 1.01}
-                    if twice:
-                        notes.append(
-                            f"{where}: files sent more than once by the origin: "
-                            + ", ".join(f"{p} {t:.2f}x" for p, t in sorted(twice.items()))
-                        )
+                downloads = run.extra.get("downloads", {})
+                assert isinstance(downloads, dict)
+                if case.cache == "empty" and (again := {p: n for p, n in downloads.items() if n != 1}):
+                    notes.append(
+                        f"{where}: files not downloaded exactly once (bodies from byte 0): "
+                        + ", ".join(f"{p} {n}" for p, n in sorted(again.items()))
+                    )
+                if case.cache != "full" and (
+                    over := {p: t for p, t in times.items() if t > 1.01 * downloads.get(p, 1)}
+                ):
+                    notes.append(
+                        f"{where}: content sent beyond the downloads' size (ranged parts overlapping a first stream "
+                        "cut after fetcher split the file): "
+                        + ", ".join(f"{p} {t:.2f}x in {downloads.get(p)} download(s)" for p, t in sorted(over.items()))
+                    )
                 if case.cache == "full" and (
                     got := sum(float(t) * int(tree.files[p]["size"]) for p, t in times.items())
                 ):
@@ -411,10 +447,12 @@ def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
                 cache = run.extra.get("cache")
                 if isinstance(cache, dict) and cache.get("writable_blobs"):
                     notes.append(f"{where}: {cache['writable_blobs']} blobs in the cache are writable")
-                if isinstance(cache, dict) and cache.get("tree_files_by_sha256") != len(tree.files):
+                if isinstance(cache, dict) and (
+                    cache["blob_bytes"] != tree.size or sum(cache["blobs"].values()) != len(tree.files)
+                ):
                     notes.append(
-                        f"{where}: {cache.get('tree_files_by_sha256')} of the {len(tree.files)} files are in the cache "
-                        f"as blobs/sha256/<hex> ({cache.get('blobs')} blobs in all)"
+                        f"{where}: the cache holds {cache['blob_bytes']} bytes in {cache['blobs']} blobs, the tree "
+                        f"{tree.size} in {len(tree.files)} files"
                     )
                 for p in run.extra.get("problems", []):  # type: ignore[attr-defined]
                     notes.append(f"{where}: {B.cell(str(p))}")
@@ -432,9 +470,10 @@ def report(
     ]
     details = [
         "| row | case | runs ok | median s (slowest fetcher) | min s | max s | median s, all fetchers | median CPU s, all fetchers "
+        "| median s from launch to fetcher's first log line, all fetchers | median s from its first log line to its last "
         "| median origin CPU s | median origin MB sent | median requests (ranged) | fetchers that logged waiting (median) "
         "| dest files hard-linked to the cache | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     rounds = [
         "| row | round | wall s of each case, in the order run (slowest fetcher; all of them) |",
@@ -456,12 +495,11 @@ def report(
             if target is not None and ratio is not None:
                 mets.append(("yes" if target.met(ratio) else "**no**") + f" ({ratio:.2f} vs {target})")
             if case.cache == "empty" and case.fetchers > 1 and bytes_one is not None:
-                once = bytes_one <= 1.05 and not any(
-                    t > 1.01
-                    for r in ok
-                    for t in r.extra["times_sent"].values()  # type: ignore[attr-defined]
+                once = all(n == 1 for r in ok for n in r.extra["downloads"].values())  # type: ignore[attr-defined]
+                mets.append(
+                    f"one download {'yes' if once else '**no**'} (each file's body from byte 0 sent "
+                    f"{'once' if once else 'more than once, or never'}; bytes {bytes_one:.2f}x one fetch's)"
                 )
-                mets.append(f"one download {'yes' if once else '**no**'} ({bytes_one:.2f}x one fetch's bytes)")
             if rss is not None:
                 mets.append(f"RSS {'yes' if rss <= args.rss_target else '**no**'}")
             failed = len(runs) - len(ok), len([b for b in base if not b.ok])
@@ -477,11 +515,12 @@ def report(
             runs = row.runs[case.name]
             ok = [r for r in runs if r.ok]
             walls = [r.wall for r in ok]
-            every = [float(w) for r in ok for w in r.extra["walls"]]  # type: ignore[attr-defined]
+            every = each(ok, "walls")
             details.append(
                 f"| {row.key} | {B.cell(case.name)} | {len(ok)}/{len(runs)} | {B.fmt(B.median(walls))} | "
                 f"{B.fmt(min(walls) if walls else None)} | {B.fmt(max(walls) if walls else None)} | {B.fmt(B.median(every))} | "
                 f"{B.fmt(B.median([r.cpu for r in ok if r.cpu is not None]))} | "
+                f"{B.fmt(B.median(each(ok, 'startup')))} | {B.fmt(B.median(each(ok, 'span')))} | "
                 f"{B.fmt(B.median([float(r.extra['origin_cpu']) for r in ok]))} | "  # type: ignore[arg-type]
                 f"{B.fmt(B.median([float(r.extra['wire_bytes']) / 1e6 for r in ok]), '.1f')} | "  # type: ignore[arg-type]
                 f"{B.fmt(B.median([float(r.extra['requests']) for r in ok]), '.0f')} "  # type: ignore[arg-type]
@@ -496,11 +535,11 @@ def report(
             cells = []
             for n in order:
                 run = row.runs[n][r]
-                each = run.extra["walls"]
-                assert isinstance(each, list)
+                fetchers = run.extra["walls"]
+                assert isinstance(fetchers, list)
                 cells.append(
                     f"{n} {run.wall:.2f}{'' if run.ok else ' FAILED'}"
-                    + (f" ({' '.join(f'{w:.2f}' for w in sorted(each))})" if len(each) > 1 else "")
+                    + (f" ({' '.join(f'{w:.2f}' for w in sorted(fetchers))})" if len(fetchers) > 1 else "")
                 )
             rounds.append(f"| {row.key} | {r + 1} | {B.cell(', '.join(cells))} |")
     failures = [
@@ -522,6 +561,15 @@ def report(
         ["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "--target", str(bench.workdir)], capture_output=True, text=True
     ).stdout.strip()
     lines = [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
+    layout = next(
+        (
+            r.extra["cache"]["blobs"]  # type: ignore[index]
+            for row in rows
+            for r in row.runs[row.baseline.name]
+            if r.ok and isinstance(r.extra.get("cache"), dict)
+        ),
+        None,
+    )
     text = [
         f"# fetcher benchmark: node cache{' (--quick)' if args.quick else ''}",
         "",
@@ -539,7 +587,10 @@ def report(
         f"- the node cache: `--cache-dir {bench.node_cache.relative_to(CACHE)}` under bench/.cache, on the dests' filesystem "
         f"({fs or '?'}), so files are hard-linked into dest. An empty cache is removed and made again before the case "
         "(untimed, then `sync`); a full one was filled by one fetcher into a dest removed afterwards (untimed), or is "
-        f"what the previous case left; filled that way {bench.populations} time(s) in this run.",
+        f"what the previous case left; filled that way {bench.populations} time(s) in this run. After one download it held "
+        + (", ".join(f"{n} blobs under blobs/{k}/" for k, n in sorted(layout.items())) if layout else "?")
+        + " (fetcher keys a file by the digest its source gives: the hub's sha256 for LFS files, its git blob id for "
+        "the small ones).",
         f"- method: {args.pairs} round(s) per row, the cases alternating (A B C, then C B A); ratio = median over rounds of "
         "the case's wall time / the baseline's in the same round. A case of N fetchers starts them at once (a thread each, "
         "every one under `/usr/bin/time -v`), each into its own fresh dest; its wall time is the slowest's, from the first "

@@ -4,7 +4,8 @@
 {"endpoint", "cdn_endpoint", "commit"} line, then answers each ``stats`` line on its stdin with one
 JSON line: every byte it has written to a client so far (status lines, headers and bodies) by server
 (``hub`` or ``cdn``) and path without its query; the bytes of each file's content it sent in bodies
-(by the file's sha256, counted before gzip, ranges included); and the requests. It stops at the end of stdin
+(by the file's sha256, counted before gzip, ranges included) and how many bodies began at its first
+byte (the downloads of it: a resumed or ranged part begins elsewhere); and the requests. It stops at the end of stdin
 (when the bench exits, however it exits) or on SIGTERM.
 
 The count is taken where the handler writes to its socket (``wfile``): it is what the origin sent,
@@ -30,6 +31,7 @@ class _Counts:
         self.lock = threading.Lock()
         self.sent: dict[str, int] = {}  # "server path" -> bytes written
         self.content: dict[str, int] = {}  # a file's sha256 -> bytes of it sent in bodies, before any gzip
+        self.starts: dict[str, int] = {}  # a file's sha256 -> bodies that began at its first byte: downloads of it
         self.requests: dict[str, int] = {}  # "server method path" -> count
         self.ranged = 0  # requests with a Range header
 
@@ -38,6 +40,7 @@ class _Counts:
             return {
                 "sent": dict(self.sent),
                 "content": dict(self.content),
+                "starts": dict(self.starts),
                 "requests": dict(self.requests),
                 "ranged": self.ranged,
             }
@@ -90,6 +93,8 @@ def _counting_bytes(self: Any, blob: Any, start: int, end: int, flip: int | None
     data: bytes = _bytes(self, blob, start, end, flip)
     with COUNTS.lock:
         COUNTS.content[blob.sha256] = COUNTS.content.get(blob.sha256, 0) + len(data)
+        if start == 0:  # a body's first piece (fakehub reads a body piece by piece, from its start)
+            COUNTS.starts[blob.sha256] = COUNTS.starts.get(blob.sha256, 0) + 1
     return data
 
 
