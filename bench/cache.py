@@ -228,7 +228,7 @@ class FetcherLog:
         for line in logfile.read_text(errors="replace").splitlines():
             if not line.startswith("{"):
                 continue
-            with contextlib.suppress(ValueError, TypeError):
+            with contextlib.suppress(ValueError, TypeError, KeyError):
                 ev = json.loads(line)
                 name = str(ev.get("event", "?"))
                 out.events[name] += 1
