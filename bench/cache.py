@@ -400,14 +400,16 @@ class CacheBench(D.DirBench):
 # --- reporting -------------------------------------------------------------------------------------
 
 
-def ratios(row: Row, case: Case, key: str | None = None) -> list[float]:
-    """Per round, the case's wall time (or extra[key]) over the baseline's, where both ran ok."""
+def ratios(row: Row, case: Case, key: str = "wall") -> list[float]:
+    """Per round, the case's wall time (or cpu, or extra[key]) over the baseline's, where both ran ok."""
+
+    def value(r: B.Run) -> float:
+        return float(getattr(r, key) if key in ("wall", "cpu") else r.extra[key] or 0)  # type: ignore[arg-type]
+
     out = []
     for c, b in zip(row.runs[case.name], row.runs[row.baseline.name], strict=True):
-        if c.ok and b.ok:
-            cv, bv = (c.wall, b.wall) if key is None else (float(c.extra[key]), float(b.extra[key]))  # type: ignore[arg-type]
-            if bv:
-                out.append(cv / bv)
+        if c.ok and b.ok and value(b):
+            out.append(value(c) / value(b))
     return out
 
 
@@ -472,8 +474,9 @@ def report(
     args = bench.args
     main_rows = [
         "| row | case | baseline median s | case median s | ratio (median of rounds) | ratio, rounds the baseline ran first / last "
-        "| origin sent / artifact (median) | origin sent / one fetch's (median of rounds) | fetcher peak RSS MiB | target | met? |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|",
+        "| CPU s ratio, all fetchers (median of rounds) | origin sent / artifact (median) "
+        "| origin sent / one fetch's (median of rounds) | fetcher peak RSS MiB | target | met? |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|",
     ]
     details = [
         "| row | case | runs ok | median s (slowest fetcher) | min s | max s | median s, all fetchers | median CPU s, all fetchers "
@@ -514,8 +517,8 @@ def report(
                 mets.append(f"FAILED runs: case {failed[0]}, baseline {failed[1]}")
             main_rows.append(
                 f"| {row.title} | {B.cell(case.name)} | {B.fmt(B.median([b.wall for b in base if b.ok]))} | "
-                f"{B.fmt(B.median([r.wall for r in ok]))} | {times(ratio)} | "
-                f"{times(by_order[0])} / {times(by_order[1])} | {times(bytes_art)} | {times(bytes_one)} | {B.fmt(rss, '.0f')} | "
+                f"{B.fmt(B.median([r.wall for r in ok]))} | {times(ratio)} | {times(by_order[0])} / {times(by_order[1])} | "
+                f"{times(B.median(ratios(row, case, 'cpu')))} | {times(bytes_art)} | {times(bytes_one)} | {B.fmt(rss, '.0f')} | "
                 f"{str(target) if target else '— (context)'}, RSS <= {args.rss_target:.0f} MiB | {'; '.join(mets) or '—'} |"
             )
         for case in row.all_cases:
