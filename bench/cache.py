@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -42,23 +41,25 @@ import dirs as D  # bench/dirs.py: the tree, the bench class that cleans and che
 
 import bench as B  # bench/bench.py: this script's directory is first on sys.path
 
-HERE, CACHE, VENVS, MiB = B.HERE, B.CACHE, B.VENVS, B.MiB
+HERE, CACHE, VENVS = B.HERE, B.CACHE, B.VENVS
 CONCURRENT = 8  # fetchers started at once: the issue's row
 
 
 # --- the origin ----------------------------------------------------------------------------------
 
 
-class CountingHub:
+class CountingHub(D.Hub):
     """bench/counting_hub.py in a process of its own: dirs.py's fake hub, asked on stdin what it has sent."""
 
-    def __init__(self, root: Path, rate: int | None, logfile: Path) -> None:
+    def __init__(
+        self, root: Path, rate: int | None, logfile: Path
+    ) -> None:  # not dirs.Hub's: another script, a pipe in
         cmd = [str(VENVS / "tools" / "bin" / "python"), str(HERE / "counting_hub.py"), "--repo", D.HF_REPO]
         cmd += ["--dir", str(root), *(["--rate", str(rate)] if rate else [])]
         self.rate = rate
         self._err = logfile.open("w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
-        assert self.proc.stdout and self.proc.stdin
+        assert self.proc.stdout
         line = self.proc.stdout.readline()  # after it has hashed every file: can take seconds
         if not line:
             raise RuntimeError(f"counting_hub did not start: {B.tail(logfile)}")
@@ -70,17 +71,6 @@ class CountingHub:
         self.proc.stdin.write("stats\n")
         self.proc.stdin.flush()
         return dict(json.loads(self.proc.stdout.readline()))
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(15)
-        self._err.close()
 
 
 def sent_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -388,6 +378,11 @@ class CacheBench(D.DirBench):
             self.clean_tree(d)
         return run
 
+    def profile_case(self, row: Row, case: Case, hub: CountingHub, tree: D.Tree) -> str:
+        """dirs.py's py-spy of one fetcher run (twice: raw, then a flamegraph), with the cache as the case wants it."""
+        self.prepare(case, hub, tree)  # a hit stays one: the first run leaves the cache full
+        return self.profile_tree(D.Row(row.key, row.title, self.fetcher_cmd_for(case, hub), [], hub.proc.pid))
+
     def run_cache_row(self, row: Row, hub: CountingHub, tree: D.Tree) -> None:
         cases = row.all_cases
         B.log(f"row {row.key}: {row.title}, {self.args.pairs} round(s): {', '.join(c.name for c in cases)}")
@@ -469,7 +464,13 @@ def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
 
 
 def report(
-    bench: CacheBench, tree: D.Tree, hub: CountingHub, rows: list[Row], cmd_lines: list[str], elapsed: float
+    bench: CacheBench,
+    tree: D.Tree,
+    hub: CountingHub,
+    rows: list[Row],
+    profiles: dict[str, str],
+    cmd_lines: list[str],
+    elapsed: float,
 ) -> str:
     args = bench.args
     main_rows = [
@@ -570,7 +571,7 @@ def report(
     fs = subprocess.run(
         ["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "--target", str(bench.workdir)], capture_output=True, text=True
     ).stdout.strip()
-    lines = [ln for ln in B.machine(bench) if not ln.startswith(("- alternatives:", "- servers:"))]
+    lines = D.machine(bench)
     layout = next(
         (
             r.extra["cache"]["blobs"]  # type: ignore[index]
@@ -651,6 +652,8 @@ def report(
         "",
         *[f"- {ln}" for ln in cmd_lines],
     ]
+    for key, profile in profiles.items():
+        text += ["", f"Profile of one cache hit, row {key}:", "", "```", profile, "```"]
     return "\n".join(text) + "\n"
 
 
@@ -661,67 +664,36 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         prog="bench/cache.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="1 tensor (32 MiB) per shard and 1 round: a smoke test")
-    ap.add_argument("--tensors", type=int, help="32 MiB tensors per shard (default 6: ~200 MB shards, ~805 MB in all)")
-    ap.add_argument("--pairs", type=int, help="rounds per row (default 3, 1 with --quick)")
-    ap.add_argument(
-        "--rows",
-        default="concurrent,hit",
-        help="comma-separated subset of concurrent,hit,nocache (default: concurrent,hit; nocache writes 8 copies of "
-        "the tree a run, ~6.5 GB, for context)",
-    )
+    D.add_tree_options(ap, "cache", "concurrent,hit")
+    for action in ap._actions:  # dirs.py's options, but this script's rows and profile
+        if action.dest == "rows":
+            action.help = (
+                "comma-separated subset of concurrent,hit,nocache (default: concurrent,hit; nocache writes 8 copies "
+                "of the tree a run, ~6.5 GB, for context)"
+            )
+        elif action.dest == "profile":
+            action.help = "also py-spy one cache hit (row hit)"
     ap.add_argument("--rate", type=int, help="bytes/s per connection of the hub (default: unlimited)")
-    ap.add_argument("--rss-target", type=float, default=100, help="fetcher's peak RSS target in MiB (default 100)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds before one run is given up")
-    ap.add_argument(
-        "--no-verify-output", dest="verify_output", action="store_false", help="check sizes only, not sha256"
-    )
-    ap.add_argument(
-        "--fetcher-args", default="", help="extra fetcher options for every fetcher run, e.g. '--concurrency 4'"
-    )
-    ap.add_argument("--no-setup", action="store_true", help="skip making/updating the venvs")
-    ap.add_argument(
-        "--out",
-        type=Path,
-        help="results file (default bench/results-cache.md, bench/.cache/results-cache-quick.md with --quick)",
-    )
-    args = ap.parse_args()
-    args.argv = sys.argv[1:]
-    args.pairs = args.pairs or (1 if args.quick else 3)
-    tensors = args.tensors or (1 if args.quick else 6)
-    out_path = (
-        args.out.resolve()
-        if args.out
-        else (CACHE / "results-cache-quick.md" if args.quick else HERE / "results-cache.md")
-    )
+    args, tensors, rows_wanted, out_path = D.parse_tree_options(ap, "cache")
     # bench.Bench and bench.machine read these (their single-file options): fetcher runs with its own defaults here.
     args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", "none"
     started = time.monotonic()
     if not args.no_setup:
-        D.setup()
+        D.setup_servers()  # bench/run's venvs and pytest for the fake hub: no alternatives to install
     bench = CacheBench(args)
-    bench.workdir = CACHE / "work-cache"  # not bench.py's, dirs.py's nor oci.py's
-    shutil.rmtree(bench.workdir, ignore_errors=True)
-    bench.workdir.mkdir(parents=True)
-    os.chdir(bench.workdir)
-    bench.snapshot_fetcher()
+    tree = D.prepare(bench, "work-cache", tensors)
     if "--cache-dir" not in bench.fetcher_help:
         raise SystemExit("this fetcher has no --cache-dir (issue 13)")
-    tree = D.generate_tree(tensors)
-    for p in tree.files:  # into the page cache before anything is timed
-        with (tree.root / p).open("rb") as f:
-            while f.read(16 * MiB):
-                pass
-    hub: CountingHub | None = None
+    hubs: list[D.Hub] = []
     try:
         hub = CountingHub(tree.root, args.rate, bench.logdir / "hub.log")
+        hubs.append(hub)
         B.log(f"fake hub: {hub.endpoint} (CDN {hub.cdn}), commit {hub.commit}")
-        rows = make_rows(args.rows.split(","))
+        rows = make_rows(rows_wanted)
         cmd_lines = []
         for row in rows:
             for case in row.all_cases:
-                tool = bench.fetcher_cmd_for(case, hub)
-                line = shlex.join(tool.cmd(Path("DEST")))
+                line = shlex.join(bench.fetcher_cmd_for(case, hub).cmd(Path("DEST")))
                 line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(
                     str(bench.node_cache), "CACHE"
                 )
@@ -729,23 +701,15 @@ def main() -> int:
                 cmd_lines.append(f"{row.key}, {case.name}: {times}`HF_ENDPOINT=HUB {line}`")
         for row in rows:
             bench.run_cache_row(row, hub, tree)
-        text = report(bench, tree, hub, rows, cmd_lines, time.monotonic() - started)
-        out_path.write_text(text)
-        (bench.logdir / "runs.json").write_text(
-            json.dumps(
-                [{"row": r.key, "runs": {k: [vars(x) for x in v] for k, v in r.runs.items()}} for r in rows],
-                indent=1,
-                default=str,
-            )
-        )
-        print(text)
-        B.log(f"results in {out_path}; per-run logs and runs.json in {bench.logdir}")
+        profiles = {}
+        for row in rows:
+            if args.profile and row.key == "hit":
+                B.log("profile: one cache hit under py-spy")
+                profiles[row.key] = bench.profile_case(row, row.cases[0][0], hub, tree)
+        text = report(bench, tree, hub, rows, profiles, cmd_lines, time.monotonic() - started)
+        D.write_results(bench, rows, text, out_path)  # type: ignore[arg-type]  # it reads a row's key and runs
     finally:
-        if hub:
-            hub.stop()
-        with contextlib.suppress(OSError):
-            os.chdir(CACHE)
-        shutil.rmtree(bench.workdir, ignore_errors=True)
+        D.stop_servers(bench, hubs, None)
     return 0
 
 
