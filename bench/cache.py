@@ -218,6 +218,7 @@ class FetcherLog:
     problems: list[str] = field(default_factory=list)
     first: float | None = None  # time.time() of its first line and its last
     last: float | None = None
+    fetched: int = 0  # files it downloaded itself (its "published" line), not placed from the cache
 
     @classmethod
     def read(cls, logfile: Path) -> FetcherLog:
@@ -229,6 +230,8 @@ class FetcherLog:
                 ev = json.loads(line)
                 name = str(ev.get("event", "?"))
                 out.events[name] += 1
+                if name == "published":
+                    out.fetched = int(ev.get("fetched") or 0)
                 if ev.get("level") in ("warning", "error", "critical"):
                     out.problems.append(f"{ev['level']}: {name}" + (f" ({ev['reason']})" if "reason" in ev else ""))
                 when = datetime.datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
@@ -329,12 +332,13 @@ class CacheBench(D.DirBench):
         }
         events: collections.Counter[str] = collections.Counter()
         problems: list[str] = []
-        waited, startup, span = 0, [], []
+        waited, startup, span, fetched = 0, [], [], []
         for r, logfile in zip(runs, logs, strict=True):
             flog = FetcherLog.read(logfile)
             events += flog.events
             problems += flog.problems
             waited += flog.events["waiting for"] > 0
+            fetched += [flog.fetched] if flog.fetched else []
             if flog.first is not None and flog.last is not None:
                 startup.append(round(flog.first - float(r.extra["launched"]), 3))  # type: ignore[arg-type]
                 span.append(round(flog.last - flog.first, 3))
@@ -345,6 +349,7 @@ class CacheBench(D.DirBench):
             splits=events["splitting"],
             startup=startup,  # each fetcher's launch to its first log line: the interpreter and imports
             span=span,  # its first log line to its last: the work
+            fetched_by="+".join(map(str, sorted(fetched, reverse=True))) or "0",  # files each downloader fetched
         )
         notes = [f"fetcher {i + 1}: {r.note} :: {B.tail(logs[i], 3)[-300:]}" for i, r in enumerate(runs) if not r.ok]
         if run.ok:
@@ -483,8 +488,8 @@ def report(
         "| row | case | runs ok | median s (slowest fetcher) | min s | max s | median s, all fetchers | median CPU s, all fetchers "
         "| median s from launch to fetcher's first log line, all fetchers | median s from its first log line to its last "
         "| median origin CPU s | median origin MB sent | median requests (ranged) | fetchers that logged waiting (median) "
-        "| dest files hard-linked to the cache | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "| files fetched by each fetcher that fetched any, every round | dest files hard-linked to the cache | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|",
     ]
     rounds = [
         "| row | round | wall s of each case, in the order run (slowest fetcher; all of them) |",
@@ -537,6 +542,7 @@ def report(
                 f"{B.fmt(B.median([float(r.extra['requests']) for r in ok]), '.0f')} "  # type: ignore[arg-type]
                 f"({B.fmt(B.median([float(r.extra['ranged']) for r in ok]), '.0f')}) | "  # type: ignore[arg-type]
                 f"{B.fmt(B.median([float(r.extra['waited']) for r in ok]), '.0f') if case.fetchers > 1 else '—'} | "  # type: ignore[arg-type]
+                f"{'; '.join(str(r.extra['fetched_by']) for r in runs)} | "
                 f"{', '.join(sorted({str(r.extra.get('linked', '?')) for r in ok})) if case.cache != 'none' else '—'} | "
                 f"{B.fmt(max((r.rss_mib or 0 for r in ok), default=None), '.0f')} |"
             )
