@@ -50,9 +50,9 @@ READ = 1024 * 1024
 EVICTING = ".evicting"  # the lock one evictor holds at a time: two would count the same space twice
 
 
-def key_of(digest: Digest) -> str:
+def key_of(algorithm: str, hex_: str) -> str:
     """An entry's key: named as the spool names its slots."""
-    return f"{digest.algorithm}-{digest.hex}"
+    return f"{algorithm}-{hex_}"
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -300,7 +300,7 @@ class CachedArtifact:
     def name_of(self, digest: Digest | None, slot: str) -> str:
         """What the cache calls a file: its key, or for one without a digest an alias of the source's."""
         if digest is not None:
-            return key_of(digest)
+            return key_of(digest.algorithm, digest.hex)
         return "alias-" + hashlib.sha256(f"{self.artifact_key}\0{slot}".encode()).hexdigest()[:40]
 
     def place(self, key: str, target: Path) -> bool:

@@ -398,7 +398,7 @@ class _Fetch:
             log.warning("cache unusable: fetching without it", cache=str(artifact.cache_dir), reason=str(exc))
             return None
         if artifact.cache_max_size is not None:
-            keep = frozenset(key_of(e.digest) for e in manifest.entries if e.digest is not None)
+            keep = frozenset(key_of(e.digest.algorithm, e.digest.hex) for e in manifest.entries if e.digest is not None)
             self._evicted(node.evict(max(0, artifact.cache_max_size - (manifest.size or 0)), keep))
         return CachedArtifact(node, artifact.key, artifact.file_mode, artifact.owner, artifact.progress_interval)
 
@@ -424,7 +424,9 @@ class _Fetch:
         if artifact.owner is None and artifact.file_mode is None:
             for entry in manifest.entries:
                 if entry.digest is not None:
-                    cache.node.adopt(key_of(entry.digest), spool.complete(slots[entry.path]))
+                    cache.node.adopt(
+                        key_of(entry.digest.algorithm, entry.digest.hex), spool.complete(slots[entry.path])
+                    )
         if transfer.from_cache:
             log.info(
                 "cache hit",

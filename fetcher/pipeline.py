@@ -16,7 +16,6 @@ import hashlib
 import io
 import lzma
 import os
-import shutil
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -46,7 +45,7 @@ _CORRUPT: tuple[type[BaseException], ...] = (
 READ_SIZE = 1024 * 1024
 HASHED_DEPTH = 2  # chunks between the hasher and the format detection and unpacking
 DECOMPRESSED_DEPTH = 2  # blocks of up to READ_SIZE between the inflater and the unpacker
-LAYERS = "layers"  # staging/layers/N: each tar layer's own tree, until the layers are merged
+LAYERS = "layers"  # staging/layers/N: each tar layer's own tree; what the merge leaves goes with staging
 SNIFF_BYTES = 1024 * 1024  # a whole bzip2 block, or a zstd frame header and first block
 PEEK_STEP = 4096  # compressed bytes fed at a time when looking inside the head
 CHECK_BUDGET = 64 * 1024 * 1024  # bytes inflated (and dropped) at most to check the head of a compressed file
@@ -436,7 +435,6 @@ def unpack_layers(layers: list[tuple[Path, str]], staging: Path, limits: Limits)
     budget = Budget(limits.max_unpacked_size, limits.max_members)
     roots = _unpack_each(layers, staging, budget, lambda _, root: LayerTree(root, budget))
     merge_packed(roots, MergedTree(staging / "tree"))
-    _remove(staging / LAYERS)
 
 
 def unpack_image(layers: list[tuple[Path, str]], subtree: str, staging: Path, limits: Limits) -> int:
@@ -451,9 +449,7 @@ def unpack_image(layers: list[tuple[Path, str]], subtree: str, staging: Path, li
     budget = Budget(limits.max_unpacked_size, limits.max_members)
     views = [LayerView(subtree) for _ in layers]
     roots = _unpack_each(layers, staging, budget, lambda index, root: LayerTree(root, budget, views[index]))
-    kept = merge_image(list(zip(roots, views, strict=True)), subtree, MergedTree(staging / "tree"))
-    _remove(staging / LAYERS)
-    return kept
+    return merge_image(list(zip(roots, views, strict=True)), subtree, MergedTree(staging / "tree"))
 
 
 def _unpack_each(
@@ -482,16 +478,6 @@ def _unpack_each(
     if failure is not None:
         raise failure
     return roots
-
-
-def _remove(path: Path) -> None:
-    """What the merge left of the layers' trees (what a layer above replaced or hid)."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise local_error(exc, "removing the unpacked layers from staging") from None
 
 
 def _unpack_layer(path: Path, what: str, tree: SafeTree) -> None:

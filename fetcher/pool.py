@@ -30,7 +30,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
-from fetcher.cache import POLL, CachedArtifact, Lock, split_key
+from fetcher.cache import POLL, CachedArtifact, Lock, key_of, split_key
 from fetcher.channel import Cancelled
 from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
@@ -154,7 +154,6 @@ class DirectoryTransfer:
                 continue
             cached = self._cache.name_of(entry.digest, slot) if self._cache is not None else None
             if cached is not None and self._from_cache(entry, slot, cached):
-                self.kept_bytes += entry.size or 0
                 self._on_file(entry.size, False)
                 continue
             planned.add(slot)
@@ -223,23 +222,31 @@ class DirectoryTransfer:
 
     # --- the node cache ----------------------------------------------------------------
 
-    def _from_cache(self, entry: Entry, slot: str, name: str) -> bool:
-        """Whether the node cache holds the file, checked and now in its slot; never waits."""
+    def _from_cache(self, entry: Entry, slot: str, name: str) -> bool | None:
+        """Whether the node cache holds the file, checked and now in its slot; None while another
+        fetcher is downloading it (then it is looked at again later). Never waits."""
         assert self._cache is not None
         node = self._cache.node
         lock = node.try_lock(name, exclusive=False)
         if lock is None:
-            return False  # another fetcher is downloading it: a worker comes back for it
+            return None
         with lock:
             key = node.resolve(name)
             if key is None or not node.check(key):
                 return False
-            self._cache.place(key, self._spool.complete(slot))
-        if entry.digest is None:  # what it hashed to, not what any source vouched for
-            self.digests[entry.path] = ":".join(split_key(key))
-            self.unverified.append(entry.path)
-        self.from_cache += 1
+            self._hit(entry, slot, key)
         return True
+
+    def _hit(self, entry: Entry, slot: str, key: str) -> None:
+        """A file the cache holds (the caller holds its lock): placed in its slot, and counted."""
+        assert self._cache is not None
+        self._cache.place(key, self._spool.complete(slot))
+        with self._lock:
+            if entry.digest is None:  # what it hashed to, not what any source vouched for
+                self.digests[entry.path] = ":".join(split_key(key))
+                self.unverified.append(entry.path)
+            self.from_cache += 1
+            self.kept_bytes += entry.size or 0
 
     def _through_cache(self, job: _File) -> None:
         """Take the file from the node cache, or download it into the cache under its exclusive lock
@@ -247,23 +254,19 @@ class DirectoryTransfer:
         by whichever worker is free: no worker ever waits while holding one."""
         assert self._cache is not None and job.cached is not None
         node, name = self._cache.node, job.cached
-        lock = node.try_lock(name, exclusive=False)
-        if lock is None:
-            return self._later(job)
-        with lock:
-            key = node.resolve(name)
-            if key is not None and node.check(key):
-                return self._placed(job, key)
-        lock = node.try_lock(name, exclusive=True)
+        found = self._from_cache(job.entry, job.slot, name)
+        if found:
+            return self._file_done(job, fetched=False)
+        lock = None if found is None else node.try_lock(name, exclusive=True)
         if lock is None:
             return self._later(job)
         try:
             key = node.resolve(name)  # another fetcher may have stored it meanwhile
             state = node.check(key) if key is not None else None
             if key is not None and state:
-                self._placed(job, key)
+                self._hit(job.entry, job.slot, key)
                 lock.close()
-                return None
+                return self._file_done(job, fetched=False)
             if key is not None and state is False:  # not as it was stored: fetched again, never served
                 log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
                 node.remove(key)
@@ -294,17 +297,6 @@ class DirectoryTransfer:
         if self._finished.wait(POLL):
             raise Cancelled
         self._tasks.put(lambda: self._through_cache(job))
-
-    def _placed(self, job: _File, key: str) -> None:
-        assert self._cache is not None
-        self._cache.place(key, self._spool.complete(job.slot))
-        if job.entry.digest is None:
-            self.digests[job.entry.path] = ":".join(split_key(key))
-            self.unverified.append(job.entry.path)
-        with self._lock:
-            self.from_cache += 1
-            self.kept_bytes += job.entry.size or 0
-        self._file_done(job, fetched=False)
 
     def _spool_of(self, job: _File) -> ArtifactSpool:
         return job.spool or self._spool
@@ -438,7 +430,7 @@ class DirectoryTransfer:
                         raise Cancelled
                     while pinned and mark < size and hasher.size + len(chunk) >= mark:
                         head, chunk = chunk[: mark - hasher.size], chunk[mark - hasher.size :]
-                        self._take(out, hasher, head)
+                        self._take(job, out, hasher, head)
                         done = mark // part_size
                         if may_split and self._worth_splitting(job, window, mark, first=first):
                             out.flush()
@@ -450,7 +442,7 @@ class DirectoryTransfer:
                             parts.commit(*range(committed, done))
                             committed = done
                         first, mark, window = False, (committed + COMMIT_EVERY) * part_size, _Window(mark)
-                    self._take(out, hasher, chunk)
+                    self._take(job, out, hasher, chunk)
             self._check_whole(job, hasher)
 
         self._retrying(attempt, job.reader.display)
@@ -521,11 +513,11 @@ class DirectoryTransfer:
         if job.entry.size is not None and hasher.size < job.entry.size:
             raise TransientFetchError(f"{job.reader.display} ended early, at byte {hasher.size} of {job.entry.size}")
 
-    def _take(self, out: FileWriter, hasher: Hasher, chunk: bytes) -> None:
+    def _take(self, job: _File, out: FileWriter, hasher: Hasher, chunk: bytes) -> None:
         try:
             out.write(chunk)
         except OSError as exc:
-            raise local_error(exc, f"writing the download spool in {self._spool.directory}") from exc
+            raise local_error(exc, f"writing the download spool in {self._spool_of(job).directory}") from exc
         hasher.update(chunk)
         self._on_bytes(len(chunk))
 
@@ -622,7 +614,7 @@ class DirectoryTransfer:
         if parts is not None:
             parts.remove()
         if job.held is not None and self._cache is not None and job.cached is not None:
-            key = f"{got.algorithm}-{got.hexdigest()}"
+            key = key_of(got.algorithm, got.hexdigest())
             self._cache.node.store(key, finished, alias=job.cached if job.cached != key else None)
             self._cache.place(key, self._spool.complete(job.slot))
             job.held.close()
