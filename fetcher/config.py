@@ -383,6 +383,13 @@ OPTIONS: tuple[Option, ...] = (
         is_flag=True,
     ),
     Option(
+        "state_dir",
+        _path,
+        "keep fetcher's state (lock, marker, downloads to resume, staging) here instead of DEST/.fetcher, "
+        "for servers that take every directory of dest as a model (Triton); on dest's filesystem",
+        metavar="DIR",
+    ),
+    Option(
         "cache_dir",
         _path,
         "a cache every fetcher on the node shares (a hostPath): each file stored once by its sha256, "

@@ -58,6 +58,7 @@ class Artifact:
     oci_platform: str | None
     oci_path: str | None
     oci_plain_http: bool
+    state_root: Path | None  # --state-dir: None keeps the state in dest/.fetcher
     cache_dir: Path | None
     cache_max_size: int | None
     cache_verify: str
@@ -92,7 +93,12 @@ class Artifact:
 
     @property
     def state_dir(self) -> Path:
-        return self.dest / STATE_DIR
+        """dest/.fetcher, or dest's own directory under --state-dir: one per dest, whichever path names it."""
+        if self.state_root is None:
+            return self.dest / STATE_DIR
+        where = self.dest.resolve()
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", where.name)[:40] or "root"
+        return self.state_root / f"{name}-{hashlib.sha256(str(where).encode()).hexdigest()[:12]}"
 
     def describe(self) -> dict[str, Any]:
         """The plan item as shown to people: secrets masked."""
@@ -117,6 +123,8 @@ class Artifact:
             shown["file_mode"] = f"{self.file_mode:04o}"
         if self.dir_mode is not None:
             shown["dir_mode"] = f"{self.dir_mode:04o}"
+        if self.state_root is not None:
+            shown["state_dir"] = str(self.state_dir)
         if self.headers:
             shown["headers"] = mask_headers(self.headers)
         if self.bearer_token_file is not None:
@@ -144,6 +152,7 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
         | {
             "index": index,
             "dest": Path(values["dest"]),
+            "state_root": values.get("state_dir"),
             "filename": values["filename"] or default_filename(values["source"]),
             "headers": tuple(values["headers"] or ()),
             "include": tuple(values["include"] or ()),

@@ -20,6 +20,7 @@ it describes, and the journal is removed after it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -42,6 +43,7 @@ from fetcher.spool import ArtifactSpool
 
 JOURNAL = "journal.json"
 LOCK = "lock"
+PROBE = ".fetcher-probe-"  # dest's one entry under --state-dir, for an instant: can a rename get there?
 MARKER_FORMAT = 2
 
 log = structlog.get_logger("fetcher")
@@ -193,9 +195,9 @@ def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Ite
     whose download spools are kept for them to resume from.
     """
     state = artifact.state_dir
-    lock = _lock(artifact)
+    lock = _lock(artifact) if artifact.state_root is None else _lock_elsewhere(artifact)
     try:
-        _recover(state)
+        _recover(artifact.dest, state)
         _clean_leftovers(state)
         ArtifactSpool.clean(state, keep=set(siblings | {artifact.key}))
         staging = state / f"staging-{uuid.uuid4().hex[:12]}"
@@ -209,14 +211,14 @@ def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Ite
         _unlock(state, lock)
 
 
-def _lock(artifact: Artifact) -> int:
+def _lock(artifact: Artifact, state: Path | None = None) -> int:
     """Take dest's lock: one fetcher at a time in a dest.
 
     The lock file is removed with an empty state directory (see ``_unlock``), so
     a lock taken on a file that is no longer the one at the lock's path is no
     lock at all: try again until the file locked is the one in place.
     """
-    state = artifact.state_dir
+    state = state or artifact.state_dir
     while True:
         try:
             state.mkdir(parents=True, exist_ok=True)
@@ -224,7 +226,8 @@ def _lock(artifact: Artifact) -> int:
         except FileNotFoundError:  # another fetcher removed the state directory in between
             continue
         except OSError as exc:
-            raise LocalFilesystemError(f"cannot write to --dest {artifact.dest}: {exc.strerror}") from exc
+            where = f"--dest {artifact.dest}" if artifact.state_root is None else f"--state-dir {artifact.state_root}"
+            raise LocalFilesystemError(f"cannot write to {where}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             held, current = os.fstat(fd), os.stat(state / LOCK, follow_symlinks=False)
@@ -236,6 +239,54 @@ def _lock(artifact: Artifact) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _lock_elsewhere(artifact: Artifact) -> int:
+    """Take dest's lock in --state-dir, once it is known that publishing from there into dest can work.
+
+    Publishing is renames, which fail across filesystems, and across two mounts of one
+    filesystem too: a rename from the state directory into dest is tried before any
+    download, not after it. State a run without --state-dir left in dest moves there.
+
+    Raises:
+        UsageError: --state-dir and dest are not on one mount.
+    """
+    dest, state = artifact.dest, artifact.state_dir
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        state.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise local_error(exc, f"preparing --dest {dest} and --state-dir {artifact.state_root}") from exc
+    old = dest / STATE_DIR
+    if _is_dir(old) and not os.path.lexists(state):
+        fd = _lock(artifact, old)
+        try:
+            os.rename(old, state)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno != errno.EXDEV:
+                raise local_error(exc, f"moving {old} to --state-dir {artifact.state_root}") from exc
+        else:
+            log.info("state moved to --state-dir", dest=str(dest), state_dir=str(state))
+            _unlock(state, fd)
+    fd = _lock(artifact)
+    for left in dest.glob(f"{PROBE}*.tmp"):  # a kill between the probe's rename and its unlink
+        left.unlink(missing_ok=True)
+    probe = f"{PROBE}{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        (state / probe).touch()
+        os.rename(state / probe, dest / probe)
+        os.unlink(dest / probe)
+    except OSError as exc:
+        (state / probe).unlink(missing_ok=True)
+        _unlock(state, fd)
+        if exc.errno == errno.EXDEV:
+            raise UsageError(
+                f"--state-dir {artifact.state_root} is not on the mount of --dest {dest}: fetcher publishes by "
+                "rename; in a pod, mount one volume at a parent of both (the server mounts dest's subPath)"
+            ) from exc
+        raise local_error(exc, f"writing to --dest {dest} and --state-dir {artifact.state_root}") from exc
+    return fd
 
 
 def _unlock(state: Path, fd: int) -> None:
@@ -384,7 +435,7 @@ def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset
     )
 
 
-def _recover(state: Path) -> None:
+def _recover(dest: Path, state: Path) -> None:
     """Finish a publish a kill interrupted, or undo it when it cannot be finished."""
     path = state / JOURNAL
     if not os.path.lexists(path):
@@ -394,9 +445,8 @@ def _recover(state: Path) -> None:
     except (OSError, ValueError, TypeError) as exc:
         raise LocalFilesystemError(
             f"{path}: the journal of an interrupted publish cannot be read ({exc}); "
-            f"compare {state.parent} with its staging-* directory, then remove the journal"
+            f"compare {dest} with the staging-* directory beside the journal, then remove the journal"
         ) from exc
-    dest = state.parent
     try:
         _forward(dest, state, journal)
         log.info("interrupted publish finished", dest=str(dest), entries=journal.entries[:10])
