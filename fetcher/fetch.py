@@ -21,7 +21,7 @@ import structlog
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from fetcher.backoff import wait_retry_after
-from fetcher.cache import CachedArtifact, NodeCache, key_of
+from fetcher.cache import POLL, CachedArtifact, NodeCache, key_of, tree_name
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError, TransientFetchError
 from fetcher.manifest import Manifest, select
 from fetcher.plan import Artifact, check_directory_options
@@ -33,11 +33,13 @@ from fetcher.publish import (
     interrupted,
     previous,
     publish,
+    remove_tree,
     stale,
     stale_file,
     workspace,
 )
 from fetcher.spool import ArtifactSpool
+from fetcher.unpack import check_links
 
 if TYPE_CHECKING:
     from fetcher.pool import DirectoryTransfer
@@ -183,6 +185,10 @@ class _Fetch:
             if present is not None and self._changed(present) is None:
                 return self._skip(present)
             check_owner(artifact, staging)
+            if artifact.cache_dir is not None and artifact.sha256 is not None:
+                node = self._node()
+                if node is not None:
+                    return self._single_through(node, staging, artifact.sha256)
             manifest = self.manifest()
             if manifest.directory:
                 return self._directory(manifest, staging, present)
@@ -190,13 +196,79 @@ class _Fetch:
                 log.warning(
                     "not cached",
                     source=artifact.display_source,
-                    reason="--cache-dir keeps the files of directories, registries and hubs; one file or archive "
-                    "is fetched as without it",
+                    reason="one file or archive is kept in --cache-dir when its --sha256 is given",
                 )
             return self._single(manifest, staging)
 
-    def _single(self, manifest: Manifest, staging: Path) -> Result:
-        """One object, streamed through the pipeline: hashed, and unpacked when it is an archive."""
+    def _single_through(self, node: NodeCache, staging: Path, sha256: str) -> Result:
+        """One file or archive pinned by --sha256, downloaded and unpacked once per node.
+
+        What it unpacked to is the cache's entry, under one lock: the fetcher holding it
+        downloads, the others wait, then make their dest from it, by links, without a request.
+        """
+        artifact = self.artifact
+        name = tree_name(sha256, json.dumps([artifact.extract, artifact.filename, artifact.strip_components]))
+        started, said = time.monotonic(), -artifact.progress_interval
+        while (lock := node.try_lock(name, exclusive=True)) is None:
+            if (waited := time.monotonic() - started) >= 0.5 and waited - said >= artifact.progress_interval:
+                said = waited
+                held_by = "another fetcher on this node"
+                log.info("waiting for", source=artifact.display_source, held_by=held_by, waited_s=round(waited, 1))
+            time.sleep(POLL)
+        with lock:
+            kept = node.tree(name)
+            tree = staging / "tree"
+            if kept is not None:
+                tree.mkdir()
+                why = "a file of it is missing or damaged"
+                if node.place_tree(kept["entries"], tree, mode=artifact.file_mode, owner=artifact.owner):
+                    try:
+                        check_links(tree)  # the cache is a hostPath: what another pod wrote there is checked
+                        return self._from_tree(node, kept, staging)
+                    except ArchiveError as exc:
+                        why = str(exc)
+                log.warning("cache entry unusable: fetching again", source=artifact.display_source, reason=why)
+                remove_tree(tree)
+            copy = artifact.owner is not None or artifact.file_mode is not None
+
+            def keep(record: Record) -> None:
+                about = {"format": record.format, "size": record.size, "objects": record.objects}
+                node.keep_tree(name, tree, copy=copy, about=about)
+
+            result = self._single(self.manifest(), staging, keep=keep)
+        if artifact.cache_max_size is not None:
+            self._evicted(node.evict(artifact.cache_max_size))
+        return result
+
+    def _from_tree(self, node: NodeCache, kept: dict[str, Any], staging: Path) -> Result:
+        """A dest made from a kept tree, published as the download it stands for would have been."""
+        artifact = self.artifact
+        files = sum(1 for e in kept["entries"] if "key" in e)
+        log.info("cache hit", source=artifact.display_source, files=files, of=files, cache=str(node.root))
+        size, form, sha256 = int(kept.get("size", 0)), str(kept.get("format", "file")), artifact.sha256
+        record = Record(None, sha256, size, form, list(kept.get("objects", [])), self._selection())
+        marker = publish(artifact, staging, record, self.siblings)
+        seconds = time.monotonic() - self.started
+        log.info(
+            "published",
+            source=artifact.display_source,
+            dest=str(artifact.dest),
+            format=form,
+            transfer="cache",
+            sha256=sha256,
+            verified=True,
+            size=size,
+            files=marker.files,
+            entries=marker.entries[:10],
+            seconds=round(seconds, 2),
+        )
+        return Result(artifact, False, size, marker.files, seconds)
+
+    def _single(self, manifest: Manifest, staging: Path, keep: Callable[[Record], None] | None = None) -> Result:
+        """One object, streamed through the pipeline: hashed, and unpacked when it is an archive.
+
+        ``keep``: called once the object is verified and unpacked, before the publish (the node cache).
+        """
         from fetcher import pipeline
         from fetcher.sources import One
         from fetcher.transfer import Download, Parallelism
@@ -263,6 +335,8 @@ class _Fetch:
                 "pin": info.version if info else None,
             }
             record = Record(None, outcome.sha256, outcome.size, outcome.format, [obj], self._selection())
+            if keep is not None:
+                keep(record)
             marker = publish(artifact, staging, record, self.siblings)
             keep_spool = False
         except (IntegrityError, ArchiveError):
@@ -390,17 +464,24 @@ class _Fetch:
         warning and done without: the model still arrives, verified.
         """
         artifact = self.artifact
-        if artifact.cache_dir is None:
-            return None
-        try:
-            node = NodeCache(artifact.cache_dir, artifact.cache_verify)
-        except LocalFilesystemError as exc:
-            log.warning("cache unusable: fetching without it", cache=str(artifact.cache_dir), reason=str(exc))
+        node = self._node()
+        if node is None:
             return None
         if artifact.cache_max_size is not None:
             keep = frozenset(key_of(e.digest.algorithm, e.digest.hex) for e in manifest.entries if e.digest is not None)
             self._evicted(node.evict(max(0, artifact.cache_max_size - (manifest.size or 0)), keep))
         return CachedArtifact(node, artifact.key, artifact.file_mode, artifact.owner, artifact.progress_interval)
+
+    def _node(self) -> NodeCache | None:
+        """--cache-dir, if given and usable: a cache this fetcher cannot write (another user's, a
+        read-only mount) is named in a warning and done without; the model still arrives, verified."""
+        if self.artifact.cache_dir is None:
+            return None
+        try:
+            return NodeCache(self.artifact.cache_dir, self.artifact.cache_verify)
+        except LocalFilesystemError as exc:
+            log.warning("cache unusable: fetching without it", cache=str(self.artifact.cache_dir), reason=str(exc))
+            return None
 
     def _evicted(self, removed: tuple[int, int]) -> None:
         files, freed = removed

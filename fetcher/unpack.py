@@ -115,6 +115,15 @@ class Budget:
             raise Stopped
 
 
+def check_links(root: Path) -> None:
+    """Every symlink of a finished tree checked, as an unpacked archive's are (a tree the cache made again).
+
+    Raises:
+        ArchiveError: a symlink leads outside the tree, or into fetcher's state.
+    """
+    SafeTree(root, strip_components=0, budget=Budget(0, 0))._check_links()
+
+
 class SafeTree:
     """A staging directory that only accepts safe members."""
 

@@ -4,16 +4,18 @@ counts what it served, the fake hub for repos that share a file."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import random
 import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import S3, run_fetcher, sha256, tree
+from tests.conftest import S3, Origin, make_tar, run_fetcher, sha256, tree
 from tests.fakehub import FakeHub
 from tests.faults_support import Background, S3Front
 
@@ -235,6 +237,80 @@ def test_two_hub_models_sharing_a_file_store_it_once(hub: FakeHub, tmp_path: Pat
     assert tuned.event("cache hit")["files"] >= 1
     shared = [b for b in _blobs(cache).values() if b.read_bytes() == tokenizer]
     assert len(shared) == 1
+
+
+ARCHIVE_MODEL: dict[str, bytes | tuple[str, Any]] = {
+    "model/weights.bin": random.Random(15).randbytes(3 * 2**20 + 5),
+    "model/serve.sh": ("file", (b"#!/bin/sh\n", 0o755)),
+    "model/latest": ("symlink", "weights.bin"),
+}
+ARCHIVE_FILES = {"model/weights.bin": ARCHIVE_MODEL["model/weights.bin"], "model/serve.sh": b"#!/bin/sh\n"}
+
+
+def _archive_args(origin: Origin, archive: bytes, **route: Any) -> tuple[str, ...]:
+    return ("--source", origin.add("/m.tar.gz", archive, **route), "--sha256", sha256(archive))
+
+
+@pytest.mark.fault("N fetchers at once of one archive: downloaded and unpacked once per node", exit=0, area="cache")
+def test_fetchers_of_one_archive_at_once_download_it_once(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(ARCHIVE_MODEL)
+    args = (*_archive_args(origin, archive, rate=1_500_000), "--cache-dir", str(tmp_path / "cache"))
+    args += ("--split-below", "100G")  # one stream, over two seconds: the others find the archive being fetched
+    runs = [Background(*args, "--dest", str(tmp_path / f"pod{i}")) for i in range(3)]
+
+    finished = [run.finish(timeout=90) for run in runs]
+
+    for i, run in enumerate(finished):
+        assert run.code == 0, run.stderr
+        assert tree(tmp_path / f"pod{i}") == ARCHIVE_FILES
+    assert sum(r.sent for r in origin.requests) <= len(archive) * 1.05  # one download, however split
+    assert sum(1 for r in finished if r.all("cache hit")) == 2
+    assert any(r.all("waiting for") for r in finished)
+    weights = tmp_path / "pod0" / "model" / "weights.bin"
+    assert weights.stat().st_nlink == 4  # the cache and every pod's dest share one inode
+    script = tmp_path / "pod2" / "model" / "serve.sh"
+    assert stat.S_IMODE(script.stat().st_mode) == 0o555  # read-only, and still executable
+    assert os.readlink(tmp_path / "pod2" / "model" / "latest") == "weights.bin"
+
+
+def test_an_archive_with_a_damaged_file_in_the_cache_is_fetched_again(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(ARCHIVE_MODEL)
+    args = (*_archive_args(origin, archive), "--cache-dir", str(tmp_path / "cache"))
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a")).code == 0
+    (blob,) = [b for b in _blobs(tmp_path / "cache").values() if b.stat().st_size > 2**20]
+    blob.chmod(0o644)
+    with blob.open("r+b") as file:
+        file.truncate(1000)
+    asked = len(origin.requests)
+
+    run = run_fetcher(*args, "--dest", str(tmp_path / "b"))
+
+    assert run.code == 0, run.stderr
+    assert "missing or damaged" in run.event("cache entry unusable: fetching again")["reason"]
+    assert len(origin.requests) > asked
+    assert tree(tmp_path / "b") == ARCHIVE_FILES
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"path": "../outside", "key": "sha256-" + "0" * 64, "mode": 0o444}, {"path": "model/up", "link": "../../.."}],
+)
+def test_a_tree_another_pod_wrote_into_the_cache_is_checked(origin: Origin, tmp_path: Path, entry: Any) -> None:
+    """The cache is a hostPath: a tree record leading outside dest is never followed, only fetched again."""
+    archive = make_tar(ARCHIVE_MODEL)
+    cache = tmp_path / "cache"
+    args = (*_archive_args(origin, archive), "--cache-dir", str(cache))
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a")).code == 0
+    (record,) = (cache / "trees").iterdir()
+    kept = json.loads(record.read_text())
+    record.write_text(json.dumps(kept | {"entries": [*kept["entries"], entry]}))
+
+    run = run_fetcher(*args, "--dest", str(tmp_path / "b" / "dest"))
+
+    assert run.code == 0, run.stderr
+    assert run.event("cache entry unusable: fetching again")
+    assert tree(tmp_path / "b" / "dest") == ARCHIVE_FILES
+    assert sorted(os.listdir(tmp_path / "b")) == ["dest"]
 
 
 def test_a_single_file_with_a_cache_says_it_is_not_cached(tmp_path: Path) -> None:
