@@ -63,25 +63,32 @@ def snapshot(dest: Path) -> dict[str, Any]:
     return found
 
 
-def state(dest: Path) -> list[str]:
-    return sorted(os.listdir(dest / ".fetcher"))
+def state(where: Path) -> list[str]:
+    """What a state directory holds (dest/.fetcher, or dest's under --state-dir)."""
+    return sorted(os.listdir(where))
 
 
-def markers(dest: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((dest / ".fetcher").glob("*.json"))]
+def markers(where: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(where.glob("*.json"))]
 
 
 class Scene:
     """A dest holding V1 (and a file of the user's), the origin serving V2 at the same URL."""
 
-    def __init__(self, origin: Origin, tmp_path: Path, *settings: str) -> None:
-        self.origin, self.dest, self.settings = origin, tmp_path / "dest", settings
+    def __init__(self, origin: Origin, tmp_path: Path, *settings: str, elsewhere: bool = False) -> None:
+        """``elsewhere``: fetcher's state under --state-dir, beside dest on its volume."""
+        self.origin, self.dest = origin, tmp_path / "dest"
+        self.root = tmp_path / "state" if elsewhere else None
+        self.settings = (*settings, "--state-dir", str(self.root)) if self.root else settings
         self.url = origin.add("/m.tar", V1)
         self.dest.mkdir()
         (self.dest / "notes.txt").write_bytes(b"the user's")
         assert run_fetcher(*self.args(V1)).code == 0
+        self.state = self.dest / ".fetcher" if self.root is None else next(self.root.iterdir())
         self.pristine = tmp_path / "pristine"
         shutil.copytree(self.dest, self.pristine, symlinks=True)  # mtimes too: V1's marker still holds
+        if self.root is not None:
+            shutil.copytree(self.root, self.pristine.with_name("pristine-state"), symlinks=True)
         self.old = snapshot(self.dest)
         self.serve(V2)
         assert self.strace("", *self.args(V2)).returncode == 0
@@ -100,6 +107,9 @@ class Scene:
     def reset(self) -> None:
         shutil.rmtree(self.dest)
         shutil.copytree(self.pristine, self.dest, symlinks=True)
+        if self.root is not None:
+            shutil.rmtree(self.root)
+            shutil.copytree(self.pristine.with_name("pristine-state"), self.root, symlinks=True)
         self.serve(V2)
 
     def strace(self, inject: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -135,7 +145,8 @@ class Scene:
     def in_dest(self, rename: str) -> bool:
         """Whether a rename of the strace log moves something of dest (or of its state directory)."""
         source = re.search(r'"((?:[^"\\]|\\.)*)"', rename)
-        return source is not None and source[1].startswith(f"{self.dest}/")
+        places = (f"{self.dest}/", f"{self.root}/") if self.root else (f"{self.dest}/",)
+        return source is not None and source[1].startswith(places)
 
     def calibrate(self) -> int:
         """How many renames the publish makes, once it is checked they are the run's first.
@@ -154,7 +165,7 @@ class Scene:
         self.serve(V2, down=True)
         run = run_fetcher(*self.args(V2), "--retries", "0", capabilities=capabilities)
         now = snapshot(self.dest)
-        [marker] = markers(self.dest)
+        [marker] = markers(self.state)
         if now == self.new:
             assert run.code == 0, run.stderr  # finished: already present
             assert marker["sha256"] == sha256(V2)
@@ -163,7 +174,7 @@ class Scene:
             assert run.code == 3, run.stderr
             assert run.error.startswith("HTTP 503"), run.error
             assert marker["sha256"] == sha256(V1)
-        assert state(self.dest) == sorted(["lock", f"{marker_key(self.dest)}.json"])
+        assert state(self.state) == sorted(["lock", f"{marker_key(self.state)}.json"])
         return run
 
     def check_healthy(self, capabilities: bool = True) -> None:
@@ -171,11 +182,11 @@ class Scene:
         run = run_fetcher(*self.args(V2), capabilities=capabilities)
         assert run.code == 0, run.stderr
         assert snapshot(self.dest) == self.new
-        assert [m["sha256"] for m in markers(self.dest)] == [sha256(V2)]
+        assert [m["sha256"] for m in markers(self.state)] == [sha256(V2)]
 
 
-def marker_key(dest: Path) -> str:
-    [path] = (dest / ".fetcher").glob("*.json")
+def marker_key(where: Path) -> str:
+    [path] = where.glob("*.json")
     return path.stem
 
 
@@ -201,6 +212,17 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
 def scene(base: Scene) -> Scene:
     base.reset()
     return base
+
+
+@pytest.fixture(scope="module")
+def scene_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    """The same, with fetcher's state under --state-dir on dest's volume."""
+    origin = Origin()
+    try:
+        with small_volume(tmp_path_factory.mktemp("crash-elsewhere") / "volume", "512m") as path:
+            yield Scene(origin, path, elsewhere=True)
+    finally:
+        origin.close()
 
 
 def kill_points(total: int, count: int, seed: int) -> list[int]:
@@ -229,6 +251,22 @@ def test_a_kill_at_any_rename_leaves_the_old_or_the_new_version(scene: Scene, se
             assert run.event("interrupted publish finished")["dest"] == str(scene.dest)
         scene.check_healthy()
     assert outcomes == {0, 3}  # kills before the journal and after it: both were hit
+
+
+@needs_strace
+@pytest.mark.fault("kill -9 at exact renames of a publish from --state-dir", exit=3, area="process")
+def test_a_kill_at_any_rename_with_the_state_elsewhere_leaves_the_old_or_the_new_version(
+    scene_elsewhere: Scene,
+) -> None:
+    scene, outcomes = scene_elsewhere, set()
+    for n in kill_points(scene.total, 3, 2):
+        scene.reset()
+        killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
+        assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, killed.stderr[-2000:])
+        outcomes.add(scene.check_down().code)
+        assert ".fetcher" not in os.listdir(scene.dest)
+        scene.check_healthy()
+    assert outcomes == {0, 3}
 
 
 @needs_strace
@@ -277,8 +315,8 @@ def test_a_failed_rename_rolls_back_to_exactly_the_old_version(scene: Scene) -> 
         last = json.loads(failed.stderr.splitlines()[-1])
         assert last["error"] == f"moving files into {scene.dest}: Input/output error"
         assert snapshot(scene.dest) == scene.old
-        assert [m["sha256"] for m in markers(scene.dest)] == [sha256(V1)]
-        assert state(scene.dest) == sorted(["lock", f"{marker_key(scene.dest)}.json"])
+        assert [m["sha256"] for m in markers(scene.state)] == [sha256(V1)]
+        assert state(scene.state) == sorted(["lock", f"{marker_key(scene.state)}.json"])
         assert scene.check_down().code == 3
         scene.check_healthy()
 
@@ -290,7 +328,7 @@ def test_a_publish_that_can_be_neither_finished_nor_undone_is_finished_by_the_ne
     failed = scene.strace(f"error=EIO:when={total // 2}+", *scene.args(V2, "--log-format", "json"))
     assert failed.returncode == 6
     assert "publish left unfinished: the next run completes it" in failed.stderr
-    assert "journal.json" in state(scene.dest)
+    assert "journal.json" in state(scene.state)
     assert scene.check_down().code == 0  # finished before anything else, though the origin is down
     scene.check_healthy()
 
@@ -327,7 +365,7 @@ def test_any_run_into_the_dest_recovers_first(scene: Scene) -> None:
         assert run_fetcher("--source", other_url, "--dest", str(scene.dest)).code == 0
         killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2))
         assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, killed.stderr[-2000:])
-        assert "journal.json" in state(scene.dest), state(scene.dest)
+        assert "journal.json" in state(scene.state), state(scene.state)
         scene.serve(V2, down=True)
         if rerun == "other":  # its own marker holds: still, the interrupted publish is finished first
             run = run_fetcher("--source", other_url, "--dest", str(scene.dest))
@@ -341,7 +379,7 @@ def test_any_run_into_the_dest_recovers_first(scene: Scene) -> None:
         assert {k: v for k, v in now.items() if k.startswith("tokenizer")} == {
             k: v for k, v in with_other.items() if k.startswith("tokenizer")
         }
-        assert sorted(m["sha256"] for m in markers(scene.dest)) == sorted([sha256(V2), sha256(other)])
+        assert sorted(m["sha256"] for m in markers(scene.state)) == sorted([sha256(V2), sha256(other)])
 
 
 @needs_strace
@@ -351,6 +389,6 @@ def test_a_sigterm_mid_publish_puts_the_old_version_back(scene: Scene) -> None:
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert json.loads(stopped.stderr.splitlines()[-1])["error"] == "stopped by SIGTERM before the model was published"
     assert snapshot(scene.dest) == scene.old
-    assert [m["sha256"] for m in markers(scene.dest)] == [sha256(V1)]
-    assert state(scene.dest) == sorted(["lock", f"{marker_key(scene.dest)}.json"])
+    assert [m["sha256"] for m in markers(scene.state)] == [sha256(V1)]
+    assert state(scene.state) == sorted(["lock", f"{marker_key(scene.state)}.json"])
     scene.check_healthy()
