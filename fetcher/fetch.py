@@ -233,7 +233,10 @@ class _Fetch:
 
             def keep(record: Record) -> None:
                 about = {"format": record.format, "size": record.size, "objects": record.objects}
-                node.keep_tree(name, tree, copy=copy, about=about)
+                try:
+                    node.keep_tree(name, tree, copy=copy, about=about)
+                except LocalFilesystemError as exc:  # the model is verified and staged: the cache is a bonus
+                    log.warning("cache not written", source=artifact.display_source, reason=str(exc))
 
             result = self._single(self.manifest(), staging, keep=keep)
         if artifact.cache_max_size is not None:

@@ -216,6 +216,14 @@ def read_bearer_token(path: Path) -> str:
 def build_plan(config: RunConfig) -> list[Artifact]:
     many = len(config.artifacts) > 1
     plan = [_artifact(i, values, f"artifacts[{i}]: " if many else "") for i, values in enumerate(config.artifacts)]
+    state_of: dict[Path, Artifact] = {}
+    for item in plan:  # one dest, one lock and one set of markers: in one state directory
+        other = state_of.setdefault(item.dest.resolve(), item)
+        if other.state_root != item.state_root:
+            raise UsageError(
+                f"artifacts[{other.index}] and artifacts[{item.index}] share the dest {item.dest} but not "
+                "--state-dir: give them the same one"
+            )
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
         if item.extract == "none" and not item.is_directory:  # with auto the name matters only if it is no archive

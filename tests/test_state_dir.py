@@ -129,3 +129,15 @@ def test_a_killed_download_resumes_from_the_state_dir(origin: Origin, tmp_path: 
     assert second.event("resuming")["parts_on_disk"] >= 10
     assert os.listdir(dest) == ["big.bin"]
     assert tree(dest) == {"big.bin": body}
+
+
+def test_artifacts_sharing_a_dest_share_its_state_dir(tmp_path: Path) -> None:
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        f"dest: {tmp_path / 'models'}\nartifacts:\n"
+        f"  - source: https://example.com/a.tar.gz\n    state_dir: {tmp_path / 'one'}\n"
+        "  - source: https://example.com/b.tar.gz\n"
+    )
+    run = run_fetcher("--config", str(config), "--dry-run")
+    assert run.code == 2
+    assert "share the dest" in run.error and "--state-dir" in run.error
