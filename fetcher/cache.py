@@ -253,12 +253,13 @@ class NodeCache:
                 return kept | {"entries": [e for e in kept["entries"] if isinstance(e, dict)]}
         return None
 
-    def keep_tree(self, name: str, tree: Path, *, copy: bool, about: dict[str, Any]) -> None:
+    def keep_tree(self, name: str, tree: Path, *, copy: bool, about: dict[str, Any], digests: dict[str, str]) -> None:
         """A verified, unpacked tree joins the cache: each file an entry by its sha256, then its listing.
 
         A file is linked in, read-only (its write bits dropped: the dest that links it shares the
         inode), or copied when ``copy`` (--owner or --file-mode will change the staged inode).
         A file the cache holds already is linked into the tree instead, so dest shares it too.
+        ``digests``: the sha256 of files, by path in the tree, known from writing them; others are read.
 
         Raises:
             LocalFilesystemError: the tree cannot be read, or the cache written.
@@ -277,7 +278,8 @@ class NodeCache:
                         entries.append({"path": relative, "dir": stat.S_IMODE(info.st_mode)})
                     else:
                         mode = stat.S_IMODE(info.st_mode) & 0o555
-                        key = key_of("sha256", _digest(Path(path), "sha256", info.st_size))
+                        hex_ = digests.get(relative) or _digest(Path(path), "sha256", info.st_size)
+                        key = key_of("sha256", hex_)
                         self._keep_file(key, Path(path), mode, copy)
                         entries.append({"path": relative, "key": key, "mode": mode})
             _write_atomically(self.root / "trees" / f"{name}.json", json.dumps(about | {"entries": entries}))

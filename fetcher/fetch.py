@@ -230,15 +230,18 @@ class _Fetch:
                 log.warning("cache entry unusable: fetching again", source=artifact.display_source, reason=why)
                 remove_tree(tree)
             copy = artifact.owner is not None or artifact.file_mode is not None
+            digests: dict[str, str] = {}
 
             def keep(record: Record) -> None:
                 about = {"format": record.format, "size": record.size, "objects": record.objects}
+                if record.format == "file" and record.sha256 is not None:  # the file is the stream hashed
+                    digests[artifact.filename] = record.sha256
                 try:
-                    node.keep_tree(name, tree, copy=copy, about=about)
+                    node.keep_tree(name, tree, copy=copy, about=about, digests=digests)
                 except LocalFilesystemError as exc:  # the model is verified and staged: the cache is a bonus
                     log.warning("cache not written", source=artifact.display_source, reason=str(exc))
 
-            result = self._single(self.manifest(), staging, keep=keep)
+            result = self._single(self.manifest(), staging, keep=keep, digests=digests)
         if artifact.cache_max_size is not None:
             self._evicted(node.evict(artifact.cache_max_size))
         return result
@@ -267,10 +270,17 @@ class _Fetch:
         )
         return Result(artifact, False, size, marker.files, seconds)
 
-    def _single(self, manifest: Manifest, staging: Path, keep: Callable[[Record], None] | None = None) -> Result:
+    def _single(
+        self,
+        manifest: Manifest,
+        staging: Path,
+        keep: Callable[[Record], None] | None = None,
+        digests: dict[str, str] | None = None,
+    ) -> Result:
         """One object, streamed through the pipeline: hashed, and unpacked when it is an archive.
 
-        ``keep``: called once the object is verified and unpacked, before the publish (the node cache).
+        ``keep``: called once the object is verified and unpacked, before the publish (the node cache),
+        with ``digests`` filled by the unpacking.
         """
         from fetcher import pipeline
         from fetcher.sources import One
@@ -323,6 +333,7 @@ class _Fetch:
                 on_bytes=progress,
                 spool=spool,
                 spooled=lambda: download.spooled,
+                digests=digests,
             )
             if expected is not None and outcome.sha256 != expected:
                 raise IntegrityError(

@@ -356,6 +356,7 @@ def run(
     on_bytes: Callable[[int], None] | None = None,
     spool: ArtifactSpool | None = None,
     spooled: Callable[[], bool] = lambda: False,
+    digests: dict[str, str] | None = None,
 ) -> Outcome:
     """Turn the source's bytes into files under ``staging/tree``; return the digest.
 
@@ -364,6 +365,7 @@ def run(
 
     ``spooled`` says when the download goes through ``spool``, which then holds all of
     the bytes by the end: a plain file is moved from there, not written again.
+    ``digests``: filled with the sha256 of each file an archive unpacks to (see ``SafeTree``).
     """
     digest = Digest(on_bytes)
 
@@ -376,7 +378,8 @@ def run(
     try:
         # On success the hasher has ended: the reader was drained to its end marker.
         adopt = _Adopt(spool, spooled)
-        return _run(ChunkReader(hashed), digest, extract, filename, staging, limits, expected_sha256, adopt)
+        reader = ChunkReader(hashed)
+        return _run(reader, digest, extract, filename, staging, limits, expected_sha256, adopt, digests)
     finally:
         hashed.close()  # on failure, the hasher stops at its next chunk, or when the download is closed
 
@@ -390,6 +393,7 @@ def _run(
     limits: Limits,
     expected_sha256: str | None,
     adopt: _Adopt,
+    digests: dict[str, str] | None,
 ) -> Outcome:
     root = staging / "tree"
     try:
@@ -401,7 +405,7 @@ def _run(
             _save_file(reader, root / filename, adopt)
         else:
             budget = Budget(limits.max_unpacked_size, limits.max_members)
-            tree = SafeTree(root, strip_components=limits.strip_components, budget=budget)
+            tree = SafeTree(root, strip_components=limits.strip_components, budget=budget, digests=digests)
             if fmt == "zip":
                 spooled = staging / "archive.zip"
                 _spool(reader, spooled)

@@ -32,6 +32,7 @@ wherever that is safe, and refuses (exit 5, naming the member) where not:
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -131,10 +132,15 @@ class SafeTree:
     # Symlinks are resolved in the tree they end up in: a layer's own tree is not that tree (see fetcher.layers).
     check_links = True
 
-    def __init__(self, root: Path, *, strip_components: int, budget: Budget) -> None:
+    def __init__(
+        self, root: Path, *, strip_components: int, budget: Budget, digests: dict[str, str] | None = None
+    ) -> None:
+        """``digests``: filled with each file's sha256 by its path in the tree, as it is written (the node
+        cache keeps files by digest: hashed here, its bytes are not read back from the disk)."""
         self.root = root
         self._strip = strip_components
         self.budget = budget
+        self.digests = digests
         self._root_fd: int | None = None
         self._dirs: dict[tuple[str, ...], int] = {}  # directories walked to, still open
         self._loose: int | None = None  # the last directory walked to, when the cache was full
@@ -351,10 +357,15 @@ class SafeTree:
         try:
             try:
                 out = FileWriter(fd, self._direct_buffer)
+                hasher = hashlib.sha256() if self.digests is not None else None
                 while chunk := data.read(COPY_CHUNK):
                     self.budget.take(len(chunk))
                     out.write(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
                 out.close()
+                if hasher is not None and self.digests is not None:
+                    self.digests["/".join(parts)] = hasher.hexdigest()
                 os.fchmod(fd, stat.S_IMODE(mode) & 0o777)
             finally:
                 os.close(fd)
@@ -411,6 +422,8 @@ class SafeTree:
                 return  # GNU tar's `tar cf m.tar d d/f`: f again, as a link to itself
             self._clear(parent, parts[-1], parts, name)
             os.link(source[-1], parts[-1], src_dir_fd=source_parent, dst_dir_fd=parent, follow_symlinks=False)
+            if self.digests is not None and "/".join(source) in self.digests:
+                self.digests["/".join(parts)] = self.digests["/".join(source)]
         except OSError as exc:
             raise self._error(exc, name) from None
         finally:
