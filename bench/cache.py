@@ -1,21 +1,27 @@
 """Node cache rows of the benchmark (issue 13): fetchers of one node sharing ``--cache-dir``.
 
-fetcher against itself, on the fake hub of bench/dirs.py (tests/fakehub.py, run by
-bench/counting_hub.py, which counts every byte it sends), with dirs.py's tree (~805 MB: 4 shards of
-~200 MB and 10 small files), as ``hf://org/model``:
+fetcher against itself, on two artifacts, each from a loopback origin that counts the bytes it sends:
 
-- row ``concurrent``: 8 fetchers started at once on one empty cache, each into its own dest, against
-  one fetcher on an empty cache: the origin must send the bytes of one download, and the slowest of
-  the 8 finish within 1.3x of the one; ``--rows nocache`` adds, for context, 8 fetchers at once without
-  a cache (~6.5 GB written a run);
-- row ``hit``: one fetcher into a fresh dest when the cache holds every file (hard-linked, same
-  filesystem) against one on an empty cache: under 0.1x; for context, a hit with ``--cache-verify
-  full`` and a download without ``--cache-dir``.
+- the hub rows, on the fake hub of bench/dirs.py (tests/fakehub.py, run by bench/counting_hub.py),
+  with dirs.py's tree (~805 MB: 4 shards of ~200 MB and 10 small files), as ``hf://org/model``;
+- the archive rows, on bench.py's ``model.tar.gz`` (~741 MB, unpacking to ~800 MB), served by nginx
+  as bench.py serves it (sendfile, Range), its access log counting each response's bytes, and fetched
+  as ``--source ORIGIN/model.tar.gz --sha256 ...``: fetcher keeps what it unpacked to.
+
+The rows:
+
+- ``concurrent`` and ``archive-concurrent``: 8 fetchers started at once on one empty cache, each into
+  its own dest, against one fetcher on an empty cache: the origin must send the bytes of one download,
+  and the slowest of the 8 finish within 1.3x of the one; ``--rows nocache`` adds, for context, 8
+  fetchers of the tree at once without a cache (~6.5 GB written a run);
+- ``hit`` and ``archive-hit``: one fetcher into a fresh dest when the cache holds every file (or the
+  archive's unpacked tree; hard-linked, same filesystem) against one on an empty cache: under 0.1x;
+  for context, a hit with ``--cache-verify full`` and a download without ``--cache-dir``.
 
 Run ``bench/run --help`` once first (it makes the tools and runtime venvs), then
-``bench/.cache/venvs/tools/bin/python bench/cache.py [--pairs N] [--quick]``.
-Helpers (timing, the fetcher snapshot, the tree, cleaning and checking a dest) come from bench.py and
-dirs.py; see bench/README.md.
+``bench/.cache/venvs/tools/bin/python bench/cache.py [--pairs N] [--quick] [--rows ...]``.
+Helpers (timing, the fetcher snapshot, the data, nginx, the tree, cleaning and checking a dest) come
+from bench.py and dirs.py; see bench/README.md.
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ import argparse
 import collections
 import contextlib
 import datetime
+import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +53,12 @@ import bench as B  # bench/bench.py: this script's directory is first on sys.pat
 
 HERE, CACHE, VENVS = B.HERE, B.CACHE, B.VENVS
 CONCURRENT = 8  # fetchers started at once: the issue's row
+ARCHIVE = "model.tar.gz"  # bench.py's archive: model/{config.json, tokenizer.json, model.safetensors}
+HUB_ROWS, ARCHIVE_ROWS = ("concurrent", "hit", "nocache"), ("archive-concurrent", "archive-hit")
+DEFAULT_ROWS = "concurrent,hit,archive-concurrent,archive-hit"
 
 
-# --- the origin ----------------------------------------------------------------------------------
+# --- the origins ---------------------------------------------------------------------------------
 
 
 class CountingHub(D.Hub):
@@ -72,6 +85,63 @@ class CountingHub(D.Hub):
         self.proc.stdin.flush()
         return dict(json.loads(self.proc.stdout.readline()))
 
+    def cpu(self) -> float:
+        return D.cpu_seconds(self.proc.pid)
+
+
+class CountingNginx(B.Nginx):
+    """bench.py's nginx (its config, sendfile, Range), its access log adding each response's ``$bytes_sent``.
+
+    stats() reads the whole log into counting_hub's shape: bytes written to clients (``$bytes_sent``:
+    status line, headers and body), each served file's body bytes (``$body_bytes_sent``, what left
+    nginx, a body a client dropped half way included) and how many GETs began at its first byte.
+    """
+
+    LINE = re.compile(r'\S+ (\d+) (\d+) (\d+) "(\S+) (\S+)[^"]*" "([^"]*)" \S+ (\d+)$')
+
+    def __init__(self, root: Path, served: dict[str, dict[str, Any]]) -> None:
+        conf = B.NGINX_CONF.replace(" $request_time'", " $request_time $bytes_sent'")
+        if conf == B.NGINX_CONF:
+            raise RuntimeError("bench.py's nginx log_format has changed: cannot add $bytes_sent to it")
+        saved, B.NGINX_CONF = B.NGINX_CONF, conf
+        try:
+            super().__init__(root, "40m")  # its capped and TLS servers stay unused here
+        finally:
+            B.NGINX_CONF = saved
+        self.served = served
+
+    def stats(self) -> dict[str, Any]:
+        size, still = -1, 0
+        while still < 4:  # the log unchanged for 0.2 s: nginx logs a response a client dropped once it notices
+            time.sleep(0.05)
+            now = self.access_log.stat().st_size
+            still, size = (still + 1 if now == size else 0), now
+        out: dict[str, Any] = {"sent": {}, "content": {}, "starts": {}, "requests": {}, "ranged": 0}
+        for line in self.access_log.read_text(errors="replace").splitlines():
+            m = self.LINE.match(line)
+            if not m or int(m.group(1)) != self.port:
+                continue
+            status, body, method, path, rng, wire = m.group(2, 3, 4, 5, 6, 7)
+            path = path.split("?", 1)[0]
+            out["sent"][f"nginx {path}"] = out["sent"].get(f"nginx {path}", 0) + int(wire)
+            out["requests"][f"nginx {method} {path}"] = out["requests"].get(f"nginx {method} {path}", 0) + 1
+            out["ranged"] += rng != "-"
+            if (f := self.served.get(path.lstrip("/"))) is not None:
+                sha = str(f["sha256"])
+                out["content"][sha] = out["content"].get(sha, 0) + int(body)
+                if method == "GET" and status in ("200", "206") and (rng == "-" or rng.startswith("bytes=0-")):
+                    out["starts"][sha] = out["starts"].get(sha, 0) + 1
+        return out
+
+    def cpu(self) -> float:
+        """nginx's master and its workers."""
+        pid = self.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return sum(D.cpu_seconds(p) for p in [pid, *map(int, children)])
+
+
+Origin = CountingHub | CountingNginx
+
 
 def sent_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What the origin sent between two of its counts: wire bytes, each file's content bytes, requests."""
@@ -86,6 +156,86 @@ def sent_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
         "requests": sum(diff("requests").values()),
         "ranged": after["ranged"] - before["ranged"],
     }
+
+
+# --- artifacts -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Artifact:
+    """What a row fetches: its source, what its origin serves for it, and what every dest must hold."""
+
+    key: str  # "hub" or "archive"; the node cache holds one artifact at a time
+    origin: Origin
+    source: str
+    options: list[str]  # fetcher options besides --source, --dest and the cache's
+    env: dict[str, str]
+    served: dict[str, dict[str, Any]]  # what the origin serves for it: name -> {"size", "sha256"}
+    tree: D.Tree  # what each dest must hold, every file checked
+    about: list[str]  # the report's lines on its origin and data
+    env_note: str = ""  # how the commands in the report name its env
+
+    @property
+    def size(self) -> int:
+        """Bytes of one download: what the origin serves for it."""
+        return sum(int(f["size"]) for f in self.served.values())
+
+
+def hub_artifact(hub: CountingHub, tree: D.Tree) -> Artifact:
+    shards = [p for p in tree.files if p.endswith(".safetensors")]
+    about = [
+        "- hub rows' origin: tests/fakehub.py in its own process (hub API on 127.0.0.1, LFS files redirected to its CDN on "
+        "127.0.0.2" + (f", --rate {hub.rate} bytes/s per connection" if hub.rate else ", unlimited") + "), run by "
+        "bench/counting_hub.py, which counts every byte written to a client (status lines, headers, bodies) and each "
+        "file's content bytes sent; on loopback",
+        f"- hub rows' data: bench/dirs.py's tree, {tree.size / 1e6:.0f} MB: {len(shards)} shards of "
+        f"{B.fmt(B.median([int(tree.files[p]['size']) / 1e6 for p in shards]), '.0f')} MB (fp16 values from N(0, 0.02)) and "
+        f"{len(tree.files) - len(shards)} small files, as `hf://{D.HF_REPO}` (the branch main: every fetch resolves it, "
+        "lists the tree); fetcher keys a file by the digest its source gives: the hub's sha256 for LFS files, its git "
+        "blob id for the small ones",
+    ]
+    env = {"HF_ENDPOINT": hub.endpoint}
+    return Artifact("hub", hub, f"hf://{D.HF_REPO}", [], env, tree.files, tree, about, "HF_ENDPOINT=HUB ")
+
+
+def archive_members(data: B.Data) -> D.Tree:
+    """The archive's regular files (path, size, sha256), read from it once and kept beside it (untimed)."""
+    sha = data.sha(ARCHIVE)
+    kept = data.root.parent / f"members-{sha[:16]}.json"
+    with contextlib.suppress(OSError, ValueError):
+        return D.Tree(data.root, kept, dict(json.loads(kept.read_text())))
+    B.log(f"data: reading {ARCHIVE}'s members (once; kept in {kept})")
+    files: dict[str, dict[str, Any]] = {}
+    with tarfile.open(data.root / ARCHIVE, "r|gz") as tar:
+        for member in tar:
+            if member.isfile() and (f := tar.extractfile(member)) is not None:
+                h = hashlib.sha256()
+                while block := f.read(4 * B.MiB):
+                    h.update(block)
+                files[member.name] = {"size": member.size, "sha256": h.hexdigest()}
+    kept.write_text(json.dumps(files, indent=1))
+    return D.Tree(data.root, kept, files)
+
+
+def archive_artifact(data: B.Data, members: D.Tree) -> Artifact:
+    served = {ARCHIVE: data.files[ARCHIVE]}
+    nginx = CountingNginx(data.root, served)
+    with urllib.request.urlopen(f"{nginx.url}/{ARCHIVE}", timeout=10) as r:  # served, and the right size
+        assert int(r.headers["Content-Length"]) == data.size(ARCHIVE)
+    big = max(members.files.items(), key=lambda kv: int(kv[1]["size"]))
+    about = [
+        "- archive rows' origin: nginx as bench.py runs it (its config: sendfile, Range; in the foreground, as nobody "
+        "when run as root), its access log adding `$bytes_sent` (status line, headers and body) to `$body_bytes_sent`; "
+        "on loopback",
+        f"- archive rows' data: bench.py's `{ARCHIVE}`, {data.size(ARCHIVE) / 1e6:.0f} MB (gzip -6), unpacking to "
+        f"{members.size / 1e6:.0f} MB in {len(members.files)} files ({big[0]} {int(big[1]['size']) / 1e6:.0f} MB of "
+        f"fp16 values from N(0, 0.02), {', '.join(p for p in members.files if p != big[0])}), fetched with `--sha256` "
+        "(without it fetcher does not cache a file); fetcher keeps what it unpacked to: each file by its sha256, the "
+        "listing under trees/",
+    ]
+    return Artifact(
+        "archive", nginx, f"{nginx.url}/{ARCHIVE}", ["--sha256", data.sha(ARCHIVE)], {}, served, members, about
+    )
 
 
 # --- cases and rows --------------------------------------------------------------------------------
@@ -115,6 +265,7 @@ class Target:
 class Row:
     key: str
     title: str
+    artifact: Artifact
     baseline: Case
     cases: list[tuple[Case, Target | None]]  # (case, target of its wall time / the baseline's, same round)
     runs: dict[str, list[B.Run]] = field(default_factory=dict)
@@ -124,36 +275,45 @@ class Row:
         return [self.baseline] + [c for c, _ in self.cases]
 
 
-def make_rows(wanted: list[str]) -> list[Row]:
+def make_rows(wanted: list[str], artifacts: dict[str, Artifact]) -> list[Row]:
     empty = Case("1 fetcher, empty cache", 1, "empty")
     rows = []
-    if "concurrent" in wanted:
-        rows.append(
-            Row(
-                "concurrent",
-                f"{CONCURRENT} fetchers at once on one node",
-                empty,
-                [(Case(f"{CONCURRENT} fetchers at once, one empty cache", CONCURRENT, "empty"), Target(1.3))],
+    for art, prefix, what, full in (
+        (artifacts.get("hub"), "", "hf:// tree", "the cache holds every file"),
+        (artifacts.get("archive"), "archive-", "tar.gz archive", "the cache holds the archive's tree"),
+    ):
+        if art is None:
+            continue
+        if f"{prefix}concurrent" in wanted:
+            rows.append(
+                Row(
+                    f"{prefix}concurrent",
+                    f"{CONCURRENT} fetchers at once on one node, {what}",
+                    art,
+                    empty,
+                    [(Case(f"{CONCURRENT} fetchers at once, one empty cache", CONCURRENT, "empty"), Target(1.3))],
+                )
             )
-        )
-    if "hit" in wanted:
-        rows.append(
-            Row(
-                "hit",
-                "a cache hit, hard-linked into a fresh dest",
-                empty,
-                [
-                    (Case("hit: the cache holds every file", 1, "full"), Target(0.1, strict=True)),
-                    (Case("hit, --cache-verify full", 1, "full", ("--cache-verify", "full")), None),
-                    (Case("1 fetcher, no --cache-dir", 1, "none"), None),
-                ],
+        if f"{prefix}hit" in wanted:
+            rows.append(
+                Row(
+                    f"{prefix}hit",
+                    f"a cache hit, hard-linked into a fresh dest, {what}",
+                    art,
+                    empty,
+                    [
+                        (Case(f"hit: {full}", 1, "full"), Target(0.1, strict=True)),
+                        (Case("hit, --cache-verify full", 1, "full", ("--cache-verify", "full")), None),
+                        (Case("1 fetcher, no --cache-dir", 1, "none"), None),
+                    ],
+                )
             )
-        )
     if "nocache" in wanted:  # 8 copies of the tree a run: ~6.5 GB written, and the disk's writeback slows what follows
         rows.append(
             Row(
                 "nocache",
-                f"{CONCURRENT} fetchers at once without a cache (context)",
+                f"{CONCURRENT} fetchers at once without a cache (context), hf:// tree",
+                artifacts["hub"],
                 empty,
                 [(Case(f"{CONCURRENT} fetchers at once, no --cache-dir", CONCURRENT, "none"), None)],
             )
@@ -218,7 +378,7 @@ class FetcherLog:
     problems: list[str] = field(default_factory=list)
     first: float | None = None  # time.time() of its first line and its last
     last: float | None = None
-    fetched: int = 0  # files it downloaded itself (its "published" line), not placed from the cache
+    fetched: int = 0  # files it downloaded itself (its "published" line), not placed from the cache; 1: the archive
 
     @classmethod
     def read(cls, logfile: Path) -> FetcherLog:
@@ -230,8 +390,8 @@ class FetcherLog:
                 ev = json.loads(line)
                 name = str(ev.get("event", "?"))
                 out.events[name] += 1
-                if name == "published":
-                    out.fetched = int(ev.get("fetched") or 0)
+                if name == "published":  # a tree's counts its files; an archive's names its transfer, "cache" on a hit
+                    out.fetched = int(ev.get("fetched") or 0) if "fetched" in ev else int(ev.get("transfer") != "cache")
                 if ev.get("level") in ("warning", "error", "critical"):
                     out.problems.append(f"{ev['level']}: {name}" + (f" ({ev['reason']})" if "reason" in ev else ""))
                 when = datetime.datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
@@ -255,9 +415,9 @@ class CacheBench(D.DirBench):
     def node_cache(self) -> Path:
         return self.workdir / "node-cache"
 
-    def fetcher_cmd_for(self, case: Case, hub: CountingHub) -> D.TreeTool:
+    def fetcher_cmd_for(self, case: Case, art: Artifact) -> D.TreeTool:
         extra = ["--cache-dir", str(self.node_cache)] if case.cache != "none" else []
-        return D.fetcher_tool(self, f"hf://{D.HF_REPO}", [*extra, *case.extra], {"HF_ENDPOINT": hub.endpoint})
+        return D.fetcher_tool(self, art.source, [*art.options, *extra, *case.extra], art.env)
 
     def empty_cache(self) -> None:
         shutil.rmtree(self.node_cache, ignore_errors=True)
@@ -265,20 +425,22 @@ class CacheBench(D.DirBench):
         subprocess.run(["sync"], check=False)
         self.cache_state = "empty"
 
-    def prepare(self, case: Case, hub: CountingHub, tree: D.Tree) -> None:
-        """The cache as the case needs it, untimed: removed and made again, or filled by one fetcher."""
-        if case.cache == "empty" or (case.cache == "full" and self.cache_state != "full"):
+    def prepare(self, case: Case, art: Artifact) -> None:
+        """The cache as the case needs it, untimed: removed and made again, or filled by one fetcher of art
+        (a cache that holds the other artifact is emptied first)."""
+        full = f"full {art.key}"
+        if case.cache == "empty" or (case.cache == "full" and self.cache_state != full):
             self.empty_cache()
-        if case.cache == "full" and self.cache_state != "full":
+        if case.cache == "full" and self.cache_state != full:
             self.populations += 1
             dest = self.fresh_dest("fill-cache")
-            tool = self.fetcher_cmd_for(Case("fill the cache", 1, "empty"), hub)
+            tool = self.fetcher_cmd_for(Case("fill the cache", 1, "empty"), art)
             run = B.timed("fill", tool.cmd(dest), tool.env, self.logdir / f"{dest.name}.log", self.args.timeout)
-            why = self.check_tree(dest, tree) if run.ok else run.note
+            why = self.check_tree(dest, art.tree) if run.ok else run.note
             self.clean_tree(dest)
             if why:
                 raise RuntimeError(f"filling the cache failed: {why}")
-            self.cache_state = "full"
+            self.cache_state = full
 
     def cache_inodes(self) -> set[tuple[int, int]]:
         found = set()
@@ -290,24 +452,27 @@ class CacheBench(D.DirBench):
         return found
 
     def cache_report(self) -> dict[str, object]:
-        """What the cache holds after a run: blobs by the digest that names them, their bytes, any writable."""
+        """What the cache holds after a run: blobs by the digest that names them, their bytes, any writable;
+        the listings of unpacked archives under trees/."""
         blobs = [p for p in (self.node_cache / "blobs").rglob("*") if p.is_file()]
         return {
             "blobs": dict(collections.Counter(p.parent.name for p in blobs)),
             "blob_bytes": sum(p.stat().st_size for p in blobs),
             "writable_blobs": sum(1 for p in blobs if p.stat().st_mode & 0o222),
+            "trees": len(list((self.node_cache / "trees").glob("*.json"))),
         }
 
-    def one_case(self, row: Row, case: Case, hub: CountingHub, tree: D.Tree) -> B.Run:
-        self.prepare(case, hub, tree)
-        tool = self.fetcher_cmd_for(case, hub)
+    def one_case(self, row: Row, case: Case) -> B.Run:
+        art, tree = row.artifact, row.artifact.tree
+        self.prepare(case, art)
+        tool = self.fetcher_cmd_for(case, art)
         label = f"{row.key}-{case.cache}-{case.fetchers}"
         dests = [self.fresh_dest(f"{label}-{i}" if case.fetchers > 1 else label) for i in range(case.fetchers)]
         logs = [self.logdir / f"{d.name}.log" for d in dests]
-        origin_cpu = D.cpu_seconds(hub.proc.pid)
-        before = hub.stats()
+        origin_cpu = art.origin.cpu()
+        before = art.origin.stats()
         runs = timed_at_once(case.name, [tool.cmd(d) for d in dests], tool.env, logs, self.args.timeout)
-        sent = sent_between(before, hub.stats())
+        sent = sent_between(before, art.origin.stats())
         ok = [r for r in runs if r.ok]
         spread = max(float(r.extra["started_after"]) for r in runs)  # type: ignore[arg-type]
         run = B.Run(
@@ -318,17 +483,17 @@ class CacheBench(D.DirBench):
             sum(r.cpu or 0 for r in runs),
         )
         run.extra = {
-            "origin_cpu": D.cpu_seconds(hub.proc.pid) - origin_cpu,
+            "origin_cpu": art.origin.cpu() - origin_cpu,
             "walls": [round(r.wall, 3) for r in runs],
             "start_spread": spread,
             "wire_bytes": sent["wire"],
             "requests": sent["requests"],
             "ranged": sent["ranged"],
-            "times_sent": {  # a file's content bytes sent / its size: over 1 where ranged parts overlap its first stream
+            "times_sent": {  # a served file's content bytes sent / its size: over 1 where ranged parts overlap its first stream
                 path: round(sent["content"].get(str(f["sha256"]), 0) / int(f["size"]), 3) if int(f["size"]) else 0
-                for path, f in tree.files.items()
+                for path, f in art.served.items()
             },
-            "downloads": {path: sent["starts"].get(str(f["sha256"]), 0) for path, f in tree.files.items()},
+            "downloads": {path: sent["starts"].get(str(f["sha256"]), 0) for path, f in art.served.items()},
         }
         events: collections.Counter[str] = collections.Counter()
         problems: list[str] = []
@@ -354,7 +519,7 @@ class CacheBench(D.DirBench):
         notes = [f"fetcher {i + 1}: {r.note} :: {B.tail(logs[i], 3)[-300:]}" for i, r in enumerate(runs) if not r.ok]
         if run.ok:
             inodes = self.cache_inodes() if case.cache != "none" else set()
-            linked = 0
+            not_linked: collections.Counter[str] = collections.Counter()  # a dest file -> dests where it is no link
             with hashing_each_inode_once():
                 for dest in dests:
                     if why := self.check_tree(dest, tree):
@@ -362,20 +527,22 @@ class CacheBench(D.DirBench):
                     for path in tree.files:
                         with contextlib.suppress(OSError):
                             st = (dest / path).stat()
-                            linked += (st.st_dev, st.st_ino) in inodes
-            run.extra["linked"] = f"{linked}/{len(tree.files) * len(dests)}"
+                            not_linked[path] += (st.st_dev, st.st_ino) not in inodes
+            every = len(tree.files) * len(dests)
+            run.extra["linked"] = f"{every - sum(not_linked.values())}/{every}"
+            run.extra["not_linked"] = {p: n for p, n in sorted(not_linked.items()) if n}
             if case.cache != "none":
                 run.extra["cache"] = self.cache_report()
         if notes:
             run.ok, run.note = False, "; ".join(notes)
         if case.cache != "none":
-            self.cache_state = "full" if run.ok else "unknown"
+            self.cache_state = f"full {art.key}" if run.ok else "unknown"
         walls = sorted(r.wall for r in runs)
         B.log(
             f"  {row.key:10} {case.name:42} {run.wall:7.2f}s"
             + (f" (fastest {walls[0]:.2f}s, start spread {spread * 1000:.0f} ms)" if len(runs) > 1 else "")
             + f"  rss {run.rss_mib or 0:4.0f} MiB  cpu {run.cpu or 0:6.2f}s  origin sent {sent['wire'] / 1e6:7.1f} MB "
-            f"({sent['wire'] / tree.size:.2f}x) in {sent['requests']} requests  waited {waited}"
+            f"({sent['wire'] / art.size:.2f}x) in {sent['requests']} requests  waited {waited}"
             + (f"  linked {run.extra['linked']}" if "linked" in run.extra else "")
             + f"  {'ok' if run.ok else 'FAILED ' + run.note}"
         )
@@ -383,18 +550,19 @@ class CacheBench(D.DirBench):
             self.clean_tree(d)
         return run
 
-    def profile_case(self, row: Row, case: Case, hub: CountingHub, tree: D.Tree) -> str:
+    def profile_case(self, row: Row, case: Case) -> str:
         """dirs.py's py-spy of one fetcher run (twice: raw, then a flamegraph), with the cache as the case wants it."""
-        self.prepare(case, hub, tree)  # a hit stays one: the first run leaves the cache full
-        return self.profile_tree(D.Row(row.key, row.title, self.fetcher_cmd_for(case, hub), [], hub.proc.pid))
+        self.prepare(case, row.artifact)  # a hit stays one: the first run leaves the cache full
+        tool = self.fetcher_cmd_for(case, row.artifact)
+        return self.profile_tree(D.Row(row.key, row.title, tool, [], row.artifact.origin.proc.pid))
 
-    def run_cache_row(self, row: Row, hub: CountingHub, tree: D.Tree) -> None:
+    def run_cache_row(self, row: Row) -> None:
         cases = row.all_cases
         B.log(f"row {row.key}: {row.title}, {self.args.pairs} round(s): {', '.join(c.name for c in cases)}")
         row.runs = {c.name: [] for c in cases}
         for r in range(self.args.pairs):
             for c in cases if r % 2 == 0 else list(reversed(cases)):  # A B C, then C B A: drift hits all alike
-                row.runs[c.name].append(self.one_case(row, c, hub, tree))
+                row.runs[c.name].append(self.one_case(row, c))
 
 
 # --- reporting -------------------------------------------------------------------------------------
@@ -422,10 +590,12 @@ def times(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}x"
 
 
-def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
+def oddities(rows: list[Row]) -> list[str]:
     """What fetcher did that a reader should know: files sent twice, hits that downloaded, copies, warnings."""
     notes = []
     for row in rows:
+        art, tree = row.artifact, row.artifact.tree
+        contents = {str(f["sha256"]): int(f["size"]) for f in tree.files.values()}  # a blob per distinct content
         for case in row.all_cases:
             for i, run in enumerate(row.runs[case.name]):
                 where = f"{row.key}, {case.name}, round {i + 1}"
@@ -447,22 +617,29 @@ def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
                         + ", ".join(f"{p} {t:.2f}x in {downloads.get(p)} download(s)" for p, t in sorted(over.items()))
                     )
                 if case.cache == "full" and (
-                    got := sum(float(t) * int(tree.files[p]["size"]) for p, t in times.items())
+                    got := sum(float(t) * int(art.served[p]["size"]) for p, t in times.items())
                 ):
                     notes.append(f"{where}: a hit, yet the origin sent {got / 1e6:.1f} MB of file content")
                 linked = str(run.extra.get("linked", ""))
                 if case.cache != "none" and linked and linked.split("/")[0] != linked.split("/")[1]:
-                    notes.append(f"{where}: only {linked} files of the dests are hard links of the cache's")
+                    apart = run.extra.get("not_linked", {})
+                    assert isinstance(apart, dict)
+                    notes.append(
+                        f"{where}: only {linked} files of the dests are hard links of the cache's; not linked: "
+                        + ", ".join(f"{p} (in {n} dest(s))" for p, n in apart.items())
+                    )
                 cache = run.extra.get("cache")
                 if isinstance(cache, dict) and cache.get("writable_blobs"):
                     notes.append(f"{where}: {cache['writable_blobs']} blobs in the cache are writable")
                 if isinstance(cache, dict) and (
-                    cache["blob_bytes"] != tree.size or sum(cache["blobs"].values()) != len(tree.files)
+                    cache["blob_bytes"] != sum(contents.values()) or sum(cache["blobs"].values()) != len(contents)
                 ):
                     notes.append(
                         f"{where}: the cache holds {cache['blob_bytes']} bytes in {cache['blobs']} blobs, the tree "
-                        f"{tree.size} in {len(tree.files)} files"
+                        f"{sum(contents.values())} in {len(contents)} distinct files"
                     )
+                if isinstance(cache, dict) and cache.get("trees") != (1 if art.key == "archive" else 0):
+                    notes.append(f"{where}: the cache holds {cache.get('trees')} listing(s) under trees/")
                 for p in run.extra.get("problems", []):  # type: ignore[attr-defined]
                     notes.append(f"{where}: {B.cell(str(p))}")
     return notes
@@ -470,8 +647,6 @@ def oddities(rows: list[Row], tree: D.Tree) -> list[str]:
 
 def report(
     bench: CacheBench,
-    tree: D.Tree,
-    hub: CountingHub,
     rows: list[Row],
     profiles: dict[str, str],
     cmd_lines: list[str],
@@ -505,7 +680,7 @@ def report(
             # rounds 1, 3, ... run the baseline first, 2, 4, ... last
             by_order = [B.median([x for i, x in enumerate(rs) if i % 2 == k]) for k in (0, 1)]
             rss = max((r.rss_mib or 0 for r in ok), default=None)
-            bytes_art = B.median([float(r.extra["wire_bytes"]) / tree.size for r in ok])  # type: ignore[arg-type]
+            bytes_art = B.median([float(r.extra["wire_bytes"]) / row.artifact.size for r in ok])  # type: ignore[arg-type]
             bytes_one = B.median(ratios(row, case, "wire_bytes"))
             mets = []
             if target is not None and ratio is not None:
@@ -566,57 +741,58 @@ def report(
         for i, r in enumerate(rs)
         if not r.ok
     ]
-    odd = oddities(rows, tree)
+    odd = oddities(rows)
     events = collections.Counter[str]()
     for row in rows:
         for case in row.all_cases:
             for run in row.runs[case.name]:
-                events.update({f"{case.name}: {k}": v for k, v in run.extra.get("events", {}).items()})  # type: ignore[attr-defined]
-    shards = [p for p in tree.files if p.endswith(".safetensors")]
-    small = [p for p in tree.files if p not in shards]
+                for k, v in run.extra.get("events", {}).items():  # type: ignore[attr-defined]
+                    events[f"{row.artifact.key}, {case.name}: {k}"] += v
     fs = subprocess.run(
         ["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "--target", str(bench.workdir)], capture_output=True, text=True
     ).stdout.strip()
-    lines = D.machine(bench)
-    layout = next(
-        (
-            r.extra["cache"]["blobs"]  # type: ignore[index]
-            for row in rows
-            for r in row.runs[row.baseline.name]
-            if r.ok and isinstance(r.extra.get("cache"), dict)
-        ),
-        None,
-    )
+    arts = list({row.artifact.key: row.artifact for row in rows}.values())
+    layouts = []  # what the cache held after one download of each artifact
+    for art in arts:
+        held = next(
+            (
+                r.extra["cache"]
+                for row in rows
+                if row.artifact is art
+                for r in row.runs[row.baseline.name]
+                if r.ok and isinstance(r.extra.get("cache"), dict)
+            ),
+            None,
+        )
+        if isinstance(held, dict):
+            blobs = ", ".join(f"{n} blobs under blobs/{k}/" for k, n in sorted(held["blobs"].items()))
+            layouts.append(f"for the {art.key} rows, {blobs} and {held['trees']} listing(s) under trees/")
     text = [
         f"# fetcher benchmark: node cache{' (--quick)' if args.quick else ''}",
         "",
         f"Generated by `bench/.cache/venvs/tools/bin/python bench/cache.py{(' ' + shlex.join(args.argv)) if args.argv else ''}`; "
         f"took {elapsed / 60:.1f} min.",
         "",
-        *lines,
-        "- server: tests/fakehub.py in its own process (hub API on 127.0.0.1, LFS files redirected to its CDN on 127.0.0.2"
-        + (f", --rate {hub.rate} bytes/s per connection" if hub.rate else ", unlimited")
-        + "), run by bench/counting_hub.py, which counts every byte written to a client (status lines, headers, bodies) "
-        "and each file's content bytes sent; all on loopback",
-        f"- data: bench/dirs.py's tree, {tree.size / 1e6:.0f} MB: {len(shards)} shards of "
-        f"{B.fmt(B.median([int(tree.files[p]['size']) / 1e6 for p in shards]), '.0f')} MB (fp16 values from N(0, 0.02)) and "
-        f"{len(small)} small files, as `hf://{D.HF_REPO}` (the branch main: every fetch resolves it, lists the tree)",
+        *D.machine(bench),
+        *[line for art in arts for line in art.about],
         f"- the node cache: `--cache-dir {bench.node_cache.relative_to(CACHE)}` under bench/.cache, on the dests' filesystem "
-        f"({fs or '?'}), so files are hard-linked into dest. An empty cache is removed and made again before the case "
-        "(untimed, then `sync`); a full one was filled by one fetcher into a dest removed afterwards (untimed), or is "
-        f"what the previous case left; filled that way {bench.populations} time(s) in this run. After one download it held "
-        + (", ".join(f"{n} blobs under blobs/{k}/" for k, n in sorted(layout.items())) if layout else "?")
-        + " (fetcher keys a file by the digest its source gives: the hub's sha256 for LFS files, its git blob id for "
-        "the small ones).",
+        f"({fs or '?'}), so files are hard-linked into dest. It holds one artifact at a time: an empty cache is removed and "
+        "made again before the case (untimed, then `sync`); a full one was filled by one fetcher into a dest removed "
+        "afterwards (untimed), or is what the previous case left; filled that way "
+        f"{bench.populations} time(s) in this run. After one download the cache held: "
+        + ("; ".join(layouts) or "?")
+        + ".",
         f"- method: {args.pairs} round(s) per row, the cases alternating (A B C, then C B A); ratio = median over rounds of "
         "the case's wall time / the baseline's in the same round. A case of N fetchers starts them at once (a thread each, "
         "every one under `/usr/bin/time -v`), each into its own fresh dest; its wall time is the slowest's, from the first "
         "start. Dests are on the cache's filesystem and removed afterwards, then `sync` (untimed). The page cache is not "
-        "dropped: the hub reads the tree from RAM, and the untimed check of one case's output reads the cache's blobs "
+        "dropped: the origin reads its files from RAM, and the untimed check of one case's output reads the cache's blobs "
         "(the same inodes) into RAM before the next case, which matters only to `--cache-verify full`. CPU seconds "
         "(user+sys, summed over the case's fetchers) and peak RSS (the largest fetcher's) from `/usr/bin/time -v`; origin "
-        "CPU: the hub's process, from /proc. Origin sent: every byte the hub wrote to clients during the case, against "
-        "the artifact's size and against the baseline's bytes in the same round. "
+        "CPU: the hub's process, or nginx's master and workers, from /proc. Origin sent: every byte the origin wrote to "
+        "clients during the case (headers included), against the artifact's size (the archive's, not what it unpacks to) "
+        "and against the baseline's bytes in the same round. Files fetched by each fetcher: for the archive, 1 for each "
+        "fetcher that downloaded it. "
         + (
             "Every file of every dest is checked (size and sha256, untimed; an inode shared by several dests is hashed "
             "once), and nothing else may be in dest but `.fetcher/`."
@@ -654,7 +830,7 @@ def report(
         "",
         *[f"- {B.cell(k)}: {v}" for k, v in sorted(events.items())],
         "",
-        "Commands (DEST a fresh directory per fetcher, HUB the fake hub, CACHE the node cache):",
+        "Commands (DEST a fresh directory per fetcher, HUB the fake hub, ORIGIN nginx, CACHE the node cache):",
         "",
         *[f"- {ln}" for ln in cmd_lines],
     ]
@@ -670,51 +846,86 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         prog="bench/cache.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    D.add_tree_options(ap, "cache", "concurrent,hit")
+    D.add_tree_options(ap, "cache", DEFAULT_ROWS)
     for action in ap._actions:  # dirs.py's options, but this script's rows and profile
         if action.dest == "rows":
             action.help = (
-                "comma-separated subset of concurrent,hit,nocache (default: concurrent,hit; nocache writes 8 copies "
-                "of the tree a run, ~6.5 GB, for context)"
+                f"comma-separated subset of {','.join(HUB_ROWS + ARCHIVE_ROWS)} (default: {DEFAULT_ROWS}; nocache writes "
+                "8 copies of the hub's tree a run, ~6.5 GB, for context)"
             )
         elif action.dest == "profile":
-            action.help = "also py-spy one cache hit (row hit)"
+            action.help = "also py-spy one cache hit (rows hit and archive-hit)"
+        elif action.dest == "tensors":
+            action.help = f"the hub rows: {action.help}"
+        elif action.dest == "quick":
+            action.help = "1 tensor (32 MiB) per shard, a ~100 MB archive, 1 round: a smoke test"
     ap.add_argument("--rate", type=int, help="bytes/s per connection of the hub (default: unlimited)")
+    ap.add_argument(
+        "--size-mb",
+        type=int,
+        help="the archive rows: size of bench.py's weights file, which model.tar.gz holds (default 800, 100 with --quick)",
+    )
     args, tensors, rows_wanted, out_path = D.parse_tree_options(ap, "cache")
+    if unknown := sorted(set(rows_wanted) - set(HUB_ROWS) - set(ARCHIVE_ROWS)):
+        ap.error(f"--rows: unknown {','.join(unknown)}")
     # bench.Bench and bench.machine read these (their single-file options): fetcher runs with its own defaults here.
     args.concurrency, args.part_size, args.limit_rate = 16, "8Mi", "none"
     started = time.monotonic()
     if not args.no_setup:
         D.setup_servers()  # bench/run's venvs and pytest for the fake hub: no alternatives to install
     bench = CacheBench(args)
-    tree = D.prepare(bench, "work-cache", tensors)
+    if any(r in HUB_ROWS for r in rows_wanted):
+        tree: D.Tree | None = D.prepare(bench, "work-cache", tensors)
+    else:  # dirs.prepare without the hub's tree: a fresh workdir for the dests, the fetcher snapshot
+        tree = None
+        bench.workdir = CACHE / "work-cache"
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+        bench.workdir.mkdir(parents=True)
+        os.chdir(bench.workdir)
+        bench.snapshot_fetcher()
     if "--cache-dir" not in bench.fetcher_help:
         raise SystemExit("this fetcher has no --cache-dir (issue 13)")
     hubs: list[D.Hub] = []
+    artifacts: dict[str, Artifact] = {}
     try:
-        hub = CountingHub(tree.root, args.rate, bench.logdir / "hub.log")
-        hubs.append(hub)
-        B.log(f"fake hub: {hub.endpoint} (CDN {hub.cdn}), commit {hub.commit}")
-        rows = make_rows(rows_wanted)
+        if tree is not None:
+            hub = CountingHub(tree.root, args.rate, bench.logdir / "hub.log")
+            hubs.append(hub)
+            B.log(f"fake hub: {hub.endpoint} (CDN {hub.cdn}), commit {hub.commit}")
+            artifacts["hub"] = hub_artifact(hub, tree)
+        if any(r in ARCHIVE_ROWS for r in rows_wanted):
+            data = B.generate(args.size_mb or (100 if args.quick else 800))
+            members = archive_members(data)
+            with (data.root / ARCHIVE).open("rb") as f:  # into the page cache before anything is timed
+                while f.read(16 * B.MiB):
+                    pass
+            artifacts["archive"] = archive_artifact(data, members)
+            B.log(f"nginx: {artifacts['archive'].source}")
+        rows = make_rows(rows_wanted, artifacts)
         cmd_lines = []
         for row in rows:
             for case in row.all_cases:
-                line = shlex.join(bench.fetcher_cmd_for(case, hub).cmd(Path("DEST")))
+                line = shlex.join(bench.fetcher_cmd_for(case, row.artifact).cmd(Path("DEST")))
                 line = line.replace(str(B.FETCHER_PY) + " -m fetcher", "fetcher").replace(
                     str(bench.node_cache), "CACHE"
                 )
+                if isinstance(row.artifact.origin, CountingNginx):
+                    line = line.replace(row.artifact.origin.url, "ORIGIN")
                 times = f"{case.fetchers} at once, each with its own DEST: " if case.fetchers > 1 else ""
-                cmd_lines.append(f"{row.key}, {case.name}: {times}`HF_ENDPOINT=HUB {line}`")
+                cmd_lines.append(f"{row.key}, {case.name}: {times}`{row.artifact.env_note}{line}`")
         for row in rows:
-            bench.run_cache_row(row, hub, tree)
+            bench.run_cache_row(row)
         profiles = {}
         for row in rows:
-            if args.profile and row.key == "hit":
-                B.log("profile: one cache hit under py-spy")
-                profiles[row.key] = bench.profile_case(row, row.cases[0][0], hub, tree)
-        text = report(bench, tree, hub, rows, profiles, cmd_lines, time.monotonic() - started)
+            if args.profile and row.key in ("hit", "archive-hit"):
+                B.log(f"profile: one cache hit under py-spy, row {row.key}")
+                profiles[row.key] = bench.profile_case(row, row.cases[0][0])
+        text = report(bench, rows, profiles, cmd_lines, time.monotonic() - started)
         D.write_results(bench, rows, text, out_path)  # type: ignore[arg-type]  # it reads a row's key and runs
     finally:
+        for art in artifacts.values():
+            if isinstance(art.origin, CountingNginx):
+                art.origin.stop()
         D.stop_servers(bench, hubs, None)
     return 0
 
