@@ -16,18 +16,19 @@ ArchiveError naming the member.
 
 from __future__ import annotations
 
-import lzma
+import functools
 import re
 import stat
-import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fetcher.errors import ArchiveError, local_error
 from fetcher.unpack import COPY_CHUNK, Readable, SafeTree
+
+if TYPE_CHECKING:
+    import zipfile  # imported when a zip is unpacked: it loads bz2 and lzma, which a tar or a file never needs
 
 BLOCK = 512
 MAX_PAX = 1024 * 1024  # a pax header holds names and a few numbers: this is already generous
@@ -346,23 +347,34 @@ def _unpack_member(stream: _Stream, member: _Member, tree: SafeTree) -> None:
 
 # --- zip -----------------------------------------------------------------------------------------
 
-# What each library failure while reading a zip means; the first class that matches wins.
-_ZIP_FAILURES: tuple[tuple[type[Exception], str], ...] = (
-    (zipfile.BadZipFile, "corrupt"),  # bad headers, a bad CRC-32, overlapping entries
-    (NotImplementedError, "unsupported compression method"),
-    (zlib.error, "corrupt deflate data"),
-    (lzma.LZMAError, "corrupt lzma data"),
-    (OSError, "corrupt bzip2 data"),  # bz2 says "Invalid data stream" as an OSError without errno
-    (EOFError, "truncated compressed data"),
-    (UnicodeDecodeError, "a name flagged UTF-8 that is not"),
-)
-_ZIP_ERRORS = tuple(kind for kind, _ in _ZIP_FAILURES)
+
+@functools.cache
+def _zip_failures() -> tuple[tuple[type[Exception], str], ...]:
+    """What each library failure while reading a zip means; the first class that matches wins."""
+    import lzma
+    import zipfile
+    import zlib
+
+    return (
+        (zipfile.BadZipFile, "corrupt"),  # bad headers, a bad CRC-32, overlapping entries
+        (NotImplementedError, "unsupported compression method"),
+        (zlib.error, "corrupt deflate data"),
+        (lzma.LZMAError, "corrupt lzma data"),
+        (OSError, "corrupt bzip2 data"),  # bz2 says "Invalid data stream" as an OSError without errno
+        (EOFError, "truncated compressed data"),
+        (UnicodeDecodeError, "a name flagged UTF-8 that is not"),
+    )
+
+
+@functools.cache
+def _zip_errors() -> tuple[type[Exception], ...]:
+    return tuple(kind for kind, _ in _zip_failures())
 
 
 def _zip_error(exc: Exception, name: str | None) -> Exception:
     if isinstance(exc, OSError) and exc.errno is not None:  # reading the spool itself failed
         return local_error(exc, "reading the zip archive in staging")
-    meaning = next(what for kind, what in _ZIP_FAILURES if isinstance(exc, kind))
+    meaning = next(what for kind, what in _zip_failures() if isinstance(exc, kind))
     where = f"member {name!r}" if name is not None else "its index"
     return ArchiveError(f"corrupt or unsupported zip archive: {where}: {meaning} ({exc})")
 
@@ -376,13 +388,13 @@ class _ZipData:
             raise ArchiveError(f"refused zip member {self._name!r}: encrypted entries are not supported")
         try:
             self._file: IO[bytes] = archive.open(info)
-        except _ZIP_ERRORS as exc:
+        except _zip_errors() as exc:
             raise _zip_error(exc, self._name) from exc
 
     def read(self, size: int = -1, /) -> bytes:
         try:
             return self._file.read(COPY_CHUNK if size < 0 else size)
-        except _ZIP_ERRORS as exc:
+        except _zip_errors() as exc:
             raise _zip_error(exc, self._name) from exc
 
     def close(self) -> None:
@@ -422,9 +434,11 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
             f"refused zip archive: its central directory (index) is {index} bytes, more than"
             f" {MAX_ZIP_INDEX // 1024 // 1024} MiB, which would all be held in memory"
         )
+    import zipfile
+
     try:
         return zipfile.ZipFile(path)
-    except _ZIP_ERRORS as exc:
+    except _zip_errors() as exc:
         raise _zip_error(exc, None) from exc
 
 

@@ -11,21 +11,16 @@ a tar).
 
 from __future__ import annotations
 
-import bz2
+import functools
 import hashlib
 import io
-import lzma
 import os
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
-
-import zstandard
-from zlib_ng import zlib_ng  # the fastest on weight-like data here: 487 MB/s, isal 450, zlib 329 (bench/inflaters.py)
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fetcher.archives import is_header, unpack_tar, unpack_zip
 from fetcher.channel import Channel, produce_in_thread
@@ -33,14 +28,31 @@ from fetcher.errors import ArchiveError, IntegrityError, local_error
 from fetcher.spool import ArtifactSpool
 from fetcher.unpack import Budget, Readable, SafeTree, Stopped
 
-_CORRUPT: tuple[type[BaseException], ...] = (
-    zlib.error,
-    cast("type[Exception]", zlib_ng.error),  # its stub declares an instance; it is a class
-    lzma.LZMAError,
-    zstandard.ZstdError,
-    EOFError,
-    OSError,  # bz2 reports bad data as OSError; fetcher's own errors are not OSErrors
-)
+if TYPE_CHECKING:
+    import zstandard
+
+# The decompressors (zlib-ng, bz2, lzma, zstandard) are imported when a stream needs one: a plain
+# file, or a directory's files, never loads them (~5 ms of a run's start).
+
+
+@functools.cache
+def _corrupt() -> tuple[type[BaseException], ...]:
+    """What a decompressor raises on bad data."""
+    import lzma
+    import zlib
+
+    import zstandard
+    from zlib_ng import zlib_ng
+
+    return (
+        zlib.error,
+        cast("type[Exception]", zlib_ng.error),  # its stub declares an instance; it is a class
+        lzma.LZMAError,
+        zstandard.ZstdError,
+        EOFError,
+        OSError,  # bz2 reports bad data as OSError; fetcher's own errors are not OSErrors
+    )
+
 
 READ_SIZE = 1024 * 1024
 HASHED_DEPTH = 2  # chunks between the hasher and the format detection and unpacking
@@ -176,6 +188,8 @@ def decompressed(raw: Readable, kind: str) -> Iterator[bytes]:
     """The decompressed stream in blocks; concatenated members (pigz, cat a.gz b.gz) are joined."""
     try:
         if kind == "zst":
+            import zstandard
+
             reader = zstandard.ZstdDecompressor().stream_reader(
                 raw,  # type: ignore[arg-type]
                 read_size=READ_SIZE,
@@ -201,7 +215,7 @@ def decompressed(raw: Readable, kind: str) -> Iterator[bytes]:
                 data = raw.read(READ_SIZE)
                 if not data:
                     raise ArchiveError(f"truncated {kind} data")
-    except _CORRUPT as exc:
+    except _corrupt() as exc:
         raise ArchiveError(f"corrupt {kind} data: {exc}") from None
 
 
@@ -228,9 +242,16 @@ def _bounded(decompressor: Any, data: bytes) -> Iterator[bytes]:
 
 def _new_decompressor(kind: str) -> _Decompressor:
     if kind == "gz":
+        # zlib-ng: the fastest on weight-like data here: 487 MB/s, isal 450, zlib 329 (bench/inflaters.py)
+        from zlib_ng import zlib_ng
+
         return zlib_ng.decompressobj(wbits=31)
     if kind == "bz2":
+        import bz2
+
         return bz2.BZ2Decompressor()
+    import lzma
+
     return lzma.LZMADecompressor()
 
 
@@ -264,11 +285,13 @@ def _peek_decompressed(head: bytes, kind: str) -> bytes:
             if not decompressor.eof:
                 break
         return out
-    except _CORRUPT as exc:
+    except _corrupt() as exc:
         raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
 
 
 def _zst_reader(head: bytes) -> zstandard.ZstdDecompressionReader:
+    import zstandard
+
     return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
 
 
@@ -297,7 +320,7 @@ def _check_start(head: bytes, kind: str) -> None:
             if not decompressor.eof:
                 return
             pos = len(head) - len(decompressor.unused_data)
-    except _CORRUPT as exc:
+    except _corrupt() as exc:
         raise ArchiveError(f"corrupt {kind} data at the start of the stream: {exc}") from None
 
 
