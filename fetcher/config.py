@@ -16,7 +16,6 @@ storage initializer: one of the three.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -497,6 +496,8 @@ class _Parser(QuietParser):
         names = []
         for token in extras:
             if name := self._option_name(token):
+                import difflib  # only a misspelled name pays for it
+
                 close = difflib.get_close_matches(name, known, n=1)
                 names.append(f"{name} (did you mean {close[0]}?)" if close else name)
         values = len(extras) - len(names)
@@ -726,6 +727,8 @@ def unknown_env(environ: Mapping[str, str]) -> list[str]:
     unknown = []
     for name in sorted(environ):
         if name.startswith("FETCHER_") and name not in known:
+            import difflib  # only a misspelled name pays for it
+
             close = difflib.get_close_matches(name, known, n=1)
             unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
     return unknown

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from fetcher.backoff import wait_retry_after
 from fetcher.cache import POLL, CachedArtifact, NodeCache, key_of, tree_name
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError, TransientFetchError
 from fetcher.manifest import Manifest, select
@@ -160,6 +158,10 @@ class _Fetch:
 
     def _retrying(self, call: Callable[[], T]) -> T:
         """A small request (a listing, a revision lookup), retried like a download."""
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt  # not loaded by a run that skips
+
+        from fetcher.backoff import wait_retry_after
+
         for attempt in Retrying(
             retry=retry_if_exception_type(TransientFetchError),
             stop=stop_after_attempt(self.artifact.retries + 1),
