@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,6 +429,8 @@ def _copy(source: Path, target: Path, mode: int) -> None:
     mounts, which a hard link never crosses, even on one disk. Written aside, then renamed: a copy cut
     short never stands in the target's place.
     """
+    import tempfile  # with random, which a run that finds its model in place does not otherwise load
+
     fd, aside = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
@@ -452,6 +453,8 @@ def _copy(source: Path, target: Path, mode: int) -> None:
 
 def _write_atomically(path: Path, text: str) -> None:
     """A random name, made exclusively: every init container is PID 1, so a PID names nothing."""
+    import tempfile
+
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as out:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from fetcher.archives import is_header, unpack_tar, unpack_zip
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import ArchiveError, IntegrityError, local_error
 from fetcher.spool import ArtifactSpool
@@ -31,8 +30,9 @@ from fetcher.unpack import Budget, Readable, SafeTree, Stopped
 if TYPE_CHECKING:
     import zstandard
 
-# The decompressors (zlib-ng, bz2, lzma, zstandard) are imported when a stream needs one: a plain
-# file, or a directory's files, never loads them (~5 ms of a run's start).
+# The decompressors (zlib-ng, zstandard, bz2, lzma) are imported when a stream needs one, and the archive
+# readers (fetcher.archives) when one is looked for: a directory's files, fetched or found in the node
+# cache, need neither; a plain file needs only the tar header check.
 
 
 @functools.cache
@@ -260,6 +260,8 @@ def _looks_like_tar(block: bytes) -> bool:
         return False
     if block[257:262] == b"ustar":
         return True
+    from fetcher.archives import is_header
+
     return is_header(block[:512])  # the reader's check, signed checksums included (v7 tars with high-bit bytes)
 
 
@@ -418,6 +420,8 @@ def _run(
     adopt: _Adopt,
     digests: dict[str, str] | None,
 ) -> Outcome:
+    from fetcher.archives import unpack_tar, unpack_zip
+
     root = staging / "tree"
     try:
         head = reader.peek(SNIFF_BYTES)
@@ -508,6 +512,8 @@ def _unpack_each(
 
 
 def _unpack_layer(path: Path, what: str, tree: SafeTree) -> None:
+    from fetcher.archives import unpack_tar
+
     try:
         with open(path, "rb") as file:
             reader = ChunkReader(iter(lambda: file.read(READ_SIZE), b""))
@@ -524,6 +530,7 @@ def _unpack_layer(path: Path, what: str, tree: SafeTree) -> None:
 
 def _unpack_compressed_tar(reader: ChunkReader, kind: str, tree: SafeTree) -> None:
     """Decompress in a thread of its own, so inflating overlaps writing files."""
+    from fetcher.archives import unpack_tar
 
     def produce(channel: Channel) -> None:
         for block in decompressed(reader, kind):
