@@ -32,11 +32,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fetcher.channel import Cancelled
 from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import LocalFilesystemError, local_error
 from fetcher.manifest import Entry
-from fetcher.sources.base import CHUNK_SIZE
 
 PREFIX = "download-"
 NO_ROOM = "no-room"
@@ -243,6 +241,8 @@ class Parts:
     def _using(self) -> Iterator[int]:
         with self._idle:
             if self._closed:
+                from fetcher.channel import Cancelled  # not at the top: see read
+
                 raise Cancelled
             self._busy += 1
         try:
@@ -296,6 +296,10 @@ class Parts:
                 self.done.update(indices)
 
     def read(self, start: int, end: int) -> Iterator[bytes]:
+        # Imported here, not at the top: a run that finds its model in place imports this module
+        # (through publish and the cache), and need not load the sources' classes or the channel.
+        from fetcher.sources.base import CHUNK_SIZE
+
         while start < end:
             with self._using() as fd:
                 chunk = os.pread(fd, min(CHUNK_SIZE, end - start), start)
