@@ -18,6 +18,9 @@ Its layout follows huggingface_hub's cache (blobs by digest, a lock per entry):
 - ``trees/<name>.json``: what one file or archive, pinned by the sha256 given for
   it, unpacked to (its directories, symlinks, and each file's key and mode), so
   that the next fetcher of it on the node downloads and unpacks nothing;
+- ``manifests/<name>.json``: the manifest of a reference resolved to an immutable
+  identity (a hub commit, an OCI digest with its platform), so that a pinned
+  reference is listed without a request;
 - ``download-partial/``: downloads of files with a digest under way, a spool
   (``fetcher.spool``) that all fetchers share, so the next holder of an entry
   resumes the parts that a killed one journalled.
@@ -43,7 +46,7 @@ from types import TracebackType
 from typing import Any
 
 from fetcher.errors import ArchiveError, LocalFilesystemError, local_error
-from fetcher.manifest import Digest, Hasher, relative_path
+from fetcher.manifest import Digest, Entry, Hasher, Manifest, relative_path
 from fetcher.spool import ArtifactSpool
 
 BLOB_MODE = 0o444  # one pod may not change what another pod's model links to
@@ -99,7 +102,7 @@ class NodeCache:
         self.root = root
         self.verify = verify
         try:
-            for sub in ("blobs", "index", "locks", "aliases", "trees"):
+            for sub in ("blobs", "index", "locks", "aliases", "trees", "manifests"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
             if not os.access(root / "locks", os.W_OK):
                 raise PermissionError(errno.EACCES, "not writable by this user", str(root))
@@ -240,6 +243,50 @@ class NodeCache:
             return linked
         except OSError as exc:
             raise local_error(exc, f"placing a file from the cache {self.root}") from exc
+
+    # --- manifests: what an immutable identity lists -------------------------------------------
+
+    def manifest(self, identity: str) -> Manifest | None:
+        """The manifest kept for ``identity``, its paths checked as a source's are; None if none or unreadable."""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, ArchiveError):
+            kept = json.loads(self._manifest_path(identity).read_text())
+            if kept["identity"] != identity:
+                return None
+            entries = tuple(
+                Entry(
+                    relative_path(e["path"], "a cached manifest's file") if e["path"] else "",
+                    None if e["size"] is None else int(e["size"]),
+                    None if e["digest"] is None else Digest(*(str(part) for part in e["digest"])),
+                    str(e["locator"]),
+                    None if e["pin"] is None else str(e["pin"]),
+                    bool(e["unpack"]),
+                )
+                for e in kept["entries"]
+            )
+            subtree = kept.get("image_subtree")
+            return Manifest(entries, directory=True, identity=identity, image_subtree=subtree)
+        return None
+
+    def keep_manifest(self, manifest: Manifest) -> None:
+        """A directory's manifest, kept by its identity; not kept if the cache cannot be written."""
+        assert manifest.identity is not None
+        entries = [
+            {
+                "path": e.path,
+                "size": e.size,
+                "digest": None if e.digest is None else [e.digest.algorithm, e.digest.hex, e.digest.origin],
+                "locator": e.locator,
+                "pin": e.pin,
+                "unpack": e.unpack,
+            }
+            for e in manifest.entries
+        ]
+        kept = {"identity": manifest.identity, "image_subtree": manifest.image_subtree, "entries": entries}
+        with contextlib.suppress(OSError):
+            _write_atomically(self._manifest_path(manifest.identity), json.dumps(kept))
+
+    def _manifest_path(self, identity: str) -> Path:
+        return self.root / "manifests" / f"{hashlib.sha256(identity.encode()).hexdigest()[:40]}.json"
 
     # --- trees: one file or archive, as it unpacked ------------------------------------------
 

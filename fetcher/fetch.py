@@ -77,7 +77,8 @@ def fetch(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Result:
 class _Fetch:
     """One artifact's run: its source, resolved at most once, and the checks that may skip it."""
 
-    def __init__(self, artifact: Artifact, siblings: frozenset[str]) -> None:
+    def __init__(self, artifact: Artifact, siblings: frozenset[str], *, dry_run: bool = False) -> None:
+        """``dry_run``: nothing is written, not even into --cache-dir."""
         self.artifact = artifact
         self.siblings = siblings
         self.started = time.monotonic()
@@ -85,6 +86,7 @@ class _Fetch:
         self._manifest: Manifest | None = None
         self._sums: dict[str, str] | None = None
         self._sums_read = False
+        self._nodes: list[NodeCache | None] = [None] if dry_run else []  # --cache-dir, once looked at
 
     def run(self) -> Result:
         artifact = self.artifact
@@ -148,13 +150,32 @@ class _Fetch:
         if self._manifest is None:
             artifact = self.artifact
             sums = self.sums()  # before any listing: a mistake in it is the user's, found without the network
-            resolved = self._retrying(self.source.resolve)
+            resolved = self._resolved()
             check_directory_options(artifact, resolved.directory)
             origin = f"--sha256sums {Path(artifact.sha256sums).name}" if artifact.sha256sums else ""
             self._manifest = select(resolved, artifact.include, artifact.exclude, sums, origin, artifact.display_source)
             if resolved.note:
                 log.info("resolved", source=artifact.display_source, note=resolved.note)
         return self._manifest
+
+    def _resolved(self) -> Manifest:
+        """The source's manifest; with --cache-dir, the one kept for its immutable identity (a hub
+        commit, an OCI digest), which a pinned reference then finds without a request."""
+        identify: Callable[[], str] | None = getattr(self.source, "identity", None)
+        node = self._node() if identify is not None else None
+        if identify is None or node is None:
+            return self._retrying(self.source.resolve)
+        identity = self._retrying(identify)
+        kept = node.manifest(identity)
+        if kept is not None and kept.image_subtree is not None and (self.artifact.include or self.artifact.exclude):
+            kept = None  # refused by the source, which says why
+        if kept is not None:
+            log.info("manifest from the cache", source=self.artifact.display_source, identity=identity)
+            return kept
+        resolved = self._retrying(self.source.resolve)
+        if resolved.identity == identity:
+            node.keep_manifest(resolved)
+        return resolved
 
     def _retrying(self, call: Callable[[], T]) -> T:
         """A small request (a listing, a revision lookup), retried like a download."""
@@ -491,13 +512,17 @@ class _Fetch:
     def _node(self) -> NodeCache | None:
         """--cache-dir, if given and usable: a cache this fetcher cannot write (another user's, a
         read-only mount) is named in a warning and done without; the model still arrives, verified."""
-        if self.artifact.cache_dir is None:
-            return None
-        try:
-            return NodeCache(self.artifact.cache_dir, self.artifact.cache_verify)
-        except LocalFilesystemError as exc:
-            log.warning("cache unusable: fetching without it", cache=str(self.artifact.cache_dir), reason=str(exc))
-            return None
+        if self._nodes:
+            return self._nodes[0]
+        node = None
+        if self.artifact.cache_dir is not None:
+            try:
+                node = NodeCache(self.artifact.cache_dir, self.artifact.cache_verify)
+            except LocalFilesystemError as exc:
+                cache = str(self.artifact.cache_dir)
+                log.warning("cache unusable: fetching without it", cache=cache, reason=str(exc))
+        self._nodes.append(node)
+        return node
 
     def _evicted(self, removed: tuple[int, int]) -> None:
         files, freed = removed
@@ -572,7 +597,7 @@ class _Fetch:
 
 def preview(artifact: Artifact) -> dict[str, Any]:
     """What a dry run shows of a source that may be a directory: its manifest, resolved now."""
-    run = _Fetch(artifact, frozenset())
+    run = _Fetch(artifact, frozenset(), dry_run=True)
     try:
         manifest = run.manifest()
     finally:

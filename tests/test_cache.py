@@ -239,6 +239,42 @@ def test_two_hub_models_sharing_a_file_store_it_once(hub: FakeHub, tmp_path: Pat
     assert len(shared) == 1
 
 
+def test_a_pinned_hub_model_in_the_cache_is_published_without_a_request(hub: FakeHub, tmp_path: Path) -> None:
+    """A node that has the model serves new pods while the hub is unreachable: the manifest of the commit
+    is kept by its commit, the files by their digests."""
+    commit = hub.add_repo("org/pinned", MODEL)
+    cache = tmp_path / "cache"
+    env = {"HF_ENDPOINT": hub.endpoint, "FETCHER_CACHE_DIR": str(cache)}
+    assert run_fetcher("--source", f"hf://org/pinned@{commit}", "--dest", str(tmp_path / "a"), env=env).code == 0
+    before = len(hub.requests)
+
+    pinned = run_fetcher("--source", f"hf://org/pinned@{commit}", "--dest", str(tmp_path / "b"), env=env)
+    branch = run_fetcher("--source", "hf://org/pinned", "--dest", str(tmp_path / "c"), env=env)
+
+    assert pinned.code == 0 and branch.code == 0, pinned.stderr + branch.stderr
+    assert tree(tmp_path / "b") == tree(tmp_path / "c") == tree(tmp_path / "a")
+    assert MODEL.items() <= tree(tmp_path / "b").items()  # and the .gitattributes the hub adds
+    assert pinned.event("manifest from the cache")["identity"] == f"hf-commit:{commit}"
+    asked = [r.path.split("?")[0] for r in hub.requests[before:]]
+    assert len(asked) == 1 and asked[0].endswith("/revision/main"), asked  # the branch's commit, nothing more
+
+
+def test_a_dry_run_leaves_the_cache_alone(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/dry", MODEL)
+    run = run_fetcher(
+        "--source",
+        "hf://org/dry",
+        "--dest",
+        str(tmp_path / "d"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--dry-run",
+        env={"HF_ENDPOINT": hub.endpoint},
+    )
+    assert run.code == 0, run.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 ARCHIVE_MODEL: dict[str, bytes | tuple[str, Any]] = {
     "model/weights.bin": random.Random(15).randbytes(3 * 2**20 + 5),
     "model/serve.sh": ("file", (b"#!/bin/sh\n", 0o755)),
