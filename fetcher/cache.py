@@ -313,8 +313,8 @@ class NodeCache:
         entries: list[dict[str, Any]] = []
         try:
             for directory, dirs, files in os.walk(tree):
-                dirs.sort()
-                for name_ in sorted(dirs) + sorted(files):
+                dirs.sort()  # in place: the walk then goes down in this order too
+                for name_ in dirs + sorted(files):
                     path = os.path.join(directory, name_)
                     relative = os.path.relpath(path, tree)
                     info = os.lstat(path)

@@ -86,7 +86,8 @@ class _Fetch:
         self._manifest: Manifest | None = None
         self._sums: dict[str, str] | None = None
         self._sums_read = False
-        self._nodes: list[NodeCache | None] = [None] if dry_run else []  # --cache-dir, once looked at
+        self._node_cache: NodeCache | None = None  # --cache-dir, as sums: read once, when first asked for
+        self._node_read = dry_run  # a dry run writes nothing, not even into the cache
 
     def run(self) -> Result:
         artifact = self.artifact
@@ -512,8 +513,8 @@ class _Fetch:
     def _node(self) -> NodeCache | None:
         """--cache-dir, if given and usable: a cache this fetcher cannot write (another user's, a
         read-only mount) is named in a warning and done without; the model still arrives, verified."""
-        if self._nodes:
-            return self._nodes[0]
+        if self._node_read:
+            return self._node_cache
         node = None
         if self.artifact.cache_dir is not None:
             try:
@@ -521,7 +522,7 @@ class _Fetch:
             except LocalFilesystemError as exc:
                 cache = str(self.artifact.cache_dir)
                 log.warning("cache unusable: fetching without it", cache=cache, reason=str(exc))
-        self._nodes.append(node)
+        self._node_cache, self._node_read = node, True
         return node
 
     def _evicted(self, removed: tuple[int, int]) -> None:

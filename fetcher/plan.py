@@ -6,6 +6,7 @@ show exactly what a real run would do.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 import re
@@ -91,7 +92,7 @@ class Artifact:
         identity = f"{redact_url(self.source, guess=False)}\n{self.filename}\n{self.strip_components}\n{self.extract}"
         return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
-    @property
+    @functools.cached_property
     def state_dir(self) -> Path:
         """dest/.fetcher, or dest's own directory under --state-dir: one per dest, whichever path names it."""
         if self.state_root is None:

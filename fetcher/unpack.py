@@ -357,15 +357,15 @@ class SafeTree:
         try:
             try:
                 out = FileWriter(fd, self._direct_buffer)
-                hasher = hashlib.sha256() if self.digests is not None else None
+                digests, hasher = self.digests, hashlib.sha256()
                 while chunk := data.read(COPY_CHUNK):
                     self.budget.take(len(chunk))
                     out.write(chunk)
-                    if hasher is not None:
+                    if digests is not None:
                         hasher.update(chunk)
                 out.close()
-                if hasher is not None and self.digests is not None:
-                    self.digests["/".join(parts)] = hasher.hexdigest()
+                if digests is not None:
+                    digests["/".join(parts)] = hasher.hexdigest()
                 os.fchmod(fd, stat.S_IMODE(mode) & 0o777)
             finally:
                 os.close(fd)
