@@ -1,4 +1,4 @@
-"""An httpx transport whose socket reads are 1 MiB instead of httpcore's 64 KiB.
+"""An httpx transport whose socket reads are 0.5-1 MiB instead of httpcore's 64 KiB.
 
 Measured here from loopback nginx: stock ``iter_raw()`` reaches ~260-380 MB/s,
 because every 64 KiB read pays a round of Python parsing in h11 and httpcore
@@ -31,6 +31,12 @@ from fetcher import kserve
 from fetcher.errors import UsageError
 
 READ_SIZE = 1024 * 1024
+# The most one read hands h11, for a body it parses (one of DIRECT_BODY or less, such as a ranged
+# part). h11 and httpcore hold up to four copies of it at once, on each connection: with 1 MiB reads
+# and --concurrency 16, the capped registry row of bench/oci.py peaked at 87-101 MiB RSS; at 512 KiB,
+# 63-67 MiB. Bodies are parsed when they are small, or are parts of a split, which happens only
+# below --split-below (150 MB/s) a connection, where 512 KiB is still few reads a second.
+PARSED_READ_SIZE = 512 * 1024
 # A body larger than this is read past h11 (see _DirectBody). Above the largest ranged part
 # (--part-size is at most 64 MiB), so parallel parts keep reusing their connections.
 DIRECT_BODY = 64 * 1024 * 1024
@@ -72,12 +78,15 @@ class LargeReadStream(httpcore.NetworkStream):
         self._ended = False
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """Up to READ_SIZE for a body read past h11 (``_DirectBody`` asks that much), else up to
+        PARSED_READ_SIZE: h11 asks for httpcore's 64 KiB."""
+        limit = max(max_bytes, PARSED_READ_SIZE)
         if self._tls_socket is None:
-            return self._stream.read(max(max_bytes, READ_SIZE), timeout)
-        return self._read_records(self._tls_socket, timeout)
+            return self._stream.read(limit, timeout)
+        return self._read_records(self._tls_socket, min(limit, READ_SIZE), timeout)
 
-    def _read_records(self, sock: ssl.SSLSocket, timeout: float | None) -> bytes:
-        """Up to READ_SIZE of what has arrived, decrypted into one reused buffer.
+    def _read_records(self, sock: ssl.SSLSocket, limit: int, timeout: float | None) -> bytes:
+        """Up to ``limit`` bytes of what has arrived, decrypted into one reused buffer.
 
         A TLS read returns one record (16 KiB at most) however much is asked for.
         Only the first read waits, with httpcore's timeout; the others are
@@ -94,9 +103,9 @@ class LargeReadStream(httpcore.NetworkStream):
         got = 0
         try:
             sock.settimeout(timeout)
-            while got < READ_SIZE:
+            while got < limit:
                 try:
-                    size = read(READ_SIZE - got, view[got:])
+                    size = read(limit - got, view[got:])
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     if not got:
                         raise  # a timeout of 0, and nothing there: as httpcore's own read
