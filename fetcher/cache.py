@@ -51,6 +51,7 @@ from fetcher.spool import ArtifactSpool
 
 BLOB_MODE = 0o444  # one pod may not change what another pod's model links to
 POLL = 0.1  # seconds before a fetcher looks again at an entry another one is downloading
+QUIET = 0.5  # seconds a fetcher waits on another one before it says so
 READ = 1024 * 1024
 EVICTING = ".evicting"  # the lock one evictor holds at a time: two would count the same space twice
 
@@ -63,6 +64,12 @@ def key_of(algorithm: str, hex_: str) -> str:
 def tree_name(sha256: str, how: str) -> str:
     """A tree's name: the digest given for its archive, and how it was unpacked (never the URL)."""
     return "tree-" + hashlib.sha256(f"{sha256}\0{how}".encode()).hexdigest()[:40]
+
+
+def say_waiting(waited: float, last: float | None, interval: float) -> bool:
+    """Whether a fetcher that has waited ``waited`` seconds on another one says so now ("waiting for"):
+    not for a short wait, then once every ``interval`` after ``last`` said it."""
+    return waited >= QUIET and (last is None or waited - last >= interval)
 
 
 def split_key(key: str) -> tuple[str, str]:

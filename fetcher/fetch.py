@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from fetcher.cache import POLL, CachedArtifact, NodeCache, key_of, tree_name
+from fetcher.cache import POLL, CachedArtifact, NodeCache, key_of, say_waiting, tree_name
 from fetcher.errors import ArchiveError, DiskFullError, IntegrityError, LocalFilesystemError, TransientFetchError
 from fetcher.manifest import Manifest, select
 from fetcher.plan import Artifact, check_directory_options
@@ -232,9 +232,9 @@ class _Fetch:
         """
         artifact = self.artifact
         name = tree_name(sha256, json.dumps([artifact.extract, artifact.filename, artifact.strip_components]))
-        started, said = time.monotonic(), -artifact.progress_interval
+        started, said = time.monotonic(), None
         while (lock := node.try_lock(name, exclusive=True)) is None:
-            if (waited := time.monotonic() - started) >= 0.5 and waited - said >= artifact.progress_interval:
+            if say_waiting(waited := time.monotonic() - started, said, artifact.progress_interval):
                 said = waited
                 held_by = "another fetcher on this node"
                 log.info("waiting for", source=artifact.display_source, held_by=held_by, waited_s=round(waited, 1))
@@ -496,11 +496,7 @@ class _Fetch:
         return Result(artifact, False, total, marker.files, seconds)
 
     def _cache(self, manifest: Manifest) -> CachedArtifact | None:
-        """The node cache (--cache-dir) as this artifact uses it; room made first for what it lacks.
-
-        A cache this fetcher cannot write (another user's, a read-only mount) is named in a
-        warning and done without: the model still arrives, verified.
-        """
+        """The node cache (--cache-dir, see ``_node``) as this artifact uses it; room made first for what it lacks."""
         artifact = self.artifact
         node = self._node()
         if node is None:

@@ -30,7 +30,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from fetcher import memory
 from fetcher.backoff import wait_retry_after
-from fetcher.cache import POLL, CachedArtifact, Lock, key_of, split_key
+from fetcher.cache import POLL, CachedArtifact, Lock, key_of, say_waiting, split_key
 from fetcher.channel import Cancelled
 from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
@@ -284,7 +284,7 @@ class DirectoryTransfer:
         now = time.monotonic()
         job.waiting_since = job.waiting_since or now
         waited, last = now - job.waiting_since, self._waits.get(job.entry.path)
-        if waited >= 0.5 and (last is None or waited - last >= self._cache.interval):
+        if say_waiting(waited, last, self._cache.interval):
             self._waits[job.entry.path] = waited
             log.info(
                 "waiting for",

@@ -357,15 +357,15 @@ class SafeTree:
         try:
             try:
                 out = FileWriter(fd, self._direct_buffer)
-                digests, hasher = self.digests, hashlib.sha256()
+                hasher = hashlib.sha256() if self.digests is not None else None
                 while chunk := data.read(COPY_CHUNK):
                     self.budget.take(len(chunk))
                     out.write(chunk)
-                    if digests is not None:
+                    if hasher is not None:
                         hasher.update(chunk)
                 out.close()
-                if digests is not None:
-                    digests["/".join(parts)] = hasher.hexdigest()
+                if hasher is not None and self.digests is not None:
+                    self.digests["/".join(parts)] = hasher.hexdigest()
                 os.fchmod(fd, stat.S_IMODE(mode) & 0o777)
             finally:
                 os.close(fd)
