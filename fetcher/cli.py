@@ -151,8 +151,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def _take_kserve(contract: kserve.Contract) -> None:
     """KServe's environment: what boto3 reads set in this process's, and said, by name only."""
     contract.export(os.environ)
-    if contract.honoured:
-        log.info("KServe settings read", names=list(contract.honoured))
+    if contract.honoured:  # boto3's and huggingface_hub's names alone are no sign of KServe
+        log.info(
+            "KServe settings read" if contract.kserve_own else "environment settings read",
+            names=list(contract.honoured),
+        )
     if contract.unsupported:
         log.warning("KServe settings not supported, ignored", names=list(contract.unsupported))
     if contract.missing_ca is not None:  # as KServe's initializer, which goes on with the default trust store

@@ -93,6 +93,12 @@ _SWITCHES = ("S3_USE_ACCELERATE", "CONFIDENTIAL_ENABLED")
 # CA_BUNDLE_CONFIGMAP_NAME. Credentials of schemes fetcher does not take (GCS, Azure, HDFS) come
 # with the service account whatever the URI: a pod whose URI needs them never reaches fetcher.
 
+# What the webhook adds to every storage initializer (above), and the names boto3 and huggingface_hub
+# read in any pod: a pod is KServe's when it holds a name of KServe's own, not only those.
+_WEBHOOK_DEFAULTS = ("HF_HUB_ENABLE_HF_TRANSFER", "HF_XET_HIGH_PERFORMANCE", "HF_XET_NUM_CONCURRENT_RANGE_GETS")
+_SHARED = (*_BOTO3, "HF_TOKEN", "HF_ENDPOINT")
+_KSERVE_OWN = frozenset((*_HONOURED, *_TUNING, *_SWITCHES, *_WEBHOOK_DEFAULTS)) - frozenset(_SHARED)
+
 _HEADERS_SUFFIX = "-headers"  # <host>-headers: a JSON object of headers for that host's http(s) URIs
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 
@@ -108,6 +114,7 @@ class Contract:
     unsupported: tuple[str, ...] = ()  # names (with what to use instead) of those that cannot
     missing_ca: str | None = None  # the global CA bundle's path, configured but not there
     host_headers: dict[str, str] = field(default_factory=dict)  # variable -> its JSON text
+    kserve_own: bool = False  # a variable only KServe sets is there: this is a KServe pod
 
     def headers_for(self, source: str | None) -> tuple[str, Any] | None:
         """(variable, headers) that KServe sends to an http(s) source's host (``_download_from_uri``)."""
@@ -183,6 +190,7 @@ def read(environ: Mapping[str, str]) -> Contract:
         unsupported=tuple(_unsupported(environ, spec)),
         missing_ca=bundle if bundle is not None and not os.path.exists(bundle) else None,
         host_headers={name: text for name, text in environ.items() if name.endswith(_HEADERS_SUFFIX)},
+        kserve_own=any(name in _KSERVE_OWN or name.endswith(_HEADERS_SUFFIX) for name in environ),
     )
 
 

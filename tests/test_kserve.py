@@ -422,13 +422,26 @@ def test_hf_token_from_the_storage_secret(tmp_path: Path) -> None:
     try:
         hub.add_repo("org/private", FILES, private=True)
         dest = tmp_path / "d"
-        run = run_fetcher("hf://org/private", str(dest), env={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token})
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token} | HF_DEFAULTS  # the webhook adds those to every pod
+        run = run_fetcher("hf://org/private", str(dest), env=env)
         assert run.code == 0, run.stderr
         assert tree(dest)["config.json"] == FILES["config.json"]
         assert "HF_TOKEN" in run.event("KServe settings read")["names"]
         assert token not in _outputs(run, dest)
     finally:
         hub.close()
+
+
+def test_outside_kserve_the_shared_names_are_not_called_kserve_settings(tmp_path: Path) -> None:
+    """AWS_* and HF_* are boto3's and huggingface_hub's names in any pod: a pod with no variable of
+    KServe's own is not told it was read as KServe's."""
+    model = tmp_path / "m.bin"
+    model.write_bytes(b"m")
+    env = {"HF_TOKEN": "hf_notKServe0123456789", "AWS_DEFAULT_REGION": "eu-west-1"}
+    run = run_fetcher(f"file://{model}", str(tmp_path / "d"), env=env)
+    assert run.code == 0, run.stderr
+    assert [e for e in run.events if e["event"] == "KServe settings read"] == []
+    assert set(run.event("environment settings read")["names"]) == {"HF_TOKEN", "AWS_DEFAULT_REGION"}
 
 
 # --- https with KServe's <host>-headers -------------------------------------------------------------
