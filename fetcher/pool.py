@@ -35,6 +35,7 @@ from fetcher.channel import Cancelled
 from fetcher.diskwrite import FileWriter
 from fetcher.errors import IntegrityError, TransientFetchError, local_error
 from fetcher.manifest import SHA256, Digest, Entry, Hasher, Manifest
+from fetcher.pace import CPU_BOUND, Window
 from fetcher.parts import RangeNotHonoured, fill_part
 from fetcher.sources.base import CHUNK_SIZE, Body, One, Source
 from fetcher.spool import ArtifactSpool, Identity, Parts
@@ -49,13 +50,6 @@ Task = Callable[[], None]
 # again at most this much of a file that was arriving at LAN speed.
 COMMIT_EVERY = 8
 
-# How much slower than --split-below a first part may come because fetcher itself was busy,
-# and still be kept on one stream; and how busy that is (cores of CPU while it came): see
-# _worth_splitting. Four shards capped at 40 MB/s each keep fetcher ~0.25 cores busy; four
-# streaming as fast as two shared cores allow, 0.6-1.0 (the OCI and S3 bench rows).
-CPU_SLOWDOWN = 4
-BUSY_CORES = 0.5
-
 # Seconds a failed or stopped transfer waits for its workers before letting go of the cache entries
 # it holds: another fetcher may take one at once, and must not find this one still writing it.
 LET_GO_WAIT = 5.0
@@ -68,16 +62,6 @@ class PoolSettings:
     retries: int
     backoff: float
     split_below: float  # bytes/s: a large file whose first part arrives slower is split (--split-below)
-
-
-@dataclass
-class _Window:
-    """A stretch of one stream, from byte ``start``: how long it waited for the network, and when it began."""
-
-    start: int
-    waited: float = 0.0
-    cpu: float = field(default_factory=time.process_time)
-    wall: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -418,7 +402,7 @@ class DirectoryTransfer:
                 committed = start // part_size
                 first = start == 0  # the first decision comes after part 0; then one at each commit
                 mark = part_size if first else (committed + COMMIT_EVERY) * part_size  # where the next is
-                window = _Window(start)
+                window = Window(start)
                 chunks = iter(body.chunks)
                 while True:
                     began = time.monotonic()
@@ -441,7 +425,7 @@ class DirectoryTransfer:
                             out.flush()
                             parts.commit(*range(committed, done))
                             committed = done
-                        first, mark, window = False, (committed + COMMIT_EVERY) * part_size, _Window(mark)
+                        first, mark, window = False, (committed + COMMIT_EVERY) * part_size, Window(mark)
                     self._take(job, out, hasher, chunk)
             self._check_whole(job, hasher)
 
@@ -454,43 +438,33 @@ class DirectoryTransfer:
         parts.close()
         self._verified(job, parts.directory / "data", parts)
 
-    def _worth_splitting(self, job: _File, window: _Window, mark: int, *, first: bool) -> bool:
+    def _worth_splitting(self, job: _File, window: Window, mark: int, *, first: bool) -> bool:
         """Whether the stream's last window (its first part, then each COMMIT_EVERY parts) came slowly
         because of its connection, not because of fetcher.
 
-        Slower than ``split_below`` is split, unless it was within a factor of
-        CPU_SLOWDOWN of it while fetcher kept BUSY_CORES busy: then the CPU set the
-        pace (several files streaming at once on a small node), and more connections
-        would only add work under the GIL. Measured on the S3 bench row: a first run
-        whose four streams came at 78-141 MB/s each on a busy two-core host took 2.1 s
-        split, 0.9 s when not. A connection slower than that is slow whatever fetcher does.
+        Slower than ``split_below`` is split, unless the CPU may have set the pace
+        (``fetcher.pace``). Measured on the S3 bench row: a first run whose four streams
+        came at 78-141 MB/s each on a busy two-core host took 2.1 s split, 0.9 s when not.
 
         Decided again at each commit: a first part that came while fetcher was busiest
         starting up (or before a CDN's burst allowance ran out) no longer holds a capped
         stream to one connection for the rest of the file (the OCI bench's capped row: 5.7 s
         on one stream against 2.2 s split).
         """
-        part_size, rate = self._settings.part_size, (mark - window.start) / max(window.waited, 1e-6)
-        if rate >= self._settings.split_below:
+        slow = window.slow(mark, self._settings.split_below)
+        if slow is None:
             return False
-        busy = (time.process_time() - window.cpu) / max(time.monotonic() - window.wall, 1e-6)
-        mb_per_s = round(rate / 1e6, 1)
-        if busy >= BUSY_CORES and rate * CPU_SLOWDOWN >= self._settings.split_below:
+        if slow.cpu_bound:
             if first:
-                log.info(
-                    "one stream: fetcher is the limit, not the connection",
-                    file=job.reader.display,
-                    first_part_mb_per_s=mb_per_s,
-                    cores_busy=round(busy, 2),
-                )
+                log.info(CPU_BOUND, file=job.reader.display, **slow.fields())
             return False
         log.info(
             "splitting",
             file=job.reader.display,
             at_byte=mark,
-            mb_per_s=mb_per_s,
+            mb_per_s=slow.mb_per_s,
             concurrency=self._settings.concurrency,
-            part_size=part_size,
+            part_size=self._settings.part_size,
         )
         return True
 

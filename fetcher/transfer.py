@@ -24,6 +24,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from fetcher.backoff import wait_retry_after
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, SourceChangedError, TransientFetchError
+from fetcher.pace import CPU_BOUND, Window
 from fetcher.parts import PartedDownload, RangeNotHonoured
 from fetcher.pipeline import SNIFF_BYTES
 from fetcher.sources.base import Body, ObjectInfo, ObjectReader, TooSlow
@@ -54,8 +55,8 @@ class Download:
     """Iterate over an object's bytes, in order; network I/O happens in background threads.
 
     One stream first. If the source serves pinned ranges, the object is big
-    enough, and the first part arrived slower than ``split_below``,
-    the rest is fetched in parallel parts through a spool on disk, which also
+    enough, and the first part arrived slower than ``split_below`` (and not
+    for want of CPU: ``fetcher.pace``), the rest is fetched in parallel parts through a spool on disk, which also
     lets a restarted run continue where this one stopped.
     """
 
@@ -278,13 +279,13 @@ class Download:
         assert self._parallelism is not None
         part_size = self._parallelism.part_size
         held: list[bytes] = []
-        have, waited, rest = 0, 0.0, b""
+        have, window, rest = 0, Window(0), b""
         try:
             chunks = iter(body.chunks)
             while have < part_size:
                 began = time.monotonic()
                 chunk = next(chunks, None)
-                waited += time.monotonic() - began
+                window.waited += time.monotonic() - began
                 if chunk is None:
                     break
                 if have + len(chunk) > part_size:
@@ -292,8 +293,10 @@ class Download:
                 held.append(chunk)
                 have += len(chunk)
                 self._deliver(chunk, channel)
-            rate = have / max(waited, 1e-6)
-            if have < part_size or rate >= self._parallelism.split_below or not self._room_to_spool(held):
+            slow = window.slow(have, self._parallelism.split_below) if have == part_size else None
+            if slow is not None and slow.cpu_bound:
+                log.info(CPU_BOUND, source=self.source.display, **slow.fields())
+            if slow is None or slow.cpu_bound or not self._room_to_spool(held):
                 spool.close()
                 spool.remove()
                 if rest:
@@ -313,7 +316,7 @@ class Download:
         log.info(
             "splitting",
             source=self.source.display,
-            first_part_mb_per_s=round(rate / 1e6, 1),
+            first_part_mb_per_s=slow.mb_per_s,
             concurrency=self._parallelism.concurrency,
             part_size=part_size,
         )

@@ -502,6 +502,21 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def cpu_hogs() -> Iterator[None]:
+    """Every core taken by other work: one busy loop more than there are cores, so that tasks
+    wait for a CPU (the kernel's CPU pressure) all the while."""
+    if not Path("/proc/pressure/cpu").is_file():
+        unavailable("no CPU pressure (PSI) on this kernel")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def needs(tool: str) -> pytest.MarkDecorator:
     """Skip without ``tool`` locally; under CI the test runs, and fails loudly if the tool is missing."""
     return pytest.mark.skipif(shutil.which(tool) is None and not IN_CI, reason=f"needs {tool}: scripts/container-tools")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import snapshot_download
 
-from tests.conftest import run_fetcher, tree
+from fetcher.pace import CPU_BOUND
+from tests.conftest import cpu_hogs, run_fetcher, tree
 from tests.fakehub import FakeHub
 
 SHARD = random.Random(5).randbytes(3 * 2**20 + 17)
@@ -265,6 +266,24 @@ def test_a_cdn_url_that_stops_working_mid_file_is_asked_of_the_hub_again(hub: Fa
     assert run.code == 0, run.stderr
     assert tree(tmp_path)["w.safetensors"] == SHARD
     assert any("the CDN refused" in e["reason"] for e in run.all("retrying"))
+
+
+def test_a_saturated_cpu_keeps_a_slowish_shard_on_one_stream(hub: FakeHub, tmp_path: Path) -> None:
+    """The same rule for a file of a directory: within a factor of 4 of --split-below while tasks
+    waited for a CPU, the shard stays on its one connection."""
+    big = random.Random(9).randbytes(3 * 2**20)
+    hub.add_repo("org/busy", {"model.safetensors": big, "config.json": b"{}"})
+    hub.rate_limit(2_000_000)
+    env = _env(hub, FETCHER_PART_SIZE="256Ki", FETCHER_SPLIT_BELOW="5M")
+
+    with cpu_hogs():
+        run = run_fetcher("--source", "hf://org/busy", "--dest", str(tmp_path / "dest"), env=env)
+
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest")["model.safetensors"] == big
+    assert run.all("splitting") == [], run.stderr
+    assert run.event(CPU_BOUND)["cpu_stalled"] >= 0.5
+    assert not [r for r in hub.requests if r.server == "cdn" and r.headers.get("range")]
 
 
 def test_a_stream_that_slows_after_its_first_part_is_split_then(hub: FakeHub, tmp_path: Path) -> None:

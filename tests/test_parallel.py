@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, S3, Origin, make_tar, run_fetcher, sha256, small_volume, tree
+from fetcher.pace import CPU_BOUND
+from tests.conftest import ROOT, S3, Origin, cpu_hogs, make_tar, run_fetcher, sha256, small_volume, tree
 
 BODY = random.Random(5).randbytes(1024 * 1024)
 KiB = 1024
@@ -54,6 +55,23 @@ def test_a_fast_first_part_stays_one_stream(origin: Origin, tmp_path: Path) -> N
     url = origin.add("/w.bin", BODY, etag='"abc"')
     run = run_fetcher("--source", url, "--dest", str(tmp_path), "--part-size", "64Ki", "--split-below", "1")
     assert run.code == 0, run.stderr
+    assert run.event("published")["transfer"] == "stream"
+    assert len(origin.hits("/w.bin")) == 1
+
+
+def test_a_slowish_stream_on_a_saturated_cpu_stays_one_stream(origin: Origin, tmp_path: Path) -> None:
+    """A stream within a factor of 4 of --split-below, while tasks waited for a CPU most of the
+    time, may be slow for want of CPU: more connections would only add work. fetcher's own CPU
+    share is small here, so it alone cannot tell this from a capped connection."""
+    body = random.Random(6).randbytes(2 * 1024 * KiB)
+    url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000)
+    args = ("--sha256", sha256(body), "--part-size", "256Ki", "--concurrency", "4", "--split-below", "5M")
+    with cpu_hogs():
+        run = run_fetcher("--source", url, "--dest", str(tmp_path), *args)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    assert run.all("splitting") == [], run.stderr
+    assert run.event(CPU_BOUND)["cpu_stalled"] >= 0.5
     assert run.event("published")["transfer"] == "stream"
     assert len(origin.hits("/w.bin")) == 1
 
