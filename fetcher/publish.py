@@ -182,6 +182,16 @@ def interrupted(artifact: Artifact) -> bool:
     return os.path.lexists(artifact.state_dir / JOURNAL)
 
 
+def left_behind(artifact: Artifact) -> bool:
+    """Whether a run was killed before it removed its staging or trash: the trash may hold a whole
+    old version, which only ``workspace`` clears (under the lock, so not another run's own)."""
+    try:
+        with os.scandir(artifact.state_dir) as entries:
+            return any(entry.name.startswith(_LEFTOVERS) for entry in entries)
+    except OSError:  # no state directory yet
+        return False
+
+
 @contextmanager
 def workspace(artifact: Artifact, siblings: frozenset[str] = frozenset()) -> Iterator[Path]:
     """A locked, fresh staging directory; removed on the way out, whatever happened.
@@ -302,6 +312,9 @@ def _unlock(state: Path, fd: int) -> None:
         os.close(fd)
 
 
+_LEFTOVERS = ("staging-", "trash-")
+
+
 def _clean_leftovers(state: Path) -> None:
     """Remove what an earlier run left when it was killed mid-way.
 
@@ -310,7 +323,7 @@ def _clean_leftovers(state: Path) -> None:
     for entry in state.iterdir():
         if entry.name.endswith(".tmp"):
             entry.unlink(missing_ok=True)
-        elif entry.name.startswith(("staging-", "trash-")):
+        elif entry.name.startswith(_LEFTOVERS):
             remove_tree(entry)
 
 

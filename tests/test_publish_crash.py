@@ -112,16 +112,17 @@ class Scene:
             shutil.copytree(self.pristine.with_name("pristine-state"), self.root, symlinks=True)
         self.serve(V2)
 
-    def strace(self, inject: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """fetcher under strace, renames injected as asked; the strace log says which renames ran.
+    def strace(self, inject: str, *args: str, calls: str = RENAMES) -> subprocess.CompletedProcess[str]:
+        """fetcher under strace, ``calls`` (renames) injected as asked; the strace log says which ran.
 
         ``when=N`` counts every rename of the process, whatever it renames: the Nth must be one of
-        dest's, or the fault landed outside the publish and the case tests nothing.
+        dest's, or the fault landed outside the publish and the case tests nothing. For other
+        ``calls``, the caller checks with ``traced``.
         """
         log = self.dest.parent / "strace.log"
-        command = ["strace", "-f", "-qq", "-o", str(log), "-e", f"trace={RENAMES}"]
+        command = ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", f"trace={calls}"]
         if inject:
-            command += ["-e", f"inject={RENAMES}:{inject}"]
+            command += ["-e", f"inject={calls}:{inject}"]
         env = _clean_env() | {"FETCHER_RETRY_BACKOFF": "0.05", "FETCHER_TERMINATION_LOG": "/dev/null"}
         ran = subprocess.run(
             [*command, sys.executable, "-m", "fetcher", *args],
@@ -131,7 +132,7 @@ class Scene:
             cwd=ROOT,
             timeout=120,
         )
-        if (when := re.search(r"when=(\d+)", inject)) is not None:
+        if calls == RENAMES and (when := re.search(r"when=(\d+)", inject)) is not None:
             renames, n = self.renames(), int(when[1])
             assert len(renames) >= n, f"only {len(renames)} renames ran, none was the {n}th: {ran.stderr[-2000:]}"
             assert self.in_dest(renames[n - 1]), f"the {n}th rename is not one of dest's: {renames[n - 1]}"
@@ -139,8 +140,12 @@ class Scene:
 
     def renames(self) -> list[str]:
         """The renames of the last run under strace, in order (a call a thread resumes is one line)."""
+        return [line for line in self.traced() if "rename" in line]
+
+    def traced(self) -> list[str]:
+        """The calls the last run under strace made, in order (a call a thread resumes is one line)."""
         lines = (self.dest.parent / "strace.log").read_text().splitlines()
-        return [line for line in lines if "rename" in line and "resumed>" not in line]
+        return [line for line in lines if "resumed>" not in line and not line.split(" ", 1)[-1].startswith("+++")]
 
     def in_dest(self, rename: str) -> bool:
         """Whether a rename of the strace log moves something of dest (or of its state directory)."""
@@ -281,6 +286,24 @@ def test_a_kill_during_recovery_is_recovered_from(scene: Scene) -> None:
         assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, m, killed.stderr[-2000:])
         assert scene.check_down().code == 0
         scene.check_healthy()
+
+
+@needs_strace
+@pytest.mark.fault("kill -9 once the new version is in, while the old one is removed", exit=0, area="process")
+def test_a_kill_while_the_old_version_is_removed_leaves_nothing_behind(scene: Scene) -> None:
+    """The journal is gone, so the publish is complete; the trash (the old version, as large as the
+    model) and staging are not gone yet. The next run finds the new version present, and must still
+    clear them: no later run would, and the old version would hold its disk for good."""
+    assert scene.strace("", *scene.args(V2), calls="unlinkat").returncode == 0
+    removals = scene.traced()
+    n = next(i for i, line in enumerate(removals, 1) if "/trash-" in line)  # the first entry of the trash
+    scene.reset()
+    killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2), calls="unlinkat")
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr[-2000:]
+    assert snapshot(scene.dest) == scene.new
+    assert [name for name in state(scene.state) if name.startswith("trash-")], state(scene.state)
+    assert scene.check_down().code == 0  # already present, and nothing of the publish left
+    scene.check_healthy()
 
 
 @pytest.mark.fault("SIGKILL at random instants of a run that publishes an update", exit=3, area="process")
