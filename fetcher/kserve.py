@@ -93,11 +93,12 @@ _SWITCHES = ("S3_USE_ACCELERATE", "CONFIDENTIAL_ENABLED")
 # CA_BUNDLE_CONFIGMAP_NAME. Credentials of schemes fetcher does not take (GCS, Azure, HDFS) come
 # with the service account whatever the URI: a pod whose URI needs them never reaches fetcher.
 
-# What the webhook adds to every storage initializer (above), and the names boto3 and huggingface_hub
-# read in any pod: a pod is KServe's when it holds a name of KServe's own, not only those.
-_WEBHOOK_DEFAULTS = ("HF_HUB_ENABLE_HF_TRANSFER", "HF_XET_HIGH_PERFORMANCE", "HF_XET_NUM_CONCURRENT_RANGE_GETS")
+# The names boto3 and huggingface_hub read in any pod: a pod is KServe's when it sets a name of
+# KServe's own, or all three of the defaults the webhook adds to every storage initializer (above;
+# users set one or two of them for huggingface_hub too).
 _SHARED = (*_BOTO3, "HF_TOKEN", "HF_ENDPOINT")
-_KSERVE_OWN = frozenset((*_HONOURED, *_TUNING, *_SWITCHES, *_WEBHOOK_DEFAULTS)) - frozenset(_SHARED)
+_KSERVE_OWN = frozenset((*_HONOURED, *_TUNING, *_SWITCHES)) - frozenset(_SHARED)
+_WEBHOOK_DEFAULTS = ("HF_HUB_ENABLE_HF_TRANSFER", "HF_XET_HIGH_PERFORMANCE", "HF_XET_NUM_CONCURRENT_RANGE_GETS")
 
 _HEADERS_SUFFIX = "-headers"  # <host>-headers: a JSON object of headers for that host's http(s) URIs
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]{1,40}")
@@ -190,7 +191,10 @@ def read(environ: Mapping[str, str]) -> Contract:
         unsupported=tuple(_unsupported(environ, spec)),
         missing_ca=bundle if bundle is not None and not os.path.exists(bundle) else None,
         host_headers={name: text for name, text in environ.items() if name.endswith(_HEADERS_SUFFIX)},
-        kserve_own=any(name in _KSERVE_OWN or name.endswith(_HEADERS_SUFFIX) for name in environ),
+        kserve_own=any(
+            value and (name in _KSERVE_OWN or name.endswith(_HEADERS_SUFFIX)) for name, value in environ.items()
+        )
+        or all(name in environ for name in _WEBHOOK_DEFAULTS),
     )
 
 

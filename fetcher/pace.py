@@ -6,7 +6,8 @@ connection); when the CPU did (several files streaming at once on a small node,
 or other work on it), more connections only add work. So a stream within
 CPU_SLOWDOWN of ``--split-below`` stays whole while tasks waited for a CPU for a
 STALLED share of its window: the kernel's pressure stall information (PSI), for
-this container's cgroup, else for the machine.
+this container's cgroup (v2), else for the machine. The machine's also counts other
+pods' waits: on a cgroup v1 node, a busy node keeps a capped stream whole.
 
 fetcher's own CPU says less: on the OCI bench (2 cores), four shards capped at
 40 MB/s each kept it 0.41-0.58 cores busy, four streaming as fast as the cores
@@ -17,6 +18,7 @@ the kernel keeps no such record, fetcher's CPU is the guess (BUSY_CORES).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -24,20 +26,36 @@ CPU_BOUND = "one stream: the CPU is the limit, not the connection"  # the event 
 CPU_SLOWDOWN = 4
 STALLED = 0.5
 BUSY_CORES = 0.5
-# Where the kernel keeps the time tasks waited for a CPU: this container's cgroup (v2), else the machine.
-PRESSURE_FILES = ("/sys/fs/cgroup/cpu.pressure", "/proc/pressure/cpu")
+CGROUPS = "/proc/self/cgroup"
+MACHINE_PRESSURE = "/proc/pressure/cpu"
 
 
 def cpu_stalled_us() -> int | None:
-    """Microseconds some task has waited for a CPU so far (PSI's cpu ``some`` total); None where
-    the kernel keeps no such record (before Linux 4.20, or booted with psi=0)."""
-    for path in PRESSURE_FILES:
-        try:
-            with open(path, encoding="ascii") as lines:
-                return int(lines.readline().rsplit("total=", 1)[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return None
+    """Microseconds some task has waited for a CPU so far (PSI's cpu ``some`` total), always from
+    one file (``pressure_file``); None where the kernel keeps no such record."""
+    path = pressure_file()
+    return None if path is None else _stalled(path)
+
+
+@functools.cache
+def pressure_file() -> str | None:
+    """This process's cgroup's cpu.pressure (cgroup v2: the container's own, whichever cgroup
+    namespace it runs in), else the machine's; None before Linux 4.20, or with psi=0."""
+    try:
+        with open(CGROUPS, encoding="utf-8") as lines:
+            own = next((line[3:].strip() for line in lines if line.startswith("0::")), None)
+    except OSError:
+        own = None
+    candidates = ([f"/sys/fs/cgroup{own.rstrip('/')}/cpu.pressure"] if own else []) + [MACHINE_PRESSURE]
+    return next((path for path in candidates if _stalled(path) is not None), None)
+
+
+def _stalled(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as lines:
+            return int(lines.readline().rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

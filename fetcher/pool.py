@@ -440,7 +440,7 @@ class DirectoryTransfer:
 
     def _worth_splitting(self, job: _File, window: Window, mark: int, *, first: bool) -> bool:
         """Whether the stream's last window (its first part, then each COMMIT_EVERY parts) came slowly
-        because of its connection, not because of fetcher.
+        because of its connection, not for want of CPU.
 
         Slower than ``split_below`` is split, unless the CPU may have set the pace
         (``fetcher.pace``). Measured on the S3 bench row: a first run whose four streams

@@ -184,12 +184,29 @@ def interrupted(artifact: Artifact) -> bool:
 
 def left_behind(artifact: Artifact) -> bool:
     """Whether a run was killed before it removed its staging or trash: the trash may hold a whole
-    old version, which only ``workspace`` clears (under the lock, so not another run's own)."""
+    old version, which only ``workspace`` clears, under the lock.
+
+    Not while another fetcher holds the lock: they may be its own, live, and waiting for its
+    whole download would hold up a run whose model is present. Whoever takes the lock next
+    clears them.
+    """
+    state = artifact.state_dir
     try:
-        with os.scandir(artifact.state_dir) as entries:
-            return any(entry.name.startswith(_LEFTOVERS) for entry in entries)
-    except OSError:  # no state directory yet
+        with os.scandir(state) as entries:
+            if not any(entry.name.startswith(_LEFTOVERS) for entry in entries):
+                return False
+        fd = os.open(state / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:  # no state directory, or leftovers and no lock file: no one holds it
+        return os.path.isdir(state)
+    except OSError:
         return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go at once, with the descriptor
+    except OSError:  # held: EWOULDBLOCK
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 @contextmanager

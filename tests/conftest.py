@@ -504,11 +504,12 @@ def unavailable(reason: str) -> None:
 
 @contextlib.contextmanager
 def cpu_hogs() -> Iterator[None]:
-    """Every core taken by other work: one busy loop more than there are cores, so that tasks
-    wait for a CPU (the kernel's CPU pressure) all the while."""
+    """Every core taken by other work: two busy loops a core, so that on each core a task waits
+    for a CPU all the while (the kernel's CPU pressure counts a core's waits, then averages)."""
     if not Path("/proc/pressure/cpu").is_file():
         unavailable("no CPU pressure (PSI) on this kernel")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 1) + 1)]
+    cores = len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
     try:
         yield
     finally:

@@ -9,6 +9,7 @@ matches it and nothing of the interrupted publish left; then a healthy run publi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -115,9 +116,9 @@ class Scene:
     def strace(self, inject: str, *args: str, calls: str = RENAMES) -> subprocess.CompletedProcess[str]:
         """fetcher under strace, ``calls`` (renames) injected as asked; the strace log says which ran.
 
-        ``when=N`` counts every rename of the process, whatever it renames: the Nth must be one of
-        dest's, or the fault landed outside the publish and the case tests nothing. For other
-        ``calls``, the caller checks with ``traced``.
+        ``when=N`` counts a thread's renames (a publish's are all the main thread's), whatever it
+        renames: the Nth must be one of dest's, or the fault landed outside the publish and the case
+        tests nothing. For other ``calls``, the caller checks with ``traced``.
         """
         log = self.dest.parent / "strace.log"
         command = ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", f"trace={calls}"]
@@ -145,7 +146,8 @@ class Scene:
     def traced(self) -> list[str]:
         """The calls the last run under strace made, in order (a call a thread resumes is one line)."""
         lines = (self.dest.parent / "strace.log").read_text().splitlines()
-        return [line for line in lines if "resumed>" not in line and not line.split(" ", 1)[-1].startswith("+++")]
+        calls = [line for line in lines if "resumed>" not in line]
+        return [line for line in calls if not line.split(" ", 1)[-1].startswith(("+++", "---"))]  # exits, signals
 
     def in_dest(self, rename: str) -> bool:
         """Whether a rename of the strace log moves something of dest (or of its state directory)."""
@@ -297,6 +299,7 @@ def test_a_kill_while_the_old_version_is_removed_leaves_nothing_behind(scene: Sc
     assert scene.strace("", *scene.args(V2), calls="unlinkat").returncode == 0
     removals = scene.traced()
     n = next(i for i, line in enumerate(removals, 1) if "/trash-" in line)  # the first entry of the trash
+    assert len({line.split(" ", 1)[0] for line in removals[:n]}) == 1  # strace counts each thread's calls
     scene.reset()
     killed = scene.strace(f"signal=KILL:when={n}", *scene.args(V2), calls="unlinkat")
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr[-2000:]
@@ -304,6 +307,23 @@ def test_a_kill_while_the_old_version_is_removed_leaves_nothing_behind(scene: Sc
     assert [name for name in state(scene.state) if name.startswith("trash-")], state(scene.state)
     assert scene.check_down().code == 0  # already present, and nothing of the publish left
     scene.check_healthy()
+
+
+def test_a_run_whose_model_is_present_does_not_wait_on_another_runs_staging(scene: Scene) -> None:
+    """Another fetcher holds dest's lock, its staging beside the marker (a replica on a shared
+    volume): a run whose model is present skips at once, and leaves them to their owner."""
+    scene.serve(V1, down=True)
+    staging = scene.state / "staging-0123456789ab"
+    staging.mkdir()
+    fd = os.open(scene.state / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        run = run_fetcher(*scene.args(V1), "--retries", "0", timeout=15)
+    finally:
+        os.close(fd)
+    assert run.code == 0, run.stderr
+    assert run.event("already present")["dest"] == str(scene.dest)
+    assert staging.is_dir()
 
 
 @pytest.mark.fault("SIGKILL at random instants of a run that publishes an update", exit=3, area="process")
