@@ -12,7 +12,7 @@ pods' waits: on a cgroup v1 node, a busy node keeps a capped stream whole.
 fetcher's own CPU says less: on the OCI bench (2 cores), four shards capped at
 40 MB/s each kept it 0.41-0.58 cores busy, four streaming as fast as the cores
 allowed 0.8-1.3, and four fetchers at once, slow for want of CPU, 0.2-0.8. The
-stalled share told them apart: 0.13-0.19 capped, 0.76-0.93 in both others. Where
+stalled share told them apart: 0.13-0.20 capped, 0.59-1.0 in both others. Where
 the kernel keeps no such record, fetcher's CPU is the guess (BUSY_CORES).
 """
 

@@ -55,9 +55,10 @@ class Download:
     """Iterate over an object's bytes, in order; network I/O happens in background threads.
 
     One stream first. If the source serves pinned ranges, the object is big
-    enough, and the first part arrived slower than ``split_below`` (and not
-    for want of CPU: ``fetcher.pace``), the rest is fetched in parallel parts through a spool on disk, which also
-    lets a restarted run continue where this one stopped.
+    enough, and the first part arrived slower than ``split_below`` (and not for
+    want of CPU: ``fetcher.pace``), the rest is fetched in parallel parts
+    through a spool on disk, which also lets a restarted run continue where
+    this one stopped.
     """
 
     def __init__(
