@@ -47,7 +47,7 @@ from typing import Any
 
 from fetcher.errors import ArchiveError, LocalFilesystemError, local_error
 from fetcher.manifest import Digest, Entry, Hasher, Manifest, relative_path
-from fetcher.spool import ArtifactSpool
+from fetcher.spool import FILE_MODE, ArtifactSpool
 
 BLOB_MODE = 0o444  # one pod may not change what another pod's model links to
 POLL = 0.1  # seconds before a fetcher looks again at an entry another one is downloading
@@ -245,7 +245,7 @@ class NodeCache:
                     if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                         raise
             if not linked:
-                _copy(blob, target, 0o644 if mode is None else mode)
+                _copy(blob, target, FILE_MODE if mode is None else mode)
             self.touch(key)
             return linked
         except OSError as exc:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import ArchiveError, IntegrityError, local_error
-from fetcher.spool import ArtifactSpool
+from fetcher.spool import FILE_MODE, ArtifactSpool
 from fetcher.unpack import Budget, Readable, SafeTree, Stopped
 
 if TYPE_CHECKING:
@@ -577,7 +577,7 @@ def _save_file(reader: ChunkReader, target: Path, adopt: _Adopt) -> None:
     try:
         # A plain file is the download itself: no stripping, no unpack limits.
         tree = SafeTree(target.parent, strip_components=0, budget=Budget(2**63, 1))
-        tree.add_file(target.name, 0o644, _UntilSpooled(reader, adopt))
+        tree.add_file(target.name, FILE_MODE, _UntilSpooled(reader, adopt))
     except _Spooled:
         target.unlink(missing_ok=True)
         reader.drain()  # hash it; by its end, every byte is in the spool

@@ -39,6 +39,10 @@ from fetcher.manifest import Entry
 PREFIX = "download-"
 NO_ROOM = "no-room"
 
+FILE_MODE = 0o644
+"""A downloaded file's mode in dest when no ``--file-mode`` is given: readable by a server
+running as another user. Archive members keep their own."""
+
 
 class ArtifactSpool:
     """One artifact's spool directory."""
@@ -73,7 +77,7 @@ class ArtifactSpool:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.whole, target)
-            os.chmod(target, 0o644)
+            os.chmod(target, FILE_MODE)
         except OSError as exc:
             raise local_error(exc, "moving the downloaded file into staging") from None
 
@@ -105,6 +109,7 @@ class ArtifactSpool:
         target = self.complete(slot)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)  # a directory of large files only has none yet
+            os.chmod(written, FILE_MODE)  # a split file's ``data`` was made 0600, a streamed one under the umask
             os.rename(written, target)
         except OSError as exc:
             raise local_error(exc, f"writing the download spool in {self.directory}") from exc

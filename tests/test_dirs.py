@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,9 @@ def test_an_s3_prefix_is_fetched_whole_and_verified_against_sha256sums(s3: S3, t
 
     assert run.code == 0, run.stderr
     assert tree(dest) == MODEL  # no llama-hf/other.bin: a sibling prefix is never included
+    # Without --file-mode every file is 0644, a shard put together from ranged parts too: a
+    # server running as another user must read them all.
+    assert {p: oct(stat.S_IMODE((dest / p).stat().st_mode)) for p in MODEL} == {p: "0o644" for p in MODEL}
     published = run.event("published")
     assert published["format"] == "directory"
     assert published["verified"] == len(MODEL)
