@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +39,8 @@ from fetcher.publish import (
     stale_file,
     workspace,
 )
-from fetcher.spool import ArtifactSpool
-from fetcher.unpack import check_links
+from fetcher.spool import FILE_MODE, ArtifactSpool
+from fetcher.unpack import check_links, show
 
 if TYPE_CHECKING:
     from fetcher.pool import DirectoryTransfer
@@ -458,8 +460,7 @@ class _Fetch:
                 pipeline.unpack_layers(packed, staging, limits)
             for entry in entries:
                 if not entry.unpack:
-                    if (tree / entry.path).is_symlink() or (tree / entry.path).exists():
-                        raise ArchiveError(f"refused {entry.path}: a packed layer of the artifact holds it too")
+                    _check_free(tree, entry.path)
                     spool.link_into(slots[entry.path], tree / entry.path)
             unverified = set(transfer.unverified)
             objects = [
@@ -558,7 +559,7 @@ class _Fetch:
             )
 
     def _published(self, earlier: Marker | None) -> dict[tuple[str, str], tuple[Path, str | None]]:
-        """The files the last publish left in dest as it made them.
+        """The files the last publish left in dest as it made them, and as this one would leave them.
 
         Keyed by (path, expected digest) for a verified file, else by (path, "pin:" its version);
         each with where it is and the digest it had when published.
@@ -568,6 +569,8 @@ class _Fetch:
         found: dict[tuple[str, str], tuple[Path, str | None]] = {}
         for o in earlier.objects:
             if stale_file(self.artifact.dest, o["path"], earlier) is not None:
+                continue
+            if not _settled_as_asked(self.artifact.dest / o["path"], self.artifact):
                 continue
             key = o["digest"] if o.get("verified") else f"pin:{o.get('pin')}"
             found[(o["path"], str(key))] = (self.artifact.dest / o["path"], o.get("digest"))
@@ -616,6 +619,44 @@ def _digest_of(sums: dict[str, str] | None) -> str | None:
     if sums is None:
         return None
     return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+
+
+def _settled_as_asked(path: Path, artifact: Artifact) -> bool:
+    """Whether a published file already has the mode and owner this publish gives its files.
+
+    Only such a file may be kept by a hard link into staging: the publish sets mode and owner
+    on what it stages, which through a link would change the live model before the publish
+    (even one that then fails), or leave an owner or mode the run no longer asks for.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    uid, gid = artifact.owner if artifact.owner is not None else (os.geteuid(), os.getegid())
+    mode = FILE_MODE if artifact.file_mode is None else artifact.file_mode
+    return stat.S_IMODE(info.st_mode) == mode and info.st_uid == uid and gid in (None, info.st_gid)
+
+
+def _check_free(tree: Path, path: str) -> None:
+    """A file beside an artifact's packed layers lands where they put nothing: not on one of their
+    entries, and never through one of their links (or under one of their files) on its way there.
+
+    Raises:
+        ArchiveError: a packed layer's entry is in the way (exit 5).
+    """
+    parts = path.split("/")
+    for depth in range(1, len(parts) + 1):
+        try:
+            info = os.lstat(tree.joinpath(*parts[:depth]))
+        except FileNotFoundError:
+            return
+        if depth == len(parts):
+            raise ArchiveError(f"refused {show(path)}: a packed layer of the artifact holds it too")
+        if not stat.S_ISDIR(info.st_mode):
+            raise ArchiveError(
+                f"refused {show(path)}: a packed layer of the artifact made {show('/'.join(parts[:depth]))} "
+                "a link or a file, not a directory"
+            )
 
 
 def _ensure_dest(artifact: Artifact) -> list[Path]:

@@ -128,15 +128,20 @@ def relative_path(name: str, what: str) -> str:
 
 
 def check_layout(entries: Sequence[Entry], what: str) -> None:
-    """Two objects may not land on one path, nor one object where another needs a directory."""
-    files: dict[str, str] = {}
+    """Two objects may not land on one path, nor one object where another needs a directory.
+
+    A path is what a directory's transfer knows each entry by, so a packed layer (whose
+    name is no file: its members carry their own paths) may not share one either.
+    """
+    claimed: dict[str, str] = {}
     for entry in entries:
-        if entry.path in files:
+        if entry.path in claimed:
             raise ArchiveError(
                 f"refused {what} {show(entry.locator)}: it lands on {show(entry.path)}, "
-                f"as {show(files[entry.path])} does"
+                f"as {show(claimed[entry.path])} does"
             )
-        files[entry.path] = entry.locator
+        claimed[entry.path] = entry.locator
+    files = {entry.path: entry.locator for entry in entries if not entry.unpack}
     for entry in entries:
         parts = entry.path.split("/")
         for depth in range(1, len(parts)):

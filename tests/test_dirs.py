@@ -447,3 +447,31 @@ def test_a_folder_of_large_files_only(tmp_path: Path) -> None:
     run = run_fetcher("--source", f"file://{folder}/", "--dest", str(tmp_path / "dest"), "--part-size", "1Mi")
     assert run.code == 0, run.stderr
     assert tree(tmp_path / "dest") == files
+
+
+@pytest.mark.fault(
+    "a run that fails after a file was kept changes nothing of the published version", exit=6, area="publish"
+)
+def test_a_kept_file_takes_this_runs_owner_and_mode_and_a_failed_run_touches_none(tmp_path: Path) -> None:
+    """A file the last publish left, unchanged at the source, is kept rather than fetched again: as
+    this run would publish it (an owner or a mode dropped is dropped), and never by changing the
+    published file itself (it is the live model until the publish)."""
+    folder, dest = _folder(tmp_path / "pvc"), tmp_path / "dest"
+    source = ["--source", f"file://{folder}/", "--dest", str(dest), "--part-size", "1Mi"]
+
+    def owners_and_modes() -> set[tuple[int, int, str]]:
+        return {(s.st_uid, s.st_gid, oct(stat.S_IMODE(s.st_mode))) for p in MODEL if (s := (dest / p).stat())}
+
+    assert run_fetcher(*source, "--owner", "1000:1000", "--file-mode", "0600").code == 0
+    assert owners_and_modes() == {(1000, 1000, "0o600")}
+
+    dropped = run_fetcher(*source)
+    assert dropped.code == 0, dropped.stderr
+    assert owners_and_modes() == {(os.geteuid(), os.getegid(), "0o644")}  # was 1000:1000 0600, kept as it stood
+
+    (folder / "new.txt").write_bytes(b"new")
+    (dest / "new.txt").write_bytes(b"not fetcher's")  # the publish will refuse to replace it
+    failed = run_fetcher(*source, "--owner", "4321:4321", "--file-mode", "0640")
+    assert failed.code == 6, failed.stderr
+    assert owners_and_modes() == {(os.geteuid(), os.getegid(), "0o644")}  # was 4321:4321 0640 before the publish
+    assert tree(dest) == {**MODEL, "new.txt": b"not fetcher's"}

@@ -627,6 +627,35 @@ def test_tar_layers_of_an_artifact_share_one_budget_and_no_path(registry: Regist
     assert "packed layer" in raw.event("failed")["error"]
 
 
+def test_a_raw_and_a_packed_layer_of_one_name_are_exit_5_and_nothing_is_published(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Each layer is its own file or tree: two of one name are refused, whatever kind each is."""
+    packed = Blob(make_tar({"b/x.txt": b"packed"}), f"{MODEL_DOC}.tar+gzip", {MODEL_FILEPATH: "a"})
+    mixed = _pull_after_push(registry, "org/mixed", {"a": b"raw bytes", "a-packed": packed}, tmp_path / "mixed")
+    assert mixed.code == 5, mixed.stderr  # was exit 0, with the tar's bytes published as the raw file 'a'
+    assert "lands on 'a'" in mixed.event("failed")["error"]
+    assert not (tmp_path / "mixed").exists() or tree(tmp_path / "mixed") == {}
+
+    other = Blob(make_tar({"c/y.txt": b"other"}), f"{MODEL_DOC}.tar+gzip", {MODEL_FILEPATH: "a"})
+    both = _pull_after_push(registry, "org/bothpacked", {"a-one": packed, "a-two": other}, tmp_path / "both")
+    assert both.code == 5  # was one layer unpacked twice, the other never, named as a member clash
+    assert "lands on 'a'" in both.event("failed")["error"]
+
+
+def test_a_raw_layer_under_a_link_from_a_packed_one_is_exit_5(registry: Registry, tmp_path: Path) -> None:
+    """A file beside the packed layers is never written through a link one of them made."""
+    linked = Blob(
+        make_tar({"real/keep.txt": b"keep", "link": ("symlink", "real")}),
+        f"{MODEL_DOC}.tar+gzip",
+        {MODEL_FILEPATH: "real"},
+    )
+    run = _pull_after_push(registry, "org/linked", {"link/w.bin": b"weights", "real": linked}, tmp_path / "dest")
+    assert run.code == 5, run.stderr  # was exit 0, with the file at real/w.bin
+    assert "'link'" in run.event("failed")["error"]
+    assert not (tmp_path / "dest").exists() or tree(tmp_path / "dest") == {}
+
+
 def _pull_after_push(registry: Registry, repo: str, files: dict[str, bytes | Blob], dest: Path) -> Run:
     registry.push_modelpack(repo, "v1", files)
     return _pull(registry, registry.ref(repo, "v1"), dest)

@@ -139,7 +139,7 @@ class OciSource:
             entries = tuple(self._image_layers(document))
             return Manifest(entries, directory=True, identity=identity, note=note, image_subtree=self._oci_path)
         entries = tuple(self._entries(document))
-        check_layout([e for e in entries if not e.unpack], "layer")  # a packed layer's name is no file
+        check_layout(entries, "layer")
         return Manifest(entries, directory=True, identity=identity, note=note)
 
     def _manifest(self, reference: str, digest: str | None) -> tuple[str, bytes]:
