@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import structlog
 
 from fetcher import __version__, kserve, logs, memory
-from fetcher.config import BY_NAME, QuietParser, build_parser, resolve, unknown_env
+from fetcher.config import BY_NAME, QuietParser, Values, build_parser, resolve, unknown_env
 from fetcher.errors import (
     ArchiveError,
     FetcherError,
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logs.configure(config.run["log_format"], config.run["log_level"])
         for name in unknown_env(environ):
             log.warning("unknown env var ignored", name=name)
-        _take_kserve(config.kserve)
+        _take_kserve(config.kserve, config.artifacts)
         plan = build_plan(config)
         if config.run["dry_run"]:
             shown = []
@@ -148,13 +148,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_INTERNAL
 
 
-def _take_kserve(contract: kserve.Contract) -> None:
-    """KServe's environment: what boto3 reads set in this process's, and said, by name only."""
+def _take_kserve(contract: kserve.Contract, artifacts: list[Values]) -> None:
+    """KServe's environment: what boto3 reads set in this process's, and said, by name only
+    (with the ``<host>-headers`` variables that some artifact's source took)."""
     contract.export(os.environ)
-    if contract.honoured:  # boto3's and huggingface_hub's names alone are no sign of KServe
-        log.info(
-            "KServe settings read" if contract.kserve_own else "environment settings read",
-            names=list(contract.honoured),
+    hosts = sorted({a["from_kserve"]["headers"] for a in artifacts if "headers" in a.get("from_kserve", {})})
+    if names := [*contract.honoured, *hosts]:
+        log.info(  # boto3's and huggingface_hub's names alone are no sign of KServe
+            "KServe settings read" if contract.kserve_own else "environment settings read", names=names
         )
     if contract.unsupported:
         log.warning("KServe settings not supported, ignored", names=list(contract.unsupported))

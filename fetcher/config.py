@@ -233,8 +233,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "source",
         parse_source,
-        "the model: https://host/file, s3://bucket/key, s3://bucket/prefix/, hf://org/model[@revision], "
-        "file:///path or file:///dir/",
+        "the model: https://host/file, s3://bucket/key, s3://bucket/prefix/, hf://org/model[@revision] "
+        "(hf://datasets/org/name too), oci://registry/repo:tag or @sha256:..., file:///path or file:///dir/",
         metavar="URL",
     ),
     Option("dest", _path, "directory the model lands in (created if missing)", metavar="DIR"),
@@ -391,7 +391,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "cache_dir",
         _path,
-        "a cache every fetcher on the node shares (a hostPath): each file stored once by its sha256, "
+        "a cache every fetcher on the node shares (a hostPath): each file stored once by its digest, "
         "downloaded once however many pods ask at once, then hard-linked (or copied) into dest",
         metavar="DIR",
     ),

@@ -155,19 +155,22 @@ def check_layout(entries: Sequence[Entry], what: str) -> None:
 # --- selection -------------------------------------------------------------------
 
 
-def selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+def selected(path: str, include: Sequence[str], exclude: Sequence[str], *, directory: bool = False) -> bool:
     """huggingface_hub's allow_patterns / ignore_patterns, so patterns copied from there mean the same.
 
     fnmatch on the whole path (``*`` crosses ``/``, so ``*.json`` matches
     ``original/params.json``); a pattern ending in ``/`` means everything under
-    it; exclude wins over include.
+    it; exclude wins over include. A ``directory`` (a packed layer, whose files are
+    not known before it arrives) is matched by its name too: ``tok``, ``tok/`` and
+    ``tok/*`` all select it.
     """
 
     def matches(patterns: Sequence[str]) -> bool:
-        normal = (p.replace("\\", "/") for p in patterns)  # as huggingface_hub: a backslash is a separator
-        return any(fnmatch.fnmatchcase(name, p + "*" if p.endswith("/") else p) for p in normal)
+        normal = [p.replace("\\", "/") for p in patterns]  # as huggingface_hub: a backslash is a separator
+        return any(fnmatch.fnmatchcase(n, p + "*" if p.endswith("/") else p) for p in normal for n in names)
 
     name = path.replace("\\", "/")
+    names = (name, name + "/") if directory else (name,)
 
     return (not include or matches(include)) and not (exclude and matches(exclude))
 
@@ -242,7 +245,7 @@ def select(
     """The directory's files the user asked for, pinned to --sha256sums when given."""
     if not manifest.directory:
         return manifest
-    entries = [entry for entry in manifest.entries if selected(entry.path, include, exclude)]
+    entries = [e for e in manifest.entries if selected(e.path, include, exclude, directory=e.unpack)]
     left_out = len(manifest.entries) - len(entries)
     if sums is not None:
         wanted = {path: hex_ for path, hex_ in sums.items() if selected(path, include, exclude)}

@@ -456,6 +456,7 @@ def test_host_headers_from_the_https_secret(origin: Origin, tmp_path: Path) -> N
     run = run_fetcher(url, str(tmp_path / "d"), env=headers)
     assert run.code == 0, run.stderr
     assert origin.hits("/private/model.bin")[0].headers["X-Team"] == "ml"
+    assert "127.0.0.1-headers" in run.event("KServe settings read")["names"]  # the variable that took effect
     other = run_fetcher(url, str(tmp_path / "e"), env=headers | {"FETCHER_HEADERS": "X-Team: other"})
     assert other.code == 3  # FETCHER_HEADERS wins, whole
     for output in (plan, run, other):

@@ -230,6 +230,15 @@ def test_oras_files_land_by_their_title_and_a_directory_unpacks_as_oras_does(
     unpacked = {"tokenizer/tokenizer.json": b'{"v": 1}', "tokenizer/sub/merges.txt": b"a b"}
     assert tree(tmp_path / "files") == files | unpacked  # tokenizer/tokenizer.json, not tokenizer/tokenizer/...
 
+    # A packed directory is selected by its name, as the directory it is (its files are not known before).
+    for n, pattern in enumerate(["tokenizer/", "tokenizer/*", "tokenizer"]):
+        chosen = _pull(registry, registry.ref("org/files", "v1"), tmp_path / f"only-{n}", "--include", pattern)
+        assert chosen.code == 0, chosen.stderr  # 'tokenizer/' was exit 2: nothing to fetch
+        assert tree(tmp_path / f"only-{n}") == unpacked
+    left = _pull(registry, registry.ref("org/files", "v1"), tmp_path / "left", "--exclude", "tokenizer/")
+    assert left.code == 0, left.stderr
+    assert tree(tmp_path / "left") == files
+
 
 def test_modelpack_tar_layers_unpack_at_the_root_and_a_hostile_one_is_exit_5(
     registry: Registry, tmp_path: Path
