@@ -475,8 +475,11 @@ class _Fetch:
             ]
             record = Record(manifest.identity, None, total, "directory", objects, self._selection())
             marker = publish(artifact, staging, record, self.siblings)
-        except ArchiveError:
-            spool.discard()
+        except BaseException as exc:
+            # Kept for a restart to resume from, unless its bytes are useless or there are none:
+            # a failed first run leaves dest as it found it.
+            if isinstance(exc, ArchiveError) or spool.size() == 0:
+                spool.discard()
             raise
         spool.discard()
         if cache is not None and artifact.cache_max_size is not None:

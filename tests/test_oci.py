@@ -278,6 +278,19 @@ def test_a_corrupted_blob_is_exit_4_and_nothing_is_published(registry: Registry,
     assert not (tmp_path / "dest" / "model.safetensors").exists()
 
 
+def test_a_layer_missing_from_the_registry_is_exit_3_and_a_first_run_leaves_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    registry.push_modelpack("org/gone", "v1", MODEL)
+    registry.blob_path("sha256:" + sha256(WEIGHTS)).unlink()
+
+    run = _pull(registry, registry.ref("org/gone", "v1"), tmp_path / "dest")
+
+    assert run.code == 3
+    assert "is missing from" in run.event("failed")["error"]
+    assert not (tmp_path / "dest").exists()  # was dest/.fetcher, its lock and empty .incomplete files
+
+
 @pytest.mark.fault("a missing tag", exit=3, area="oci")
 def test_a_missing_tag_is_exit_3_naming_it(registry: Registry, tmp_path: Path) -> None:
     registry.push_modelpack("org/llama", "v1", MODEL)
