@@ -73,6 +73,8 @@ class Entry:
     def describe(self) -> dict[str, Any]:
         shown: dict[str, Any] = {"path": self.path, "size": self.size}
         shown["checksum"] = f"{self.digest} (from {self.digest.origin})" if self.digest else "(none: unverified)"
+        if self.unpack:  # a tar, not a file of that name: its members land at their own paths
+            shown["unpacked"] = "at the root, its members at their own paths"
         return shown
 
 

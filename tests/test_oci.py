@@ -235,6 +235,9 @@ def test_oras_files_land_by_their_title_and_a_directory_unpacks_as_oras_does(
         chosen = _pull(registry, registry.ref("org/files", "v1"), tmp_path / f"only-{n}", "--include", pattern)
         assert chosen.code == 0, chosen.stderr  # 'tokenizer/' was exit 2: nothing to fetch
         assert tree(tmp_path / f"only-{n}") == unpacked
+    plan = _pull(registry, registry.ref("org/files", "v1"), tmp_path / "plan", "--dry-run")
+    shown = {f["path"]: f for f in json.loads(plan.stdout)["artifacts"][0]["files"]}
+    assert "unpacked" in shown["tokenizer"] and "unpacked" not in shown["config.json"]  # a tar, not a file
     left = _pull(registry, registry.ref("org/files", "v1"), tmp_path / "left", "--exclude", "tokenizer/")
     assert left.code == 0, left.stderr
     assert tree(tmp_path / "left") == files
@@ -298,6 +301,9 @@ def test_a_missing_tag_is_exit_3_naming_it(registry: Registry, tmp_path: Path) -
     assert run.code == 3
     assert "org/llama:v9 was not found" in run.event("failed")["error"]
     assert run.all("retrying") == []
+    nameless = _pull(registry, registry.ref("org/nosuch", "v1"), tmp_path / "nosuch")
+    assert nameless.code == 3  # the HEAD's 404 cannot say which is missing: both are named
+    assert "check the repository's name and the tag" in nameless.event("failed")["error"]
 
 
 def test_https_to_a_plain_http_registry_is_exit_3_pointing_at_the_flag(registry_http: Registry, tmp_path: Path) -> None:

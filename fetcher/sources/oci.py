@@ -87,6 +87,8 @@ REGISTRY_ERRORS: dict[str, str] = {
     "UNAUTHORIZED": "{registry} refused access to {repo} (UNAUTHORIZED): check --registry-auth-file",
     "DENIED": "{registry} denied access to {repo} (DENIED): check --registry-auth-file",
 }
+# A 404 to a manifest HEAD, which has no body to say whether the repository or the tag is missing.
+NOT_FOUND = "{ref} was not found in {registry} (HTTP 404): check the repository's name and the tag or digest"
 
 
 class OciSource:
@@ -243,11 +245,12 @@ class OciSource:
         if code is None and response.status_code == 401:
             code = "UNAUTHORIZED"
         elif code is None and response.status_code == 404:  # a HEAD has no body to say which
-            code = "MANIFEST_UNKNOWN" if "/manifests/" in str(response.request.url) else "BLOB_UNKNOWN"
+            code = "NOT_FOUND" if "/manifests/" in str(response.request.url) else "BLOB_UNKNOWN"
         if code is None:
             return None
         ref = self.ref.repository + ("@" if self.ref.digest else ":") + self.ref.reference
-        return FetchError(REGISTRY_ERRORS[code].format(ref=ref, repo=self.ref.repository, registry=self.ref.registry))
+        text = NOT_FOUND if code == "NOT_FOUND" else REGISTRY_ERRORS[code]
+        return FetchError(text.format(ref=ref, repo=self.ref.repository, registry=self.ref.registry))
 
     def close(self) -> None:
         self._client.close()
