@@ -278,7 +278,12 @@ OPTIONS: tuple[Option, ...] = (
         "strip_components", parse_count, "drop this many leading path components from archive members", 0, metavar="N"
     ),
     Option("owner", parse_owner, "chown everything published", metavar="UID[:GID]"),
-    Option("file_mode", parse_mode, "mode of every published file", metavar="OCTAL"),
+    Option(
+        "file_mode",
+        parse_mode,
+        "mode of every published file (else an archive member's own, 0644 for a file downloaded as it is)",
+        metavar="OCTAL",
+    ),
     Option("dir_mode", parse_mode, "mode of every published directory", metavar="OCTAL"),
     Option(
         "headers",

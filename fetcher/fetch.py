@@ -43,7 +43,7 @@ from fetcher.spool import FILE_MODE, ArtifactSpool
 from fetcher.unpack import check_links, show
 
 if TYPE_CHECKING:
-    from fetcher.pool import DirectoryTransfer
+    from fetcher.pool import DirectoryTransfer, Published
     from fetcher.sources import Source
 
 log = structlog.get_logger("fetcher")
@@ -440,13 +440,24 @@ class _Fetch:
         )
         try:
             slots = transfer.run()
-            if transfer.unverified:
+            unverified = set(transfer.unverified)
+            objects = [
+                {
+                    "path": e.path,
+                    "size": e.size,
+                    "digest": str(e.digest) if e.digest else transfer.digests.get(e.path),
+                    "verified": e.path not in unverified and (e.digest is not None or e.path in transfer.digests),
+                    "pin": e.pin,
+                }
+                for e in entries
+            ]
+            if not_verified := [o["path"] for o in objects if not o["verified"]]:
                 log.warning(
                     "files not verified",
                     source=artifact.display_source,
-                    count=len(transfer.unverified),
+                    count=len(not_verified),
                     of=len(entries),
-                    first=transfer.unverified[:3],
+                    first=not_verified[:3],
                     hint="give --sha256sums; S3 objects uploaded with a SHA-256 checksum are checked against it",
                 )
             if cache is not None:
@@ -462,17 +473,6 @@ class _Fetch:
                 if not entry.unpack:
                     _check_free(tree, entry.path)
                     spool.link_into(slots[entry.path], tree / entry.path)
-            unverified = set(transfer.unverified)
-            objects = [
-                {
-                    "path": e.path,
-                    "size": e.size,
-                    "digest": str(e.digest) if e.digest else transfer.digests.get(e.path),
-                    "verified": e.path not in unverified and (e.digest is not None or e.path in transfer.digests),
-                    "pin": e.pin,
-                }
-                for e in entries
-            ]
             record = Record(manifest.identity, None, total, "directory", objects, self._selection())
             marker = publish(artifact, staging, record, self.siblings)
         except BaseException as exc:
@@ -493,7 +493,7 @@ class _Fetch:
             identity=manifest.identity,
             files=marker.files,
             fetched=len(entries) - transfer.kept - transfer.copies - transfer.from_cache,
-            verified=len(entries) - len(transfer.unverified),
+            verified=len(entries) - len(not_verified),
             size=total,
             entries=marker.entries[:10],
             seconds=round(seconds, 2),
@@ -561,22 +561,27 @@ class _Fetch:
                 cache=str(cache.node.root),
             )
 
-    def _published(self, earlier: Marker | None) -> dict[tuple[str, str], tuple[Path, str | None]]:
-        """The files the last publish left in dest as it made them, and as this one would leave them.
+    def _published(self, earlier: Marker | None) -> dict[tuple[str, str], Published]:
+        """The files the last publish left in dest as it made them.
 
-        Keyed by (path, expected digest) for a verified file, else by (path, "pin:" its version);
-        each with where it is and the digest it had when published.
+        Keyed by (path, expected digest) for a verified file, and by (path, "pin:" its version)
+        for any with a version: a listing may give the version alone (S3's does not carry the
+        checksum a GET then verified).
         """
+        from fetcher.pool import Published
+
         if earlier is None or earlier.format != "directory":
             return {}
-        found: dict[tuple[str, str], tuple[Path, str | None]] = {}
+        found: dict[tuple[str, str], Published] = {}
         for o in earlier.objects:
             if stale_file(self.artifact.dest, o["path"], earlier) is not None:
                 continue
-            if not _settled_as_asked(self.artifact.dest / o["path"], self.artifact):
-                continue
-            key = o["digest"] if o.get("verified") else f"pin:{o.get('pin')}"
-            found[(o["path"], str(key))] = (self.artifact.dest / o["path"], o.get("digest"))
+            path = self.artifact.dest / o["path"]
+            kept = Published(path, o.get("digest"), bool(o.get("verified")), _settled_as_asked(path, self.artifact))
+            if o.get("verified"):
+                found[(o["path"], str(o["digest"]))] = kept
+            if o.get("pin") is not None or not o.get("verified"):
+                found[(o["path"], f"pin:{o.get('pin')}")] = kept
         return found
 
     def _selection(self) -> dict[str, Any]:
@@ -627,9 +632,9 @@ def _digest_of(sums: dict[str, str] | None) -> str | None:
 def _settled_as_asked(path: Path, artifact: Artifact) -> bool:
     """Whether a published file already has the mode and owner this publish gives its files.
 
-    Only such a file may be kept by a hard link into staging: the publish sets mode and owner
-    on what it stages, which through a link would change the live model before the publish
-    (even one that then fails), or leave an owner or mode the run no longer asks for.
+    Only such a file may be kept by a hard link into staging (else it is copied): the publish
+    sets mode and owner on what it stages, which through a link would change the live model
+    before the publish (even one that then fails), or leave an owner or mode the run no longer asks for.
     """
     try:
         info = os.lstat(path)

@@ -64,6 +64,16 @@ class PoolSettings:
     split_below: float  # bytes/s: a large file whose first part arrives slower is split (--split-below)
 
 
+@dataclass(frozen=True)
+class Published:
+    """A file the last publish of this artifact left in dest, as its marker records it."""
+
+    path: Path
+    digest: str | None  # "algorithm:hex" of its bytes when published
+    verified: bool  # then checked against a digest its source vouched for (S3's checksum, the hub's)
+    linkable: bool  # already with the mode and owner this publish gives: hard-linked, else copied
+
+
 @dataclass
 class _File:
     """One file on its way: its parts, and how far its hash has got."""
@@ -94,7 +104,7 @@ class DirectoryTransfer:
         settings: PoolSettings,
         on_bytes: Callable[[int], None],
         on_file: Callable[[int | None, bool], None],
-        published: dict[tuple[str, str], tuple[Path, str | None]] | None = None,
+        published: dict[tuple[str, str], Published] | None = None,
         cache: CachedArtifact | None = None,
     ) -> None:
         self._source = source
@@ -121,7 +131,8 @@ class DirectoryTransfer:
     def run(self) -> dict[str, str]:
         slots: dict[str, str] = {}
         todo: list[_File] = []
-        planned: set[str] = set()
+        planned: dict[str, str] = {}  # slot -> the path that fetches it
+        twins: dict[str, str] = {}  # path -> the path whose fetch also fills its slot
         for entry in self._manifest.entries:
             reader = One(self._source, entry, directory=True)
             slot = self._spool.slot(entry)
@@ -132,6 +143,7 @@ class DirectoryTransfer:
                 self._on_file(entry.size, False)
                 continue
             if slot in planned:  # the same bytes under another path: fetched once, linked to both
+                twins[entry.path] = planned[slot]
                 self.copies += 1
                 self.kept_bytes += entry.size or 0
                 self._on_file(entry.size, False)
@@ -140,7 +152,7 @@ class DirectoryTransfer:
             if cached is not None and self._from_cache(entry, slot, cached):
                 self._on_file(entry.size, False)
                 continue
-            planned.add(slot)
+            planned[slot] = entry.path
             todo.append(_File(entry, reader, slot, digest=entry.digest, cached=cached))
         if self.kept:
             log.info("resuming", source=self._source.display, files_verified_before=self.kept, files_to_fetch=len(todo))
@@ -173,26 +185,33 @@ class DirectoryTransfer:
                     job.held.close()
         if self._error is not None:
             raise self._error
+        for path, fetched in twins.items():  # verified, or not, as the file fetched for both was
+            if fetched in self.digests:
+                self.digests[path] = self.digests[fetched]
+            if fetched in self.unverified:
+                self.unverified.append(path)
         return slots
 
     def _reuse(self, entry: Entry, slot: str) -> bool:
         """A file the last publish of this artifact left in dest, unchanged at the source (a branch
         moved, the shards did not; one object of a prefix changed, the others did not): hashed again
-        where it stands, then linked into the spool, not downloaded.
+        where it stands, then put in the spool, not downloaded.
 
         A file with an expected digest must have it; one without must be the same version
-        (its ETag or mtime) and still hash to what was recorded when it was published.
+        (its ETag or mtime) and still hash to what was recorded when it was published, and
+        stays verified if it was (an S3 object checked against its checksum). It is hard-linked
+        when it already has this run's mode and owner, else copied: the publish sets them on
+        what it stages, and through a link that would change the live model before the publish.
         """
         key = str(entry.digest) if entry.digest is not None else f"pin:{entry.pin}"
         if (found := self._published.get((entry.path, key))) is None or (entry.digest is None and entry.pin is None):
             return False
-        path, recorded = found
-        algorithm, _, expected = (str(entry.digest) if entry.digest is not None else recorded or "").partition(":")
+        algorithm, _, expected = (str(entry.digest) if entry.digest is not None else found.digest or "").partition(":")
         if not expected:
             return False
         hasher = Hasher(algorithm, entry.size)
         try:
-            with open(path, "rb") as file:
+            with open(found.path, "rb") as file:
                 while chunk := file.read(CHUNK_SIZE):
                     hasher.update(chunk)
         except OSError:
@@ -201,8 +220,9 @@ class DirectoryTransfer:
             return False
         if entry.digest is None:
             self.digests[entry.path] = f"{algorithm}:{expected}"
-            self.unverified.append(entry.path)
-        return self._spool.take(path, slot)
+            if not found.verified:
+                self.unverified.append(entry.path)
+        return self._spool.take(found.path, slot, link=found.linkable)
 
     # --- the node cache ----------------------------------------------------------------
 

@@ -115,15 +115,21 @@ class ArtifactSpool:
             raise local_error(exc, f"writing the download spool in {self.directory}") from exc
         return target
 
-    def take(self, published: Path, slot: str) -> bool:
-        """A verified file already in dest takes its slot too (a hard link, no copy); False if it cannot."""
+    def take(self, published: Path, slot: str, *, link: bool = True) -> bool:
+        """A verified file already in dest takes its slot too: a hard link, or with ``link=False`` a
+        copy of its own (at FILE_MODE, as a download's); False if it cannot."""
         target = self.complete(slot)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(published, target)
+            if link:
+                os.link(published, target)
+            else:
+                copy = self.incomplete(slot)
+                shutil.copyfile(published, copy)
+                self.finish(copy, slot)
         except FileExistsError:
             return True
-        except OSError:
+        except (OSError, LocalFilesystemError):
             return False
         return True
 

@@ -7,6 +7,7 @@ decide what may arrive).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -404,6 +405,9 @@ def test_sha256sums_from_s3_and_from_https(s3: S3, tmp_path: Path, origin: Origi
 def test_a_changed_prefix_fetches_only_the_object_that_changed(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
     files = {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000, "c.bin": b"c" * 1000}
     source = _bucket(s3, "dir-one-changed", files)
+    s3.client.put_object(
+        Bucket="dir-one-changed", Key="models/llama/c.bin", Body=files["c.bin"], ChecksumAlgorithm="SHA256"
+    )
     dest = tmp_path / "dest"
     assert run_fetcher("--source", source, "--dest", str(dest), env=s3_front.env).code == 0
     s3.put("dir-one-changed", "models/llama/b.bin", b"B" * 1000)
@@ -412,8 +416,11 @@ def test_a_changed_prefix_fetches_only_the_object_that_changed(s3: S3, s3_front:
     assert run.code == 0, run.stderr
     assert tree(dest) == files | {"b.bin": b"B" * 1000}
     objects = [r.path for r in s3_front.requests[before:] if r.method == "GET" and "list-type" not in r.path]
-    assert objects == ["/dir-one-changed/models/llama/b.bin"]
+    assert objects == ["/dir-one-changed/models/llama/b.bin"]  # c.bin, verified by its S3 checksum, was fetched again
     assert run.event("published")["fetched"] == 1
+    assert run.event("published")["verified"] == 1  # c.bin still: its bytes are those S3 vouched for
+    marker = json.loads(next((dest / ".fetcher").glob("*.json")).read_text())
+    assert {o["path"]: o["verified"] for o in marker["objects"]} == {"a.bin": False, "b.bin": False, "c.bin": True}
 
 
 @pytest.mark.fault(
@@ -468,6 +475,7 @@ def test_a_kept_file_takes_this_runs_owner_and_mode_and_a_failed_run_touches_non
     dropped = run_fetcher(*source)
     assert dropped.code == 0, dropped.stderr
     assert owners_and_modes() == {(os.geteuid(), os.getegid(), "0o644")}  # was 1000:1000 0600, kept as it stood
+    assert dropped.event("published")["fetched"] == 0  # copied where they stand, not read from the source again
 
     (folder / "new.txt").write_bytes(b"new")
     (dest / "new.txt").write_bytes(b"not fetcher's")  # the publish will refuse to replace it
@@ -475,3 +483,54 @@ def test_a_kept_file_takes_this_runs_owner_and_mode_and_a_failed_run_touches_non
     assert failed.code == 6, failed.stderr
     assert owners_and_modes() == {(os.geteuid(), os.getegid(), "0o644")}  # was 4321:4321 0640 before the publish
     assert tree(dest) == {**MODEL, "new.txt": b"not fetcher's"}
+
+
+@pytest.mark.fault("a folder's file written to while it is copied: exit 3, nothing published", exit=3, area="directory")
+def test_a_folder_file_written_while_it_is_read_is_never_published(tmp_path: Path) -> None:
+    """A copy onto the volume still running: fetcher is stopped (SIGSTOP) the moment it has the file
+    open, the file is written at its start and its end, then fetcher goes on. It would read the old
+    start and the new end, a file that never existed."""
+    folder, dest = tmp_path / "pvc", tmp_path / "dest"
+    folder.mkdir()
+    big = folder / "model.safetensors"
+    with big.open("wb") as file:
+        file.truncate(128 * 2**20)  # sparse: read at page-cache speed, so the stop is what makes the window
+    run = Background("--source", f"file://{folder}/", "--dest", str(dest), "--concurrency", "1")
+    pid, opened = run.process.pid, None
+    deadline = time.monotonic() + 30
+    while opened is None and time.monotonic() < deadline and run.process.poll() is None:
+        with contextlib.suppress(OSError):
+            opened = next(
+                (fd for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}") == str(big)), None
+            )
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert opened is not None, "fetcher never opened the file"
+        position = int(Path(f"/proc/{pid}/fdinfo/{opened}").read_text().split()[1])
+        assert position < big.stat().st_size - 2**20, "the stop came after the read: the case tests nothing"
+        with big.open("r+b") as file:
+            file.write(b"new start")
+            file.seek(-9, os.SEEK_END)
+            file.write(b"new end..")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    done = run.finish()
+    assert done.code == 3, done.stderr  # was exit 0, the old start and the new end published as one file
+    assert "changed while it was being read" in done.event("failed")["error"]
+    assert not (dest / "model.safetensors").exists()
+
+
+def test_a_link_in_a_folder_is_counted_and_recorded_as_the_file_it_copies(tmp_path: Path) -> None:
+    folder, dest = tmp_path / "pvc", tmp_path / "dest"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(b"{}")
+    (folder / "config-link.json").symlink_to("config.json")  # one file's bytes under two paths: read once
+    run = run_fetcher("--source", f"file://{folder}/", "--dest", str(dest))
+    assert run.code == 0, run.stderr
+    assert (run.event("files not verified")["count"], run.event("published")["verified"]) == (2, 0)  # was 1 and 1
+    marker = json.loads(next((dest / ".fetcher").glob("*.json")).read_text())
+    digest = f"sha256:{sha256(b'{}')}"
+    assert {o["path"]: (o["digest"], o["verified"]) for o in marker["objects"]} == {
+        "config.json": (digest, False),
+        "config-link.json": (digest, False),  # its digest was null
+    }

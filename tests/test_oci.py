@@ -290,7 +290,7 @@ def test_a_layer_missing_from_the_registry_is_exit_3_and_a_first_run_leaves_noth
     run = _pull(registry, registry.ref("org/gone", "v1"), tmp_path / "dest")
 
     assert run.code == 3
-    assert "is missing from" in run.event("failed")["error"]
+    assert "is missing from" in run.event("failed")["error"], run.stderr
     assert not (tmp_path / "dest").exists()  # was dest/.fetcher, its lock and empty .incomplete files
 
 

@@ -92,15 +92,20 @@ class FileSource:
             handle.seek(start)
             described = ObjectInfo(size=info.st_size, ranges=True, version=f"{pin[0]}-{pin[1]}")
             limit = (end if end is not None else info.st_size) - start
-            yield Body(described, start, self._chunks(handle, limit, display), partial=True)
+            yield Body(described, start, self._chunks(handle, limit, display, pin), partial=True)
 
-    def _chunks(self, handle: BinaryIO, limit: int, display: str) -> Iterator[bytes]:
+    def _chunks(self, handle: BinaryIO, limit: int, display: str, pin: tuple[int, int]) -> Iterator[bytes]:
+        """The bytes, then a last look at the file: a write while they were read (a copy onto the
+        volume still running) gives bytes of two versions, which are never published."""
         try:
             while limit > 0 and (chunk := handle.read(min(CHUNK_SIZE, limit))):
                 limit -= len(chunk)
                 yield chunk
+            info = os.fstat(handle.fileno())
         except OSError as exc:
             raise FetchError(f"cannot read {display}: {exc.strerror}") from exc
+        if (info.st_size, info.st_mtime_ns) != pin:
+            raise SourceChangedError(f"{display} changed while it was being read")
 
     def close(self) -> None:
         pass
