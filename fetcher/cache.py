@@ -40,6 +40,8 @@ import os
 import shutil
 import stat
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -351,8 +353,10 @@ class NodeCache:
                 os.link(blob, aside)
                 os.replace(aside, staged)
                 return
-            if held is not None:
-                return  # held with another mode, or damaged: left to a hit to find
+            if held:
+                return  # held with another mode: that entry serves as well
+            if held is False:  # damaged: what was just verified takes its place, for the next hit
+                self.remove(key)
             blob.parent.mkdir(exist_ok=True)
             if copy:
                 _copy(staged, blob, mode)
@@ -368,13 +372,21 @@ class NodeCache:
             self._record(key, {"size": info.st_size, "mtime_ns": info.st_mtime_ns})
 
     def place_tree(
-        self, entries: list[dict[str, Any]], target: Path, *, mode: int | None, owner: tuple[int, int | None] | None
+        self,
+        entries: list[dict[str, Any]],
+        target: Path,
+        *,
+        mode: int | None,
+        owner: tuple[int, int | None] | None,
+        waiting: Callable[[float], None],
     ) -> bool:
         """Make a kept tree again at ``target`` from the cache; False when a file is missing or damaged.
 
         The listing comes from a directory other pods may write: each path is checked as a
         listed object's is, nothing is made under a symlink, and the symlinks are checked as
-        an archive's are, by the caller, once the tree stands.
+        an archive's are, by the caller, once the tree stands. A file another fetcher is storing
+        or evicting is waited for (``waiting`` is told for how long, at each look): a moment,
+        where giving up would download and unpack the whole archive again.
         """
         dirs: list[tuple[Path, int]] = []
         try:
@@ -389,9 +401,10 @@ class NodeCache:
                     os.symlink(str(entry["link"]), path)
                 else:
                     key, wanted = str(entry.get("key")), int(entry.get("mode", 0o444)) & 0o555
-                    lock = self.try_lock(key, exclusive=False)
-                    if lock is None:
-                        return False
+                    started = time.monotonic()
+                    while (lock := self.try_lock(key, exclusive=False)) is None:
+                        waiting(time.monotonic() - started)
+                        time.sleep(POLL)
                     with lock:
                         if not self.check(key):
                             return False

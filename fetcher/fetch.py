@@ -40,7 +40,7 @@ from fetcher.publish import (
     workspace,
 )
 from fetcher.spool import FILE_MODE, ArtifactSpool
-from fetcher.unpack import check_links, show
+from fetcher.unpack import Budget, check_links, show
 
 if TYPE_CHECKING:
     from fetcher.pool import DirectoryTransfer, Published
@@ -236,12 +236,17 @@ class _Fetch:
         """
         artifact = self.artifact
         name = tree_name(sha256, json.dumps([artifact.extract, artifact.filename, artifact.strip_components]))
-        started, said = time.monotonic(), None
-        while (lock := node.try_lock(name, exclusive=True)) is None:
-            if say_waiting(waited := time.monotonic() - started, said, artifact.progress_interval):
-                said = waited
+        said: list[float] = []
+
+        def waiting(waited: float) -> None:
+            if say_waiting(waited, said[-1] if said else None, artifact.progress_interval):
+                said.append(waited)
                 held_by = "another fetcher on this node"
                 log.info("waiting for", source=artifact.display_source, held_by=held_by, waited_s=round(waited, 1))
+
+        started = time.monotonic()
+        while (lock := node.try_lock(name, exclusive=True)) is None:
+            waiting(time.monotonic() - started)
             time.sleep(POLL)
         with lock:
             kept = node.tree(name)
@@ -249,7 +254,13 @@ class _Fetch:
             if kept is not None:
                 tree.mkdir()
                 why = "a file of it is missing or damaged"
-                if node.place_tree(kept["entries"], tree, mode=artifact.file_mode, owner=artifact.owner):
+                said.clear()
+                placed = node.place_tree(
+                    kept["entries"], tree, mode=artifact.file_mode, owner=artifact.owner, waiting=waiting
+                )
+                if placed:
+                    if kept.get("format") != "file":  # what unpacking the archive would refuse, a hit refuses
+                        _check_limits(kept["entries"], tree, artifact)
                     try:
                         check_links(tree)  # the cache is a hostPath: what another pod wrote there is checked
                         return self._from_tree(node, kept, staging)
@@ -643,6 +654,19 @@ def _settled_as_asked(path: Path, artifact: Artifact) -> bool:
     uid, gid = artifact.owner if artifact.owner is not None else (os.geteuid(), os.getegid())
     mode = FILE_MODE if artifact.file_mode is None else artifact.file_mode
     return stat.S_IMODE(info.st_mode) == mode and info.st_uid == uid and gid in (None, info.st_gid)
+
+
+def _check_limits(entries: list[dict[str, Any]], tree: Path, artifact: Artifact) -> None:
+    """A cached archive's tree against --max-members and --max-unpacked-size, as its unpack was.
+
+    Raises:
+        ArchiveError: the tree has more members, or more bytes, than this run allows (exit 5).
+    """
+    budget = Budget(artifact.max_unpacked_size, artifact.max_members)
+    for entry in entries:
+        budget.member()
+        if "key" in entry:
+            budget.take(os.lstat(tree / str(entry["path"])).st_size)
 
 
 def _check_free(tree: Path, path: str) -> None:

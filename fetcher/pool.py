@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,10 +236,30 @@ class DirectoryTransfer:
             return None
         with lock:
             key = node.resolve(name)
-            if key is None or not node.check(key):
+            if key is None:
                 return False
-            self._hit(entry, slot, key)
+            with self._key_held(name, key) as held:
+                if not held:
+                    return None
+                if not node.check(key):
+                    return False
+                self._hit(entry, slot, key)
         return True
+
+    @contextlib.contextmanager
+    def _key_held(self, name: str, key: str) -> Iterator[bool]:
+        """The entry an alias names, held shared too while it is read: an eviction locks keys, not
+        aliases, and must not remove the blob between its check and its placing. False if busy."""
+        assert self._cache is not None
+        if key == name:  # the caller's lock is the key's
+            yield True
+            return
+        lock = self._cache.node.try_lock(key, exclusive=False)
+        if lock is None:
+            yield False
+            return
+        with lock:
+            yield True
 
     def _hit(self, entry: Entry, slot: str, key: str) -> None:
         """A file the cache holds (the caller holds its lock): placed in its slot, and counted."""
@@ -266,14 +286,15 @@ class DirectoryTransfer:
             return self._later(job)
         try:
             key = node.resolve(name)  # another fetcher may have stored it meanwhile
-            state = node.check(key) if key is not None else None
-            if key is not None and state:
-                self._hit(job.entry, job.slot, key)
-                lock.close()
-                return self._file_done(job, fetched=False)
-            if key is not None and state is False:  # not as it was stored: fetched again, never served
-                log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
-                node.remove(key)
+            with self._key_held(name, key or name) as held:
+                state = node.check(key) if key is not None and held else None
+                if key is not None and state:
+                    self._hit(job.entry, job.slot, key)
+                    lock.close()
+                    return self._file_done(job, fetched=False)
+                if key is not None and state is False:  # not as it was stored: fetched again, never served
+                    log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
+                    node.remove(key)
         except BaseException:
             lock.close()
             raise

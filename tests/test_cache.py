@@ -309,6 +309,41 @@ def test_fetchers_of_one_archive_at_once_download_it_once(origin: Origin, tmp_pa
     assert os.readlink(tmp_path / "pod2" / "model" / "latest") == "weights.bin"
 
 
+def test_a_cached_archive_is_held_to_this_runs_unpack_limits(origin: Origin, tmp_path: Path) -> None:
+    archive = make_tar(ARCHIVE_MODEL)
+    args = (*_archive_args(origin, archive), "--cache-dir", str(tmp_path / "cache"))
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a")).code == 0
+    asked = len(origin.requests)
+    for n, limit in enumerate([("--max-members", "2"), ("--max-unpacked-size", "1Mi")]):
+        run = run_fetcher(*args, *limit, "--dest", str(tmp_path / f"limited{n}"))
+        assert run.code == 5, run.stderr  # was exit 0: a cache hit published what unpacking refuses
+        assert f"({limit[0]})" in run.error
+        assert not (tmp_path / f"limited{n}").exists() or tree(tmp_path / f"limited{n}") == {}
+    assert len(origin.requests) == asked  # refused from what the cache holds, without a download
+
+
+def test_a_cached_archive_waits_for_a_file_another_fetcher_holds_a_moment(origin: Origin, tmp_path: Path) -> None:
+    """A file of the tree being stored or evicted by another fetcher: it was 'cache entry unusable',
+    and the whole archive downloaded and unpacked again. It is waited for, as an entry is."""
+    archive = make_tar(ARCHIVE_MODEL)
+    args = (*_archive_args(origin, archive), "--cache-dir", str(tmp_path / "cache"))
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a")).code == 0
+    asked = len(origin.requests)
+    weights = sha256(ARCHIVE_FILES["model/weights.bin"])
+    fd = os.open(tmp_path / "cache" / "locks" / f"sha256-{weights}", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another fetcher storing or evicting weights.bin
+    try:
+        run = Background(*args, "--dest", str(tmp_path / "b"))
+        run.wait_for("waiting for")
+    finally:
+        os.close(fd)
+    done = run.finish(timeout=30)
+    assert done.code == 0, done.stderr
+    assert done.event("cache hit") and done.all("cache entry unusable: fetching again") == []
+    assert len(origin.requests) == asked
+    assert tree(tmp_path / "b") == ARCHIVE_FILES
+
+
 def test_an_archive_with_a_damaged_file_in_the_cache_is_fetched_again(origin: Origin, tmp_path: Path) -> None:
     archive = make_tar(ARCHIVE_MODEL)
     args = (*_archive_args(origin, archive), "--cache-dir", str(tmp_path / "cache"))
@@ -325,6 +360,11 @@ def test_an_archive_with_a_damaged_file_in_the_cache_is_fetched_again(origin: Or
     assert "missing or damaged" in run.event("cache entry unusable: fetching again")["reason"]
     assert len(origin.requests) > asked
     assert tree(tmp_path / "b") == ARCHIVE_FILES
+
+    repaired = run_fetcher(*args, "--dest", str(tmp_path / "c"))  # the download put the entry right
+    assert repaired.code == 0, repaired.stderr
+    assert repaired.all("cache entry unusable: fetching again") == [] and repaired.event("cache hit")
+    assert tree(tmp_path / "c") == ARCHIVE_FILES
 
 
 @pytest.mark.parametrize(
@@ -404,6 +444,27 @@ def test_files_without_a_digest_are_downloaded_once_too(s3: S3, s3_front: S3Fron
         assert tree(tmp_path / f"pod{i}") == MODEL
     for name in MODEL:
         assert _gets(s3_front, name) == [""], name
+
+
+def test_an_entry_under_an_alias_is_not_read_while_an_eviction_holds_it(tmp_path: Path) -> None:
+    """A file with no digest is cached under an alias of its source; an eviction locks the entry's key.
+    A hit took only the alias's lock, so an eviction could remove the blob between its check and its
+    placing: exit 6 (a fault hunt's 6 runs in 15). It now waits for the key as for a download."""
+    folder, cache = tmp_path / "pvc", tmp_path / "cache"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"weights")
+    args = ("--source", f"file://{folder}/", "--cache-dir", str(cache))
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a")).code == 0
+    fd = os.open(cache / "locks" / f"sha256-{sha256(b'weights')}", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # an eviction deciding whether to remove it
+    try:
+        run = Background(*args, "--dest", str(tmp_path / "b"))
+        run.wait_for("waiting for")  # was a hit at once, read under the alias's lock alone
+    finally:
+        os.close(fd)
+    done = run.finish(timeout=30)
+    assert done.code == 0, done.stderr
+    assert tree(tmp_path / "b") == {"model.bin": b"weights"} and done.event("cache hit")
 
 
 def test_two_folders_with_the_same_names_sizes_and_times_do_not_share_files(tmp_path: Path) -> None:

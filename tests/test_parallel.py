@@ -241,7 +241,7 @@ def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin,
         code = process.wait(timeout=15)  # not the 60 s the server stays silent, nor the 120 s timeout
     finally:
         process.kill()
-    assert code == 143
+    assert code == 143, process.stderr.read()
     assert tree(tmp_path) == {}
 
 

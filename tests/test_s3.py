@@ -59,6 +59,14 @@ def test_an_unreachable_endpoint_is_retried_then_exit_3(tmp_path: Path) -> None:
     assert len(run.all("retrying")) == 1
 
 
+def test_an_endpoint_without_its_scheme_is_exit_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {"AWS_ENDPOINT_URL": "minio.local:9000", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    run = run_fetcher("--source", "s3://b/k", "--dest", str(tmp_path / "d"), env=env)
+    assert run.code == 2, run.stderr  # was exit 1, an internal error with a traceback
+    assert run.error == "the S3 endpoint 'minio.local:9000' is not a URL: set AWS_ENDPOINT_URL to http(s)://host[:port]"
+    assert "Traceback" not in run.stderr
+
+
 def test_the_aws_secret_never_reaches_the_logs(s3: S3, tmp_path: Path) -> None:
     run = run_fetcher("--source", "s3://models/absent", "--dest", str(tmp_path), env=s3.env)
     assert run.code == 3

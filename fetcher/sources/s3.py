@@ -171,7 +171,13 @@ def _client(core: botocore.session.Session, config: Config, verify: bool | None)
     (``gc.freeze``): no collection looks at them again.
     """
     gc.freeze()
-    client = boto3.session.Session(botocore_session=core).client("s3", config=config, verify=verify)
+    try:
+        client = boto3.session.Session(botocore_session=core).client("s3", config=config, verify=verify)
+    except ValueError as exc:  # botocore's "Invalid endpoint": a host without its scheme, most often
+        endpoint = redact_url(os.environ.get("AWS_ENDPOINT_URL", "")) or "configured"
+        raise UsageError(
+            f"the S3 endpoint {endpoint!r} is not a URL: set AWS_ENDPOINT_URL to http(s)://host[:port]"
+        ) from exc
     gc.freeze()
     return client
 
