@@ -519,12 +519,17 @@ def _copy(source: Path, target: Path, mode: int) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """A random name, made exclusively: every init container is PID 1, so a PID names nothing."""
+    """A random name, made exclusively: every init container is PID 1, so a PID names nothing.
+
+    Readable by all, as the blobs it describes are (mkstemp makes 0600): a fetcher running as
+    another user reads the cache too, and would take an unreadable record for a damaged entry.
+    """
     import tempfile
 
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o644)
             out.write(text)
         os.replace(temporary, path)
     except BaseException:

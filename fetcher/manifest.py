@@ -179,16 +179,18 @@ def selected(path: str, include: Sequence[str], exclude: Sequence[str], *, direc
 
 # --- sha256sums ------------------------------------------------------------------
 
-_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
+_SUMS_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
+_SUMS_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}  # what sha256sum escapes in a name, after a leading backslash
 MAX_SUMS_BYTES = 64 * 2**20
 
 
 def parse_sha256sums(text: str, where: str) -> dict[str, str]:
     """``sha256sum``'s output, as ``sha256sum -c`` reads it: path -> hex digest.
 
-    ``HEX  path`` or ``HEX *path``; a leading ``./`` is dropped; blank lines and ``#`` comments
-    are skipped. Anything else is a usage error naming its line: a manifest that is misread
-    would pin the wrong files.
+    ``HEX  path`` or ``HEX *path``, or ``\\HEX  path`` with the path's backslashes, newlines
+    and carriage returns escaped (``\\\\``, ``\\n``, ``\\r``); a leading ``./`` is dropped; blank lines
+    and ``#`` comments are skipped. Anything else is a usage error naming its line: a manifest
+    that is misread would pin the wrong files.
     """
     sums: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -197,16 +199,21 @@ def parse_sha256sums(text: str, where: str) -> dict[str, str]:
         match = _SUMS_LINE.fullmatch(line.rstrip("\r"))
         if match is None:
             raise UsageError(f"{where}: line {number} is not 'SHA256  path' as sha256sum writes it")
-        path = match.group(2)
+        path = match.group(3)
+        if match.group(1):
+            try:
+                path = re.sub(r"\\(.)", lambda m: _SUMS_ESCAPES[m.group(1)], path)
+            except KeyError:
+                raise UsageError(f"{where}: line {number} has an escape sha256sum does not write") from None
         while path.startswith("./"):
             path = path[2:]
         try:
             path = relative_path(path, "path")
         except ArchiveError as exc:
             raise UsageError(f"{where}: line {number}: {exc}") from None
-        if path in sums and sums[path] != match.group(1).lower():
+        if path in sums and sums[path] != match.group(2).lower():
             raise UsageError(f"{where}: line {number}: {show(path)} is listed twice with different digests")
-        sums[path] = match.group(1).lower()
+        sums[path] = match.group(2).lower()
     if not sums:
         raise UsageError(f"{where}: lists no files")
     return sums

@@ -465,6 +465,8 @@ def test_an_entry_under_an_alias_is_not_read_while_an_eviction_holds_it(tmp_path
     done = run.finish(timeout=30)
     assert done.code == 0, done.stderr
     assert tree(tmp_path / "b") == {"model.bin": b"weights"} and done.event("cache hit")
+    records = [p for d in ("index", "aliases") for p in (cache / d).iterdir()]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in records} == {"0o644"}  # readable as the blobs are; was 0600
 
 
 def test_two_folders_with_the_same_names_sizes_and_times_do_not_share_files(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ filter and GNU coreutils' sha256sum."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def test_sha256sums_reads_what_sha256sum_writes(tmp_path: Path) -> None:
     binary = subprocess.run(["sha256sum", "-b", "c.json"], cwd=tmp_path, capture_output=True, text=True).stdout
     sums = parse_sha256sums(f"# sums\n\n{text}{binary}", "sums")
     assert set(sums) == {"c.json", "sub/w.bin"}
+
+
+def test_sha256sums_reads_the_names_sha256sum_escapes(tmp_path: Path) -> None:
+    """A name with a backslash or a newline: sha256sum writes the line with a leading backslash."""
+    names = ["back\\slash.bin", "new\nline.bin"]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    text = subprocess.run(["sha256sum", *names], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert all(line.startswith("\\") for line in text.splitlines())  # as GNU coreutils writes them
+    sums = parse_sha256sums(text, "sums")  # was a usage error: "line 1 is not 'SHA256  path'"
+    assert sums == {name: hashlib.sha256(name.encode()).hexdigest() for name in names}
 
 
 @pytest.mark.parametrize(
