@@ -14,7 +14,9 @@ Its layout follows huggingface_hub's cache (blobs by digest, a lock per entry):
   it, exclusively while one downloads it, stores, removes or evicts it. The kernel
   lets go when a holder dies, in whatever PID namespace: nothing to clean up.
   Fetchers only ever *try* a lock: a busy one is tried again later, so no worker
-  waits while it holds another, and no two fetchers can wait on each other;
+  waits while it holds another, and no two fetchers can wait on each other. The one
+  exception, bounded (``HOLD_WAIT``): a fetcher making a kept tree again waits, with the
+  tree's lock, for a file of it that another holds; no holder of a file waits for a tree;
 - ``trees/<name>.json``: what one file or archive, pinned by the sha256 given for
   it, unpacked to (its directories, symlinks, and each file's key and mode), so
   that the next fetcher of it on the node downloads and unpacks nothing;
@@ -48,11 +50,14 @@ from types import TracebackType
 from typing import Any
 
 from fetcher.errors import ArchiveError, LocalFilesystemError, local_error
-from fetcher.manifest import Digest, Entry, Hasher, Manifest, relative_path
+from fetcher.manifest import Digest, Entry, Hasher, Manifest, check_layout, relative_path
 from fetcher.spool import FILE_MODE, ArtifactSpool
 
 BLOB_MODE = 0o444  # one pod may not change what another pod's model links to
 POLL = 0.1  # seconds before a fetcher looks again at an entry another one is downloading
+# Seconds a kept tree's file that another fetcher holds is waited for, before the tree is downloaded
+# again: a store or an eviction holds it a moment; a download under way may take minutes.
+HOLD_WAIT = 10.0
 QUIET = 0.5  # seconds a fetcher waits on another one before it says so
 READ = 1024 * 1024
 EVICTING = ".evicting"  # the lock one evictor holds at a time: two would count the same space twice
@@ -209,9 +214,11 @@ class NodeCache:
     def adopt(self, key: str, verified: Path) -> None:
         """A file fetcher verified elsewhere (kept from an earlier run) joins the cache by a link, if it can
         at once: an entry being written, a file owned by another user (an earlier --owner), another
-        filesystem, all leave the cache as it is."""
+        filesystem, all leave the cache as it is. So does a file linked from the published model: made
+        read-only for the cache, it would change the live model before its publish."""
         with contextlib.suppress(OSError):
-            if os.stat(verified).st_uid != os.geteuid() or self.blob(key).exists():
+            info = os.stat(verified)
+            if info.st_uid != os.geteuid() or info.st_nlink > 1 or self.blob(key).exists():
                 return
             lock = self.try_lock(key, exclusive=True)
             if lock is None:
@@ -273,6 +280,8 @@ class NodeCache:
                 for e in kept["entries"]
             )
             subtree = kept.get("image_subtree")
+            if subtree is None:  # as the source checks its own (an image's layers may repeat)
+                check_layout(entries, "cached file")
             return Manifest(entries, directory=True, identity=identity, image_subtree=subtree)
         return None
 
@@ -380,7 +389,8 @@ class NodeCache:
         owner: tuple[int, int | None] | None,
         waiting: Callable[[float], None],
     ) -> bool:
-        """Make a kept tree again at ``target`` from the cache; False when a file is missing or damaged.
+        """Make a kept tree again at ``target`` from the cache; False when a file is missing, damaged,
+        or held by another fetcher longer than ``HOLD_WAIT``.
 
         The listing comes from a directory other pods may write: each path is checked as a
         listed object's is, nothing is made under a symlink, and the symlinks are checked as
@@ -403,7 +413,9 @@ class NodeCache:
                     key, wanted = str(entry.get("key")), int(entry.get("mode", 0o444)) & 0o555
                     started = time.monotonic()
                     while (lock := self.try_lock(key, exclusive=False)) is None:
-                        waiting(time.monotonic() - started)
+                        if (waited := time.monotonic() - started) > HOLD_WAIT:
+                            return False
+                        waiting(waited)
                         time.sleep(POLL)
                     with lock:
                         if not self.check(key):

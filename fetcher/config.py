@@ -281,7 +281,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "file_mode",
         parse_mode,
-        "mode of every published file (else an archive member's own, 0644 for a file downloaded as it is)",
+        "mode of every published file (else an archive member's own, 0644 for a file downloaded as it is, "
+        "0444 for one linked from --cache-dir)",
         metavar="OCTAL",
     ),
     Option("dir_mode", parse_mode, "mode of every published directory", metavar="OCTAL"),

@@ -39,10 +39,11 @@ from fetcher.publish import (
     stale_file,
     workspace,
 )
-from fetcher.spool import FILE_MODE, ArtifactSpool
+from fetcher.spool import ArtifactSpool
 from fetcher.unpack import Budget, check_links, show
 
 if TYPE_CHECKING:
+    from fetcher import pipeline
     from fetcher.pool import DirectoryTransfer, Published
     from fetcher.sources import Source
 
@@ -239,6 +240,8 @@ class _Fetch:
         said: list[float] = []
 
         def waiting(waited: float) -> None:
+            if said and waited < said[-1]:  # another wait began: said anew once it is long enough
+                said.clear()
             if say_waiting(waited, said[-1] if said else None, artifact.progress_interval):
                 said.append(waited)
                 held_by = "another fetcher on this node"
@@ -253,14 +256,13 @@ class _Fetch:
             tree = staging / "tree"
             if kept is not None:
                 tree.mkdir()
-                why = "a file of it is missing or damaged"
-                said.clear()
+                why = "a file of it is missing, damaged, or held by another fetcher"
                 placed = node.place_tree(
                     kept["entries"], tree, mode=artifact.file_mode, owner=artifact.owner, waiting=waiting
                 )
                 if placed:
                     if kept.get("format") != "file":  # what unpacking the archive would refuse, a hit refuses
-                        _check_limits(kept["entries"], tree, artifact)
+                        _check_limits(kept, artifact)
                     try:
                         check_links(tree)  # the cache is a hostPath: what another pod wrote there is checked
                         return self._from_tree(node, kept, staging)
@@ -271,8 +273,9 @@ class _Fetch:
             copy = artifact.owner is not None or artifact.file_mode is not None
             digests: dict[str, str] = {}
 
-            def keep(record: Record) -> None:
+            def keep(record: Record, outcome: pipeline.Outcome) -> None:
                 about = {"format": record.format, "size": record.size, "objects": record.objects}
+                about |= {"members": outcome.members, "unpacked": outcome.unpacked}
                 if record.format == "file" and record.sha256 is not None:  # the file is the stream hashed
                     digests[artifact.filename] = record.sha256
                 try:
@@ -313,7 +316,7 @@ class _Fetch:
         self,
         manifest: Manifest,
         staging: Path,
-        keep: Callable[[Record], None] | None = None,
+        keep: Callable[[Record, pipeline.Outcome], None] | None = None,
         digests: dict[str, str] | None = None,
     ) -> Result:
         """One object, streamed through the pipeline: hashed, and unpacked when it is an archive.
@@ -389,7 +392,7 @@ class _Fetch:
             }
             record = Record(None, outcome.sha256, outcome.size, outcome.format, [obj], self._selection())
             if keep is not None:
-                keep(record)
+                keep(record, outcome)
             marker = publish(artifact, staging, record, self.siblings)
             keep_spool = False
         except (IntegrityError, ArchiveError):
@@ -588,7 +591,8 @@ class _Fetch:
             if stale_file(self.artifact.dest, o["path"], earlier) is not None:
                 continue
             path = self.artifact.dest / o["path"]
-            kept = Published(path, o.get("digest"), bool(o.get("verified")), _settled_as_asked(path, self.artifact))
+            linkable = _settled_as_asked(path, self.artifact, earlier.settings)
+            kept = Published(path, o.get("digest"), bool(o.get("verified")), linkable)
             if o.get("verified"):
                 found[(o["path"], str(o["digest"]))] = kept
             if o.get("pin") is not None or not o.get("verified"):
@@ -640,33 +644,46 @@ def _digest_of(sums: dict[str, str] | None) -> str | None:
     return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
 
 
-def _settled_as_asked(path: Path, artifact: Artifact) -> bool:
-    """Whether a published file already has the mode and owner this publish gives its files.
+def _settled_as_asked(path: Path, artifact: Artifact, earlier: dict[str, Any]) -> bool:
+    """Whether a published file is as this publish would leave it, so that it may be kept by a hard
+    link into staging (else it is copied).
 
-    Only such a file may be kept by a hard link into staging (else it is copied): the publish
-    sets mode and owner on what it stages, which through a link would change the live model
-    before the publish (even one that then fails), or leave an owner or mode the run no longer asks for.
+    The publish sets --owner and --file-mode on what it stages, which through a link would change
+    the live model before the publish (even one that then fails): one this run sets, the file must
+    have already. One it does not set, the publish leaves as it is, so the link keeps it (a cache's
+    0444 inode, an fsGroup's group), unless the last publish set it: an owner or mode no longer asked
+    for goes with the copy.
     """
     try:
         info = os.lstat(path)
     except OSError:
         return False
-    uid, gid = artifact.owner if artifact.owner is not None else (os.geteuid(), os.getegid())
-    mode = FILE_MODE if artifact.file_mode is None else artifact.file_mode
-    return stat.S_IMODE(info.st_mode) == mode and info.st_uid == uid and gid in (None, info.st_gid)
+    if artifact.owner is None:
+        owner_kept = earlier.get("owner") is None
+    else:
+        uid, gid = artifact.owner
+        owner_kept = info.st_uid == uid and gid in (None, info.st_gid)
+    if artifact.file_mode is None:
+        mode_kept = earlier.get("file_mode") is None
+    else:
+        mode_kept = stat.S_IMODE(info.st_mode) == artifact.file_mode
+    return owner_kept and mode_kept
 
 
-def _check_limits(entries: list[dict[str, Any]], tree: Path, artifact: Artifact) -> None:
-    """A cached archive's tree against --max-members and --max-unpacked-size, as its unpack was.
+def _check_limits(kept: dict[str, Any], artifact: Artifact) -> None:
+    """A cached archive's tree against --max-members and --max-unpacked-size, by what its unpack
+    counted (members before --strip-components, bytes as written): as a download would be.
 
     Raises:
-        ArchiveError: the tree has more members, or more bytes, than this run allows (exit 5).
+        ArchiveError: the archive had more members, or unpacked to more bytes, than this run allows (exit 5).
     """
     budget = Budget(artifact.max_unpacked_size, artifact.max_members)
-    for entry in entries:
+    members, unpacked = kept.get("members"), kept.get("unpacked")
+    if not isinstance(members, int) or not isinstance(unpacked, int):  # kept by an older fetcher: not checked
+        return
+    for _ in range(min(members, artifact.max_members + 1)):
         budget.member()
-        if "key" in entry:
-            budget.take(os.lstat(tree / str(entry["path"])).st_size)
+    budget.take(unpacked)
 
 
 def _check_free(tree: Path, path: str) -> None:

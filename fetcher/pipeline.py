@@ -80,6 +80,8 @@ class Outcome:
     sha256: str
     size: int
     format: str  # tar, tar.gz, ..., zip or file
+    members: int = 0  # what the unpack counted against --max-members and --max-unpacked-size
+    unpacked: int = 0
 
 
 class ChunkReader(io.RawIOBase):
@@ -423,6 +425,7 @@ def _run(
     from fetcher.archives import unpack_tar, unpack_zip
 
     root = staging / "tree"
+    budget = Budget(limits.max_unpacked_size, limits.max_members)
     try:
         head = reader.peek(SNIFF_BYTES)
         fmt = detect_format(head, extract)
@@ -431,7 +434,6 @@ def _run(
         if fmt == "file":
             _save_file(reader, root / filename, adopt)
         else:
-            budget = Budget(limits.max_unpacked_size, limits.max_members)
             tree = SafeTree(root, strip_components=limits.strip_components, budget=budget, digests=digests)
             if fmt == "zip":
                 spooled = staging / "archive.zip"
@@ -450,7 +452,7 @@ def _run(
             _verify(digest, expected_sha256)
         raise
     reader.drain()
-    return Outcome(sha256=digest.hexdigest(), size=digest.size, format=fmt)
+    return Outcome(digest.hexdigest(), digest.size, fmt, budget.members, budget.written)
 
 
 def unpack_layers(layers: list[tuple[Path, str]], staging: Path, limits: Limits) -> None:

@@ -218,11 +218,13 @@ class DirectoryTransfer:
             return False
         if hasher.hexdigest() != expected or (entry.size is not None and hasher.size != entry.size):
             return False
+        if not self._spool.take(found.path, slot, link=found.linkable):
+            return False
         if entry.digest is None:
             self.digests[entry.path] = f"{algorithm}:{expected}"
             if not found.verified:
                 self.unverified.append(entry.path)
-        return self._spool.take(found.path, slot, link=found.linkable)
+        return True
 
     # --- the node cache ----------------------------------------------------------------
 
@@ -247,14 +249,15 @@ class DirectoryTransfer:
         return True
 
     @contextlib.contextmanager
-    def _key_held(self, name: str, key: str) -> Iterator[bool]:
-        """The entry an alias names, held shared too while it is read: an eviction locks keys, not
-        aliases, and must not remove the blob between its check and its placing. False if busy."""
+    def _key_held(self, name: str, key: str, *, exclusive: bool = False) -> Iterator[bool]:
+        """The entry an alias names, held too while it is read (shared) or written (``exclusive``):
+        an eviction locks keys, not aliases, and must not remove the blob between a check and a
+        placing. False if busy."""
         assert self._cache is not None
         if key == name:  # the caller's lock is the key's
             yield True
             return
-        lock = self._cache.node.try_lock(key, exclusive=False)
+        lock = self._cache.node.try_lock(key, exclusive=exclusive)
         if lock is None:
             yield False
             return
@@ -292,9 +295,11 @@ class DirectoryTransfer:
                     self._hit(job.entry, job.slot, key)
                     lock.close()
                     return self._file_done(job, fetched=False)
-                if key is not None and state is False:  # not as it was stored: fetched again, never served
-                    log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
-                    node.remove(key)
+            if key is not None and state is False:  # not as it was stored: fetched again, never served
+                log.warning("cache entry damaged: fetching it again", file=job.reader.display, key=key)
+                with self._key_held(name, key, exclusive=True) as held:
+                    if held:  # else another fetcher reads it: the download's store replaces it
+                        node.remove(key)
         except BaseException:
             lock.close()
             raise
@@ -630,8 +635,10 @@ class DirectoryTransfer:
             parts.remove()
         if job.held is not None and self._cache is not None and job.cached is not None:
             key = key_of(got.algorithm, got.hexdigest())
-            self._cache.node.store(key, finished, alias=job.cached if job.cached != key else None)
-            self._cache.place(key, self._spool.complete(job.slot))
+            with self._key_held(job.cached, key, exclusive=True) as held:
+                if held:  # else another fetcher reads or evicts that entry: this file stays in the spool
+                    self._cache.node.store(key, finished, alias=job.cached if job.cached != key else None)
+                    self._cache.place(key, self._spool.complete(job.slot))
             job.held.close()
         self._file_done(job, fetched=True)
 

@@ -123,10 +123,14 @@ class ArtifactSpool:
             target.parent.mkdir(parents=True, exist_ok=True)
             if link:
                 os.link(published, target)
-            else:
+            else:  # read again, from the page cache, after the caller hashed it: no second hasher
                 copy = self.incomplete(slot)
-                shutil.copyfile(published, copy)
-                self.finish(copy, slot)
+                try:
+                    shutil.copyfile(published, copy)
+                    self.finish(copy, slot)
+                except BaseException:
+                    copy.unlink(missing_ok=True)  # a full disk's partial copy is no resume point
+                    raise
         except FileExistsError:
             return True
         except (OSError, LocalFilesystemError):

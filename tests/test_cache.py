@@ -259,6 +259,26 @@ def test_a_pinned_hub_model_in_the_cache_is_published_without_a_request(hub: Fak
     assert len(asked) == 1 and asked[0].endswith("/revision/main"), asked  # the branch's commit, nothing more
 
 
+def test_a_kept_manifest_with_two_files_on_one_path_is_listed_again(hub: FakeHub, tmp_path: Path) -> None:
+    """The cache is a hostPath another pod (or an older fetcher) writes: a manifest there is checked
+    as the source's own is, and one that puts two files on one path is not used."""
+    commit = hub.add_repo("org/twice", MODEL)
+    cache = tmp_path / "cache"
+    args = ("--source", f"hf://org/twice@{commit}")
+    env = {"HF_ENDPOINT": hub.endpoint, "FETCHER_CACHE_DIR": str(cache)}
+    assert run_fetcher(*args, "--dest", str(tmp_path / "a"), env=env).code == 0
+    (kept,) = (cache / "manifests").glob("*.json")
+    manifest = json.loads(kept.read_text())
+    manifest["entries"].append(dict(manifest["entries"][0]))  # its first file, twice
+    kept.write_text(json.dumps(manifest))
+
+    run = run_fetcher(*args, "--dest", str(tmp_path / "b"), env=env)
+
+    assert run.code == 0, run.stderr
+    assert run.all("manifest from the cache") == []  # was used as it stood
+    assert tree(tmp_path / "b") == tree(tmp_path / "a")
+
+
 def test_a_dry_run_leaves_the_cache_alone(hub: FakeHub, tmp_path: Path) -> None:
     hub.add_repo("org/dry", MODEL)
     run = run_fetcher(
@@ -321,6 +341,14 @@ def test_a_cached_archive_is_held_to_this_runs_unpack_limits(origin: Origin, tmp
         assert not (tmp_path / f"limited{n}").exists() or tree(tmp_path / f"limited{n}") == {}
     assert len(origin.requests) == asked  # refused from what the cache holds, without a download
 
+    # Limits are what the unpack counted: two members, though the tree holds a directory too.
+    two = make_tar({"model/a": b"a", "model/b": b"b"})
+    two_args = (*_archive_args(origin, two), "--cache-dir", str(tmp_path / "cache"), "--max-members", "2")
+    assert run_fetcher(*two_args, "--dest", str(tmp_path / "two-a")).code == 0
+    hit = run_fetcher(*two_args, "--dest", str(tmp_path / "two-b"))
+    assert hit.code == 0, hit.stderr  # was exit 5 from the tree's three entries
+    assert hit.event("cache hit") and tree(tmp_path / "two-b") == {"model/a": b"a", "model/b": b"b"}
+
 
 def test_a_cached_archive_waits_for_a_file_another_fetcher_holds_a_moment(origin: Origin, tmp_path: Path) -> None:
     """A file of the tree being stored or evicted by another fetcher: it was 'cache entry unusable',
@@ -357,7 +385,7 @@ def test_an_archive_with_a_damaged_file_in_the_cache_is_fetched_again(origin: Or
     run = run_fetcher(*args, "--dest", str(tmp_path / "b"))
 
     assert run.code == 0, run.stderr
-    assert "missing or damaged" in run.event("cache entry unusable: fetching again")["reason"]
+    assert "missing, damaged" in run.event("cache entry unusable: fetching again")["reason"]
     assert len(origin.requests) > asked
     assert tree(tmp_path / "b") == ARCHIVE_FILES
 
@@ -467,6 +495,24 @@ def test_an_entry_under_an_alias_is_not_read_while_an_eviction_holds_it(tmp_path
     assert tree(tmp_path / "b") == {"model.bin": b"weights"} and done.event("cache hit")
     records = [p for d in ("index", "aliases") for p in (cache / d).iterdir()]
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in records} == {"0o644"}  # readable as the blobs are; was 0600
+
+
+def test_a_changed_folder_keeps_the_unchanged_files_linked_to_the_cache(tmp_path: Path) -> None:
+    """A kept file is the cache's 0444 inode: as this run would leave it (no --owner, no --file-mode),
+    so it is linked again, not copied (a review found it copied, doubling the disk a model takes)."""
+    folder, cache, dest = tmp_path / "pvc", tmp_path / "cache", tmp_path / "dest"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(b"weights" * 1000)
+    (folder / "config.json").write_bytes(b"{}")
+    args = ("--source", f"file://{folder}/", "--dest", str(dest), "--cache-dir", str(cache))
+    assert run_fetcher(*args).code == 0
+    linked = (dest / "big.bin").stat()
+    assert (stat.S_IMODE(linked.st_mode), linked.st_nlink) == (0o444, 2)  # the cache's inode
+    (folder / "config.json").write_bytes(b'{"v": 2}')
+    run = run_fetcher(*args)
+    assert run.code == 0, run.stderr
+    assert (dest / "big.bin").stat().st_ino == linked.st_ino
+    assert tree(dest) == {"big.bin": b"weights" * 1000, "config.json": b'{"v": 2}'}
 
 
 def test_two_folders_with_the_same_names_sizes_and_times_do_not_share_files(tmp_path: Path) -> None:

@@ -63,8 +63,22 @@ def test_an_endpoint_without_its_scheme_is_exit_2_naming_the_variable(tmp_path: 
     env = {"AWS_ENDPOINT_URL": "minio.local:9000", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
     run = run_fetcher("--source", "s3://b/k", "--dest", str(tmp_path / "d"), env=env)
     assert run.code == 2, run.stderr  # was exit 1, an internal error with a traceback
-    assert run.error == "the S3 endpoint 'minio.local:9000' is not a URL: set AWS_ENDPOINT_URL to http(s)://host[:port]"
+    assert (
+        run.error == "the S3 endpoint is not a URL ('minio.local:9000'): set AWS_ENDPOINT_URL to http(s)://host[:port]"
+    )
     assert "Traceback" not in run.stderr
+    secret = run_fetcher("--source", "s3://b/k", "--dest", str(tmp_path / "e"),
+                         env=env | {"AWS_ENDPOINT_URL": "minio:s3cr3tPassw0rd@minio:9000"})  # fmt: skip
+    assert secret.code == 2 and "the endpoint given is not shown" in secret.error
+    assert "s3cr3tPassw0rd" not in secret.stderr  # no URL parser finds the password without a scheme
+    region = run_fetcher(
+        "--source",
+        "s3://b/k",
+        "--dest",
+        str(tmp_path / "f"),
+        env={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": "eu west"},
+    )
+    assert region.code == 2 and region.error.startswith("the S3 region is not valid"), region.stderr
 
 
 def test_the_aws_secret_never_reaches_the_logs(s3: S3, tmp_path: Path) -> None:

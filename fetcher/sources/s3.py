@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import gc
 import os
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,13 +174,24 @@ def _client(core: botocore.session.Session, config: Config, verify: bool | None)
     gc.freeze()
     try:
         client = boto3.session.Session(botocore_session=core).client("s3", config=config, verify=verify)
+    except botocore.exceptions.InvalidRegionError as exc:
+        raise UsageError(f"the S3 region is not valid ({_plain('region', exc.kwargs.get('region_name'))}): "
+                         "check AWS_REGION and AWS_DEFAULT_REGION") from exc  # fmt: skip
     except ValueError as exc:  # botocore's "Invalid endpoint": a host without its scheme, most often
-        endpoint = redact_url(os.environ.get("AWS_ENDPOINT_URL", "")) or "configured"
+        endpoint = _plain("endpoint", os.environ.get("AWS_ENDPOINT_URL"))
         raise UsageError(
-            f"the S3 endpoint {endpoint!r} is not a URL: set AWS_ENDPOINT_URL to http(s)://host[:port]"
+            f"the S3 endpoint is not a URL ({endpoint}): set AWS_ENDPOINT_URL to http(s)://host[:port]"
         ) from exc
     gc.freeze()
     return client
+
+
+def _plain(what: str, value: object) -> str:
+    """A setting echoed in an error only when it is plainly a name (``host:port``, ``eu-west-1``):
+    a malformed one may hold a credential (``user:password@host``) that no URL parser finds."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,253}(:[0-9]{1,5})?", value):
+        return repr(value)
+    return f"the {what} given is not shown"
 
 
 class S3Source:
