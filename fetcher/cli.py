@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -113,9 +114,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         )
         results = []
         dests = {a.index: a.dest.resolve() for a in plan}  # one dest may be spelled two ways
+        keys: dict[Path, Counter[str]] = {}  # grouped once: a comparison per pair took 30 s for 1,600 artifacts
+        for a in plan:
+            keys.setdefault(dests[a.index], Counter())[a.key] += 1
         for artifact in plan:
             log.info("plan", index=artifact.index, **artifact.describe())
-            siblings = frozenset(a.key for a in plan if a is not artifact and dests[a.index] == dests[artifact.index])
+            same = keys[dests[artifact.index]]
+            siblings = frozenset(same) if same[artifact.key] > 1 else frozenset(same) - {artifact.key}
             results.append(fetch(artifact, siblings))
         total = sum(r.size for r in results if not r.skipped)
         seconds = time.monotonic() - started

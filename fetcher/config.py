@@ -491,6 +491,10 @@ class _Parser(QuietParser):
     messages name options only.
     """
 
+    def error(self, message: str) -> NoReturn:
+        # A switch given a value (``--dry-run=...``): argparse quotes the value back
+        raise UsageError(re.sub(r"(ignored explicit argument) '.*'$", r"\1 (not shown): a switch takes none", message))
+
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:  # what argparse took for SRC DEST may be an unknown option's value

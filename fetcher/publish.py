@@ -192,9 +192,8 @@ def left_behind(artifact: Artifact) -> bool:
     """
     state = artifact.state_dir
     try:
-        with os.scandir(state) as entries:
-            if not any(entry.name.startswith(_LEFTOVERS) for entry in entries):
-                return False
+        if not _has_leftovers(state):
+            return False
         fd = os.open(state / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:  # no state directory, or leftovers and no lock file: no one holds it
         return os.path.isdir(state)
@@ -207,6 +206,27 @@ def left_behind(artifact: Artifact) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+_SCANNED: dict[Path, tuple[int, bool]] = {}  # state directory -> (its mtime, whether it held leftovers)
+
+
+def _has_leftovers(state: Path) -> bool:
+    """Whether the state directory holds a staging or trash, scanned again only once it changed.
+
+    Why: every artifact of a dest shares its state directory, and a restart of 1,600 artifacts
+    that scanned it for each one spent 3.7 s of its 5.9 s there.
+
+    Raises:
+        OSError: the directory cannot be read (FileNotFoundError: there is none).
+    """
+    mtime = os.stat(state).st_mtime_ns
+    if (seen := _SCANNED.get(state)) is not None and seen[0] == mtime:
+        return seen[1]
+    with os.scandir(state) as entries:
+        found = any(entry.name.startswith(_LEFTOVERS) for entry in entries)
+    _SCANNED[state] = (mtime, found)
+    return found
 
 
 @contextmanager

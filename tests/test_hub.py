@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import snapshot_download
 
 from fetcher.pace import CPU_BOUND
-from tests.conftest import cpu_hogs, run_fetcher, tree
+from tests.conftest import Origin, cpu_hogs, run_fetcher, sha256, tree
 from tests.fakehub import FakeHub
 
 SHARD = random.Random(5).randbytes(3 * 2**20 + 17)
@@ -178,6 +178,27 @@ def test_a_gated_repo_says_what_to_do_and_the_token_never_reaches_the_cdn(hub: F
     cdn = [r for r in hub.requests if r.server == "cdn"]
     assert cdn and not [r for r in cdn if "authorization" in r.headers]
     assert hub.token not in run.stderr
+
+
+@pytest.mark.fault(
+    "--sha256sums on another host than the hub: the hub's token never goes there", exit=0, area="secrets"
+)
+def test_the_token_and_headers_never_reach_a_sha256sums_url_on_another_host(
+    hub: FakeHub, origin: Origin, tmp_path: Path
+) -> None:
+    hub.token = "hf_sums_token_987654"
+    hub.add_repo("org/summed", {"config.json": b"{}"}, private=True)
+    sums = origin.add("/SHA256SUMS", f"{sha256(b'{}')}  config.json\n".encode())
+    token_file = tmp_path / "token"
+    token_file.write_text(hub.token)
+    run = run_fetcher(
+        "--source", "hf://org/summed", "--dest", str(tmp_path / "d"), "--sha256sums", sums,
+        "--bearer-token-file", str(token_file), "--header", "X-Team-Key: t3amK3y", env=_env(hub),
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    (asked,) = origin.hits("/SHA256SUMS")
+    assert {"authorization", "x-team-key"}.isdisjoint(k.lower() for k in asked.headers)  # both went there
+    assert any("authorization" in r.headers for r in hub.requests)  # the hub still gets its token
 
 
 def test_hf_token_from_the_environment(hub: FakeHub, tmp_path: Path) -> None:

@@ -188,6 +188,15 @@ def test_an_unknown_option_takes_the_pairs_as_its_values(tmp_path: Path) -> None
     assert run.error == "unrecognized arguments: --bogus, 2 values not shown"
 
 
+def test_a_switch_given_a_value_does_not_repeat_it(tmp_path: Path) -> None:
+    termination = tmp_path / "termination-log"
+    run = run_fetcher("https://h/m.bin", str(tmp_path / "d"), "--dry-run=user:hunter2@example",
+                      "--termination-log", str(termination))  # fmt: skip
+    assert run.code == 2
+    assert run.error == "argument --dry-run: ignored explicit argument (not shown): a switch takes none"
+    assert "hunter2" not in run.stdout + run.stderr + termination.read_text()  # argparse quoted it back
+
+
 @pytest.mark.parametrize("slash", ["", "/"])
 def test_a_bare_absolute_path_is_a_folder_source_as_seldon_passes_a_pvc(tmp_path: Path, slash: str) -> None:
     """Seldon Core v1 mounts pvc://claim/models/x at /mnt/pvc and passes /mnt/pvc/models/x as SRC."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from fetcher.errors import UsageError
@@ -46,6 +47,17 @@ def open_source(artifact: Artifact) -> Source:
     return source
 
 
+def _sums_connection(artifact: Artifact, location: str) -> Connection:
+    """The source's connection for its --sha256sums URL, with --header and --bearer-token-file only
+    when that URL is on the source's own origin (scheme, host and port): they are the source's
+    credentials, and never go to another host (a hub token to a file server, say)."""
+    from fetcher.sources.http import origin
+
+    same = "://" in artifact.source and origin(location) == origin(artifact.source)
+    found = connection(artifact)
+    return found if same else dataclasses.replace(found, headers=(), bearer_token_file=None)
+
+
 def read_sha256sums(artifact: Artifact) -> dict[str, str]:
     """--sha256sums, from a file, a URL or S3: read whole (it is small), then parsed strictly."""
     location = artifact.sha256sums
@@ -58,7 +70,7 @@ def read_sha256sums(artifact: Artifact) -> dict[str, str]:
         except OSError as exc:
             raise UsageError(f"{where}: cannot read it: {exc.strerror}") from None
     else:
-        reader = scheme_of(location).load()(location, connection(artifact), Selection())
+        reader = scheme_of(location).load()(location, _sums_connection(artifact, location), Selection())
         try:
             with reader.open(Entry("sha256sums", None, None)) as body:
                 data = b""
