@@ -56,6 +56,14 @@ class ArtifactSpool:
         """The object's parts, resumed when an earlier run spooled the very same object."""
         return Parts(self.directory, identity)
 
+    def holds_parts(self) -> bool:
+        """Whether a restart could resume from it: its journal records a part safely on disk."""
+        try:
+            with open(self.directory / "journal", "rb") as journal:
+                return sum(1 for _ in journal) > 1  # its header, then a line a part
+        except OSError:
+            return False
+
     @property
     def whole(self) -> Path:
         """The file that holds a split object's bytes once every part has landed."""

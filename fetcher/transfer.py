@@ -115,12 +115,15 @@ class Download:
         spooled = self._spool is not None
         if self._spool is not None:
             self._spool.close()
-        if (keep_spool and not disk_full) or self._parallelism is None:
+        if self._parallelism is None:
             return
+        spool = self._parallelism.spool
+        if keep_spool and not disk_full and (spool.holds_parts() or spool.no_room):
+            return  # else no resume point: no part of it on disk (stopped while its first part was timed)
         if disk_full and spooled:
-            self._parallelism.spool.mark_no_room()
+            spool.mark_no_room()
         else:
-            self._parallelism.spool.discard()
+            spool.discard()
 
     # --- the network thread ------------------------------------------------
 

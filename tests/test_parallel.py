@@ -219,6 +219,30 @@ def test_spools_of_objects_no_longer_asked_for_are_removed(origin: Origin, tmp_p
     assert not stale.exists()
 
 
+def test_sigterm_while_the_first_part_is_timed_leaves_no_spool_and_no_dest(origin: Origin, tmp_path: Path) -> None:
+    """A spool with no part on disk is no resume point: a failed first run leaves the filesystem as it
+    found it. It left dest/.fetcher, its lock and a sparse spool the size of the object."""
+    body = random.Random(13).randbytes(4 * 1024 * KiB)
+    url = origin.add("/w.bin", body, etag='"abc"', rate=500_000)  # the 1 MiB first part takes ~2 s
+    dest = tmp_path / "dest"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")} | {"FETCHER_LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "--source", url, "--dest", str(dest), "--part-size", "1Mi"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not list(dest.glob(".fetcher/download-*/journal")):
+        assert time.monotonic() < deadline and process.poll() is None, "the spool never appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=15)
+    finally:
+        process.kill()
+    assert code == 143, process.stderr.read() if process.stderr else ""
+    assert not dest.exists(), sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+
 def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin, tmp_path: Path) -> None:
     body = random.Random(10).randbytes(2 * 1024 * KiB)
     url = origin.add("/w.bin", body, etag='"abc"', rate=2_000_000, stall_after=(32 * KiB, 60), stall_ranged_only=True)
