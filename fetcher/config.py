@@ -492,8 +492,10 @@ class _Parser(QuietParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        # A switch given a value (``--dry-run=...``): argparse quotes the value back
-        raise UsageError(re.sub(r"(ignored explicit argument) '.*'$", r"\1 (not shown): a switch takes none", message))
+        # A switch given a value (``--dry-run=...``): argparse quotes the value back, in either quotes
+        raise UsageError(
+            re.sub(r"(ignored explicit argument) .*", r"\1 (not shown): a switch takes none", message, flags=re.S)
+        )
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         namespace, extras = self.parse_known_args(args, namespace)

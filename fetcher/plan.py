@@ -225,13 +225,6 @@ def build_plan(config: RunConfig) -> list[Artifact]:
                 f"artifacts[{other.index}] and artifacts[{item.index}] share the dest {item.dest} but not "
                 "--state-dir: give them the same one"
             )
-    for item in plan:  # the outer one's publish would find the inner one's files, which it did not publish
-        inner = item.dest.resolve()
-        if (outer := next((state_of[p] for p in inner.parents if p in state_of), None)) is not None:
-            raise UsageError(
-                f"artifacts[{item.index}]'s dest {item.dest} is inside artifacts[{outer.index}]'s dest "
-                f"{outer.dest}: give each artifact a dest of its own, side by side"
-            )
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
         if item.extract == "none" and not item.is_directory:  # with auto the name matters only if it is no archive

@@ -225,7 +225,8 @@ def _has_leftovers(state: Path) -> bool:
         return seen[1]
     with os.scandir(state) as entries:
         found = any(entry.name.startswith(_LEFTOVERS) for entry in entries)
-    _SCANNED[state] = (mtime, found)
+    if time.time_ns() - mtime > 2 * 10**9:  # a change in the same tick would keep this mtime (as git's racy index)
+        _SCANNED[state] = (mtime, found)
     return found
 
 

@@ -59,10 +59,10 @@ class ArtifactSpool:
     def holds_parts(self) -> bool:
         """Whether a restart could resume from it: its journal records a part safely on disk."""
         try:
-            with open(self.directory / "journal", "rb") as journal:
-                return sum(1 for _ in journal) > 1  # its header, then a line a part
-        except OSError:
+            lines = (self.directory / "journal").read_text(encoding="utf-8").split("\n")[1:-1]
+        except (OSError, ValueError):
             return False
+        return any(line.isdigit() for line in lines)  # a line a part after its header; a torn last one is none
 
     @property
     def whole(self) -> Path:

@@ -197,8 +197,19 @@ def test_the_token_and_headers_never_reach_a_sha256sums_url_on_another_host(
     )  # fmt: skip
     assert run.code == 0, run.stderr
     (asked,) = origin.hits("/SHA256SUMS")
-    assert {"authorization", "x-team-key"}.isdisjoint(k.lower() for k in asked.headers)  # both went there
+    assert {"authorization", "x-team-key"}.isdisjoint(k.lower() for k in asked.headers)  # neither goes there now
     assert any("authorization" in r.headers for r in hub.requests)  # the hub still gets its token
+
+    # A sums file on the hub itself (in the private repo) still gets the token: it is the source's origin.
+    listed = f"{sha256(b'{}')}  config.json\n".encode()
+    hub.add_repo("org/self-summed", {"config.json": b"{}", "SHA256SUMS": listed}, private=True)
+    own = f"{hub.endpoint}/org/self-summed/resolve/main/SHA256SUMS"
+    same = run_fetcher(
+        "--source", "hf://org/self-summed", "--dest", str(tmp_path / "own"), "--sha256sums", own,
+        "--bearer-token-file", str(token_file), env=_env(hub),
+    )  # fmt: skip
+    assert same.code == 0, same.stderr  # was exit 3 (401) while the hf:// source matched no HTTP origin
+    assert tree(tmp_path / "own") == {"config.json": b"{}"}
 
 
 def test_hf_token_from_the_environment(hub: FakeHub, tmp_path: Path) -> None:

@@ -188,9 +188,10 @@ def test_an_unknown_option_takes_the_pairs_as_its_values(tmp_path: Path) -> None
     assert run.error == "unrecognized arguments: --bogus, 2 values not shown"
 
 
-def test_a_switch_given_a_value_does_not_repeat_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", ["user:hunter2@example", "it's:hunter2"])  # argparse quotes the 2nd in "
+def test_a_switch_given_a_value_does_not_repeat_it(tmp_path: Path, value: str) -> None:
     termination = tmp_path / "termination-log"
-    run = run_fetcher("https://h/m.bin", str(tmp_path / "d"), "--dry-run=user:hunter2@example",
+    run = run_fetcher("https://h/m.bin", str(tmp_path / "d"), f"--dry-run={value}",
                       "--termination-log", str(termination))  # fmt: skip
     assert run.code == 2
     assert run.error == "argument --dry-run: ignored explicit argument (not shown): a switch takes none"

@@ -267,6 +267,7 @@ def test_sigterm_stops_parallel_workers_stuck_on_a_silent_server(origin: Origin,
         process.kill()
     assert code == 143, process.stderr.read()
     assert tree(tmp_path) == {}
+    assert list(tmp_path.glob(".fetcher/download-*/journal")), "its first part is journalled: kept to resume"
 
 
 def test_a_big_plain_file_is_moved_out_of_its_spool_not_copied(origin: Origin, tmp_path: Path) -> None:

@@ -294,24 +294,6 @@ def test_two_artifacts_publishing_the_same_entry_is_a_configuration_error(origin
     assert tree(tmp_path / "models") == {"model/a.txt": b"a"}  # the first one stands
 
 
-@pytest.mark.parametrize("order", ["inner first", "outer first"])
-def test_a_dest_inside_another_artifacts_dest_is_a_usage_error_in_any_order(tmp_path: Path, order: str) -> None:
-    """Was exit 6 ('sub' not published by fetcher) or exit 0, by the order of the pairs, after a publish."""
-    (tmp_path / "inner.txt").write_bytes(b"inner")
-    (tmp_path / "outer").mkdir()
-    (tmp_path / "outer" / "top.txt").write_bytes(b"top")
-    pairs = [
-        f"file://{tmp_path / 'inner.txt'}",
-        str(tmp_path / "d" / "sub"),
-        f"file://{tmp_path / 'outer'}/",
-        str(tmp_path / "d"),
-    ]
-    run = run_fetcher(*(pairs if order == "inner first" else pairs[2:] + pairs[:2]))
-    assert run.code == 2, run.stderr
-    assert "is inside artifacts[" in run.error and "side by side" in run.error
-    assert not (tmp_path / "d").exists()  # refused before anything was fetched
-
-
 def test_the_same_dest_spelled_two_ways_is_still_one_dest(origin: Origin, tmp_path: Path) -> None:
     first, second = make_tar({"model/a.txt": b"a"}), make_tar({"model/b.txt": b"b"})
     (tmp_path / "models").mkdir()

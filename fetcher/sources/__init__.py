@@ -53,7 +53,12 @@ def _sums_connection(artifact: Artifact, location: str) -> Connection:
     credentials, and never go to another host (a hub token to a file server, say)."""
     from fetcher.sources.http import origin
 
-    same = "://" in artifact.source and origin(location) == origin(artifact.source)
+    served_from = artifact.source
+    if served_from.startswith("hf://"):  # the hub's files come from its endpoint
+        from fetcher.sources.hub import hub_endpoint
+
+        served_from = hub_endpoint()
+    same = origin(location) == origin(served_from)
     found = connection(artifact)
     return found if same else dataclasses.replace(found, headers=(), bearer_token_file=None)
 

@@ -351,9 +351,10 @@ def _date(value: str | None) -> float | None:
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
-    """Scheme, host and port: what a secret may not leave."""
+    """Scheme, host and port (the scheme's own when none is written): what a secret may not leave."""
     parts = urlsplit(url)
-    return parts.scheme, parts.hostname or "", parts.port
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _int(value: str | None) -> int | None:

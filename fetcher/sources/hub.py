@@ -48,13 +48,18 @@ HUB_ERRORS: dict[str, str] = {
 }
 
 
+def hub_endpoint() -> str:
+    """The hub's URL, as huggingface_hub reads it."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
 class HubSource:
     """A Hugging Face model or dataset repo."""
 
     def __init__(self, source: str, connection: Connection, selection: Selection) -> None:
         self.repo_type, self.repo, self.revision = parse_hf(source)
         self.display = redact_url(source)
-        self.endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        self.endpoint = hub_endpoint()
         token = None if connection.bearer_token_file else _env_token()
         if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):  # never echoed: still a secret
             raise UsageError("the Hugging Face token (HF_TOKEN or its token file) must be one line of printable ASCII")
