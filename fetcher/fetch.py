@@ -681,8 +681,7 @@ def _check_limits(kept: dict[str, Any], artifact: Artifact) -> None:
     members, unpacked = kept.get("members"), kept.get("unpacked")
     if not isinstance(members, int) or not isinstance(unpacked, int):  # kept by an older fetcher: not checked
         return
-    for _ in range(min(members, artifact.max_members + 1)):
-        budget.member()
+    budget.member(members)
     budget.take(unpacked)
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from fetcher.diskwrite import DirectBuffer, FileWriter
 from fetcher.errors import LocalFilesystemError, local_error
@@ -59,10 +60,9 @@ class ArtifactSpool:
     def holds_parts(self) -> bool:
         """Whether a restart could resume from it: its journal records a part safely on disk."""
         try:
-            lines = (self.directory / "journal").read_text(encoding="utf-8").split("\n")[1:-1]
+            return bool(_journal(self.directory)[1])
         except (OSError, ValueError):
             return False
-        return any(line.isdigit() for line in lines)  # a line a part after its header; a torn last one is none
 
     @property
     def whole(self) -> Path:
@@ -157,9 +157,9 @@ class ArtifactSpool:
         """How much of a file has arrived so far: its ``.incomplete`` size, or its journalled parts."""
         with contextlib.suppress(OSError):
             return os.stat(self.directory / "files" / f"{slot}.incomplete").st_size
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            lines = (self.directory / "parts" / slot / "journal").read_text().split("\n")
-            return int(json.loads(lines[0])["part_size"]) * max(0, len(lines) - 2)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            header, done = _journal(self.directory / "parts" / slot)
+            return int(header["part_size"]) * len(done)
         return 0
 
     def size(self) -> int:
@@ -211,6 +211,19 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
+def _journal(directory: Path) -> tuple[Any, set[int]]:
+    """A parts journal as written: its header (the object's identity), then the parts on disk, one a
+    line; a line cut short by a kill is no record.
+
+    Raises:
+        OSError: there is no journal. ValueError: its header is not JSON.
+    """
+    lines = (directory / "journal").read_text(encoding="utf-8").split("\n")[:-1]
+    if not lines:
+        return None, set()
+    return json.loads(lines[0]), {int(line) for line in lines[1:] if line.isdigit()}
+
+
 @dataclass(frozen=True)
 class Identity:
     """What the spool holds: a later run may reuse it only for the very same object."""
@@ -237,10 +250,10 @@ class Parts:
         self._idle = threading.Condition()
         journal = directory / "journal"
         try:
-            lines = journal.read_text(encoding="utf-8").split("\n")[:-1]  # a line cut short by a kill is no record
+            header, done = _journal(directory)
             data = (directory / "data").stat()
-            if lines and json.loads(lines[0]) == asdict(identity) and data.st_size == identity.size:
-                self.done = {int(line) for line in lines[1:] if line.isdigit()}
+            if header == asdict(identity) and data.st_size == identity.size:
+                self.done = done
             else:  # another object, or its data was moved out (published) or lost
                 shutil.rmtree(directory, ignore_errors=True)
         except (OSError, ValueError):

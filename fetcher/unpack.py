@@ -92,10 +92,10 @@ class Budget:
         self._stopped = False
         self._lock = threading.Lock()
 
-    def member(self) -> None:
+    def member(self, count: int = 1) -> None:
         with self._lock:
             self._check_stopped()
-            self.members += 1
+            self.members += count
             if self.members > self.max_members:
                 raise ArchiveError(f"archive has more than {self.max_members} members (--max-members)")
 
