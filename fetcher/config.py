@@ -294,11 +294,13 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option("bearer_token_file", _path, "file holding a bearer token, e.g. a mounted Secret", metavar="PATH"),
-    Option("retries", parse_count, "retries of transient failures (per artifact, reset by progress)", 5, metavar="N"),
+    Option(
+        "retries", parse_count, "retries of transient failures in a row (progress resets the count)", 5, metavar="N"
+    ),
     Option(
         "retry_backoff",
         parse_seconds,
-        "first retry delay; doubles each retry, with jitter, up to 60 s",
+        "first retry delay; doubles with each failure in a row, with jitter, up to 60 s",
         1.0,
         metavar="SECONDS",
     ),

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from fetcher import memory
-from fetcher.backoff import wait_retry_after
+from fetcher.backoff import InARow
 from fetcher.channel import Cancelled, Channel
 from fetcher.errors import FetchError, TransientFetchError
 from fetcher.sources.base import ObjectInfo, ObjectReader
@@ -153,11 +153,12 @@ class PartedDownload:
     def _fetch(self, index: int) -> None:
         start, end = self.bounds(index)
         done = [start]  # where a retry goes on from: what landed before a cut is kept
+        failures = InARow(self._retries, self._backoff, lambda: done[0])
         for attempt in Retrying(
             retry=retry_if_exception_type(TransientFetchError),
-            stop=stop_after_attempt(self._retries + 1),
-            wait=wait_retry_after(self._backoff),
-            before_sleep=lambda state: self._log_retry(state, index),
+            stop=failures.stop,
+            wait=failures.wait,
+            before_sleep=lambda state: self._log_retry(state, index, failures.count),
             sleep=self._sleep,
             reraise=True,
         ):
@@ -173,7 +174,7 @@ class PartedDownload:
                 raise Cancelled
             self._channel.sleep(min(left, 0.1))
 
-    def _log_retry(self, state: RetryCallState, index: int) -> None:
+    def _log_retry(self, state: RetryCallState, index: int, attempt: int) -> None:
         exc = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
         log.warning(
@@ -182,6 +183,6 @@ class PartedDownload:
             part=index,
             reason=str(exc),
             delay_s=round(delay, 2),
-            attempt=state.attempt_number,
+            attempt=attempt,
             of=self._retries,
         )

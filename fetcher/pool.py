@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from fetcher import memory
-from fetcher.backoff import wait_retry_after
+from fetcher.backoff import InARow
 from fetcher.cache import POLL, CachedArtifact, Lock, key_of, say_waiting, split_key
 from fetcher.channel import Cancelled
 from fetcher.diskwrite import FileWriter
@@ -415,7 +415,7 @@ class DirectoryTransfer:
                 raise local_error(exc, f"writing the download spool in {self._spool_of(job).directory}") from exc
             self._check_whole(job, hasher)
 
-        self._retrying(attempt, job.reader.display)
+        self._retrying(attempt, job.reader.display, lambda: _resume_point(job, pinned[0]))
         self._verified(job, path)
 
     # --- a file in parts -----------------------------------------------------------------
@@ -475,7 +475,7 @@ class DirectoryTransfer:
                     self._take(job, out, hasher, chunk)
             self._check_whole(job, hasher)
 
-        self._retrying(attempt, job.reader.display)
+        self._retrying(attempt, job.reader.display, lambda: _resume_point(job, resumable[0]))
         if split:
             job.hashed = split[0]
             self._queue_parts(job)
@@ -556,7 +556,7 @@ class DirectoryTransfer:
                 job.digest = info.digest
 
         try:
-            self._retrying(attempt, job.reader.display, part=index)
+            self._retrying(attempt, job.reader.display, lambda: position[0], part=index)
         except RangeNotHonoured:
             self._unsplit(job)
             return
@@ -657,7 +657,13 @@ class DirectoryTransfer:
 
     # --- retries ------------------------------------------------------------------------------
 
-    def _retrying(self, attempt: Callable[[], None], display: str, part: int | None = None) -> None:
+    def _retrying(
+        self, attempt: Callable[[], None], display: str, reached: Callable[[], int], part: int | None = None
+    ) -> None:
+        """``attempt`` until it succeeds, --retries failures in a row with ``reached`` (the byte the
+        next attempt goes on from) no further, or a failure that is not transient."""
+        failures = InARow(self._settings.retries, self._settings.backoff, reached)
+
         def log_retry(state: RetryCallState) -> None:
             if self._stopped():  # another file failed and its failure is the one reported: no noise after it
                 raise Cancelled
@@ -669,14 +675,14 @@ class DirectoryTransfer:
                 part=part,
                 reason=str(exc),
                 delay_s=round(delay, 2),
-                attempt=state.attempt_number,
+                attempt=failures.count,
                 of=self._settings.retries,
             )
 
         for retry in Retrying(
             retry=retry_if_exception_type(TransientFetchError),
-            stop=stop_after_attempt(self._settings.retries + 1),
-            wait=wait_retry_after(self._settings.backoff),
+            stop=failures.stop,
+            wait=failures.wait,
             before_sleep=log_retry,
             sleep=self._sleep,
             reraise=True,
@@ -689,6 +695,11 @@ class DirectoryTransfer:
         while (left := deadline - time.monotonic()) > 0:
             if self._finished.wait(min(left, 0.1)):
                 raise Cancelled
+
+
+def _resume_point(job: _File, resumable: bool) -> int:
+    """The byte a retry of ``job``'s stream goes on from."""
+    return job.hasher.size if resumable and job.hasher is not None else 0
 
 
 def _whole(path: os.PathLike[str], size: int | None) -> bool:

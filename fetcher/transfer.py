@@ -21,13 +21,13 @@ from typing import Any
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
-from fetcher.backoff import wait_retry_after
+from fetcher.backoff import InARow
 from fetcher.channel import Channel, produce_in_thread
 from fetcher.errors import FetchError, IntegrityError, SourceChangedError, TransientFetchError
 from fetcher.pace import CPU_BOUND, Window
 from fetcher.parts import PartedDownload, RangeNotHonoured
 from fetcher.pipeline import SNIFF_BYTES
-from fetcher.sources.base import Body, ObjectInfo, ObjectReader, TooSlow
+from fetcher.sources.base import Body, ObjectInfo, ObjectReader
 from fetcher.spool import ArtifactSpool, Identity, Parts
 
 log = structlog.get_logger("fetcher")
@@ -80,8 +80,7 @@ class Download:
         self._parallelism = parallelism
         self._spool: Parts | None = None
         self._fill_spool = False  # after a fallback to one stream, keep the spool whole
-        self._failures = 0
-        self._offset_at_failure = 0
+        self._failures = InARow(retries, backoff, lambda: self.received)
         self._answered = threading.Event()
         self._early_error: BaseException | None = None
         self._channel: Channel | None = None
@@ -143,7 +142,7 @@ class Download:
         for attempt in Retrying(
             retry=retry_if_exception_type(TransientFetchError),
             stop=self._out_of_retries,
-            wait=wait_retry_after(self._backoff),
+            wait=self._failures.wait,
             before_sleep=self._log_retry,
             sleep=channel.sleep,
             reraise=True,
@@ -351,12 +350,7 @@ class Download:
     def _out_of_retries(self, state: RetryCallState) -> bool:
         if self._channel is not None and self._channel.cancelled:
             return True
-        slow = state.outcome is not None and isinstance(state.outcome.exception(), TooSlow)
-        if self.received > self._offset_at_failure and not slow:
-            self._failures = 0
-        self._offset_at_failure = self.received
-        self._failures += 1
-        return self._failures > self._retries
+        return self._failures.stop(state)
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc: Any = state.outcome.exception() if state.outcome else None
@@ -366,7 +360,7 @@ class Download:
             source=self.source.display,
             reason=str(exc),
             delay_s=round(delay, 2),
-            attempt=self._failures,
+            attempt=self._failures.count,
             of=self._retries,
             resume_at=self.received if self._pinned else 0,
         )

@@ -384,6 +384,26 @@ def test_a_cut_file_resumes_at_the_byte_where_it_broke(s3: S3, s3_front: S3Front
     assert len(run.all("retrying")) == 1
 
 
+@pytest.mark.fault("a directory file cut more times than --retries, with progress each time", exit=0, area="directory")
+def test_cuts_that_each_make_progress_do_not_use_up_the_retries(s3: S3, s3_front: S3Front, tmp_path: Path) -> None:
+    """--retries counts failures in a row without progress, as for one file: a CDN dropping a long
+    connection every so often is not a failing origin, and its backoff starts again each time."""
+    files = {"w.bin": SHARD}
+    source = _bucket(s3, "dir-cuts", files)
+    sums = _sums(files, tmp_path / "sums")
+    s3_front.cuts = [10**9, 500_000, 500_000, 500_000, 500_000]  # the listing whole, then four cuts
+    run = run_fetcher(
+        "--source", source, "--dest", str(tmp_path / "dest"), "--sha256sums", str(sums), "--concurrency", "1",
+        "--retries", "1", env=s3_front.env | {"FETCHER_RETRY_BACKOFF": "0.2"},
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path / "dest") == files
+    retries = run.all("retrying")
+    assert len(retries) == 4
+    assert [r["attempt"] for r in retries] == [1, 1, 1, 1]
+    assert max(r["delay_s"] for r in retries) < 0.5  # 0.2 s and its jitter, not doubling to 1.6 s
+
+
 def test_sha256sums_from_s3_and_from_https(s3: S3, tmp_path: Path, origin: Origin) -> None:
     files = {"a.txt": b"a", "b/c.txt": b"c"}
     source = _bucket(s3, "dir-remote-sums", files)

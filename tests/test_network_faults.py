@@ -146,6 +146,21 @@ def test_a_cut_transfer_of_an_unchanged_object_completes_with_any_validator(
     assert ("Range" in second) == ("last_modified" in pin)
 
 
+def test_a_transfer_cut_again_and_again_with_progress_waits_the_first_delay_each_time(
+    origin: Origin, tmp_path: Path
+) -> None:
+    # Each cut resumes further on: --retries counts from 1 again, and so does the backoff's doubling.
+    body = random.Random(4).randbytes(300_000)
+    url = origin.add("/w.bin", body, etag='"v1"', cut_after=[50_000] * 5)
+    env = {"FETCHER_RETRY_BACKOFF": "0.2"}
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--retries", "1", env=env)
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": body}
+    retries = run.all("retrying")
+    assert [r["attempt"] for r in retries] == [1] * 5
+    assert max(r["delay_s"] for r in retries) < 0.5, retries  # 0.2 s and its jitter; was 0.2, 0.4, ... 3.2 s
+
+
 def test_a_restart_from_zero_is_logged_as_such(origin: Origin, tmp_path: Path) -> None:
     url = origin.add("/w.bin", OLD, cut_after=[50_000])
     run = run_fetcher("--source", url, "--dest", str(tmp_path))

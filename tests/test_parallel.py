@@ -413,3 +413,16 @@ def test_a_trickling_part_is_cut_and_fetched_again(origin: Origin, tmp_path: Pat
     assert run.event("published")["transfer"] == "parallel"
     [retry] = run.all("retrying")
     assert "part" in retry and "below --low-speed-limit 1024 bytes/s" in retry["reason"]
+
+
+def test_parts_cut_more_times_than_retries_go_on_while_each_cut_makes_progress(origin: Origin, tmp_path: Path) -> None:
+    # Two connections, so each of the first two parts is cut, retried from where it broke, and cut again.
+    url = origin.add("/w.bin", BODY, etag='"abc"', rate=2_000_000, cut_after=[10**9, 10_000, 10_000, 10_000, 10_000])
+    split = ("--part-size", "64Ki", "--concurrency", "2", "--split-below", "100G")
+    run = run_fetcher("--source", url, "--dest", str(tmp_path), "--sha256", sha256(BODY), *split, "--retries", "1")
+    assert run.code == 0, run.stderr
+    assert tree(tmp_path) == {"w.bin": BODY}
+    assert run.event("published")["transfer"] == "parallel"
+    retries = run.all("retrying")
+    assert len(retries) == 4 and all("part" in r for r in retries)
+    assert {r["attempt"] for r in retries} == {1}
