@@ -10,7 +10,7 @@ import functools
 import hashlib
 import posixpath
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -66,6 +66,9 @@ class Artifact:
     # Options set by KServe's environment (fetcher.kserve), each with the variable that set it: named
     # so in messages, and its patterns, as KServe's, left unused by a single object.
     from_kserve: tuple[tuple[str, str], ...] = ()
+    # Names in dest where another artifact of the run has its dest (/m's "lora" for /m/lora), each
+    # with that artifact's display source: entries this one may not publish (publish._plan).
+    nested_dests: tuple[tuple[str, str], ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -234,4 +237,20 @@ def build_plan(config: RunConfig) -> list[Artifact]:
                     f"artifacts[{seen[spot]}] and artifacts[{item.index}] both write {item.dest / item.filename}"
                 )
             seen[spot] = item.index
-    return plan
+    return _with_nested_dests(plan)
+
+
+def _with_nested_dests(plan: list[Artifact]) -> list[Artifact]:
+    """Each artifact with the names in its dest that hold another's dest: found by a walk up each
+    dest's parents, not by comparing every pair, as a run may have thousands of artifacts."""
+    by_dest: dict[Path, list[int]] = {}
+    for item in plan:
+        by_dest.setdefault(item.dest.resolve(), []).append(item.index)
+    nested: dict[int, list[tuple[str, str]]] = {}
+    for inner in by_dest:
+        for outer in inner.parents:
+            for index in by_dest.get(outer, ()):
+                name = inner.relative_to(outer).parts[0]
+                others = (plan[i].display_source for i in by_dest[inner])
+                nested.setdefault(index, []).extend((name, other) for other in others)
+    return [replace(item, nested_dests=tuple(nested[item.index])) if item.index in nested else item for item in plan]

@@ -432,6 +432,12 @@ def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset
     user's: refused, as is an entry another artifact of this run publishes.
     """
     state, dest, entries = artifact.state_dir, artifact.dest, marker.entries
+    for name, holder in artifact.nested_dests:
+        if name in entries:
+            raise UsageError(
+                f"{artifact.display_source} publishes {name!r} into {dest}, where {holder} has its dest: "
+                "give that one a dest outside this one's entries"
+            )
     retired: dict[str, str] = {}
     owned: set[str] = set()
     kept: set[str] = set()

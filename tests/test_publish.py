@@ -294,6 +294,43 @@ def test_two_artifacts_publishing_the_same_entry_is_a_configuration_error(origin
     assert tree(tmp_path / "models") == {"model/a.txt": b"a"}  # the first one stands
 
 
+def _models(root: Path) -> dict[str, bytes]:
+    """``tree``, without the state of a dest nested in it either."""
+    return {path: data for path, data in tree(root).items() if "/.fetcher/" not in path}
+
+
+@pytest.mark.parametrize("outer_first", [True, False], ids=["outer-first", "inner-first"])
+def test_an_entry_where_another_artifact_has_its_dest_is_a_configuration_error(
+    origin: Origin, tmp_path: Path, outer_first: bool
+) -> None:
+    # /m and /m/lora, as KServe's adapters are laid out, work; unless the outer model has a 'lora' of its own.
+    outer = f"  - source: {origin.add('/base.tar.gz', make_tar({'lora/x.bin': b'x', 'w.bin': b'w'}))}\n"
+    outer += f"    dest: {tmp_path / 'm'}\n"
+    inner = f"  - source: {origin.add('/lora.tar.gz', make_tar({'adapter.bin': b'a'}))}\n"
+    inner += f"    dest: {tmp_path / 'm' / 'lora'}\n"
+    config = tmp_path / "fetcher.yaml"
+    config.write_text("artifacts:\n" + (outer + inner if outer_first else inner + outer))
+    run = run_fetcher("--config", str(config))
+    assert run.code == 2, run.stderr
+    assert f"'lora' into {tmp_path / 'm'}, where" in run.error and "has its dest" in run.error
+    published = _models(tmp_path / "m") if (tmp_path / "m").exists() else {}
+    assert "lora/x.bin" not in published  # never the two mixed in one directory
+    assert outer_first or published == {"lora/adapter.bin": b"a"}
+
+
+def test_nested_dests_without_a_clash_both_publish(origin: Origin, tmp_path: Path) -> None:
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        "artifacts:\n"
+        f"  - source: {origin.add('/base.tar.gz', make_tar({'w.bin': b'w'}))}\n    dest: {tmp_path / 'm'}\n"
+        f"  - source: {origin.add('/lora.tar.gz', make_tar({'adapter.bin': b'a'}))}\n    dest: {tmp_path / 'm' / 'lora'}\n"
+    )
+    for _ in range(2):
+        run = run_fetcher("--config", str(config))
+        assert run.code == 0, run.stderr
+        assert _models(tmp_path / "m") == {"w.bin": b"w", "lora/adapter.bin": b"a"}
+
+
 def test_the_same_dest_spelled_two_ways_is_still_one_dest(origin: Origin, tmp_path: Path) -> None:
     first, second = make_tar({"model/a.txt": b"a"}), make_tar({"model/b.txt": b"b"})
     (tmp_path / "models").mkdir()
