@@ -500,7 +500,8 @@ class _Parser(QuietParser):
         )
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        namespace, extras = self.parse_known_args(args, namespace)
+        # Intermixed: options may come between SRC DEST pairs and after them, as Pods' args are written
+        namespace, extras = self.parse_known_intermixed_args(args, namespace)
         if extras:  # what argparse took for SRC DEST may be an unknown option's value
             raise UsageError(self._unrecognized([*extras, *(getattr(namespace, "pairs", None) or [])]))
         return namespace

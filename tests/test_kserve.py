@@ -138,6 +138,17 @@ def test_two_pairs_are_two_artifacts_and_flags_apply_to_each(origin: Origin, tmp
     assert run.event("done")["artifacts"] == 2
 
 
+def test_flags_may_come_between_and_after_the_pairs(origin: Origin, tmp_path: Path) -> None:
+    """As a hand-written Pod's args put them: argparse alone took them for unrecognized arguments."""
+    first = origin.add("/a/model.bin", b"first")
+    second = origin.add("/b/model.bin", b"second")
+    models = tmp_path / "models"
+    run = run_fetcher(first, str(models / "a"), "--file-mode", "0600", second, str(models / "b"), "--retries", "1")
+    assert run.code == 0, run.stderr
+    assert (tree(models / "a"), tree(models / "b")) == ({"model.bin": b"first"}, {"model.bin": b"second"})
+    assert {oct((models / n / "model.bin").stat().st_mode & 0o777) for n in "ab"} == {"0o600"}
+
+
 @pytest.mark.fault("an odd number of SRC DEST arguments: exit 2, one line, no value repeated", exit=2, area="config")
 def test_an_odd_number_of_arguments_is_a_usage_error(tmp_path: Path) -> None:
     secret_url = "https://user:pa55-KSERVE@h/m.bin"

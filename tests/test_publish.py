@@ -323,7 +323,8 @@ def test_nested_dests_without_a_clash_both_publish(origin: Origin, tmp_path: Pat
     config.write_text(
         "artifacts:\n"
         f"  - source: {origin.add('/base.tar.gz', make_tar({'w.bin': b'w'}))}\n    dest: {tmp_path / 'm'}\n"
-        f"  - source: {origin.add('/lora.tar.gz', make_tar({'adapter.bin': b'a'}))}\n    dest: {tmp_path / 'm' / 'lora'}\n"
+        f"  - source: {origin.add('/lora.tar.gz', make_tar({'adapter.bin': b'a'}))}\n"
+        f"    dest: {tmp_path / 'm' / 'lora'}\n"
     )
     for _ in range(2):
         run = run_fetcher("--config", str(config))
