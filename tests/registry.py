@@ -35,6 +35,7 @@ import hashlib
 import http.client
 import ipaddress
 import json
+import math
 import re
 import secrets
 import shutil
@@ -308,13 +309,17 @@ class TokenService:
 
     def sign(self, subject: str, audience: str, access: list[dict[str, Any]], *, expires: int | None = None) -> str:
         """A JWT the registry accepts for ``access`` until ``expires`` (epoch seconds, default now + lifetime)."""
-        now = int(time.time())
+        clock = time.time()
+        now = int(clock)
+        # exp is whole seconds: rounded up, a token lives at least its lifetime (truncated, a 1 s token
+        # issued at x.99 s lived 10 ms, and was refused on its first use)
+        until = math.ceil(clock) + self.lifetime
         header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.pki.signer_der).decode()]}
         claims = {
             "iss": ISSUER,
             "sub": subject,
             "aud": audience,
-            "exp": (now + self.lifetime if expires is None else expires) - LEEWAY,
+            "exp": (until if expires is None else expires) - LEEWAY,
             "nbf": now - 1,
             "iat": now,
             "jti": secrets.token_hex(8),

@@ -6,6 +6,7 @@ holding the old version or the new one, never two versions stitched together.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -293,6 +294,7 @@ def test_a_fault_leaves_the_old_version_and_a_healthy_run_then_succeeds(
     url = origin.add("/m.tar.gz", OLD_ARCHIVE)
     assert run_fetcher("--source", url, "--dest", str(dest), "--sha256", sha256(OLD_ARCHIVE)).code == 0
 
+    fault = copy.deepcopy(fault)  # the origin pops its lists: the parameters stay as written for a rerun
     body = fault.pop("body", NEW_ARCHIVE)
     if fault.get("redirect") == "/m.tar.gz":
         fault["redirect"] = url

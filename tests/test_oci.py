@@ -539,7 +539,7 @@ def test_a_token_that_expires_mid_pull_is_renewed(make_registry: Callable[..., R
     registry.push_modelpack("org/llama", "v1", files)
     config = registry.docker_config(tmp_path / "config.json")
     assert registry.blobs is not None and registry.token is not None
-    registry.blobs.rate = 1_000_000  # a.bin takes 1.5 s: b.bin is asked for with a token past its second
+    registry.blobs.rate = 500_000  # a.bin takes 3 s: b.bin is asked for with a token past its 1-2 s
     args = ("--concurrency", "1", "--part-size", "1Mi")
 
     run = _pull(
