@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,8 +501,11 @@ class _Parser(QuietParser):
         )
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        # Intermixed: options may come between SRC DEST pairs and after them, as Pods' args are written
-        namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        # Intermixed: options may come between SRC DEST pairs and after them, as Pods' args are written;
+        # not after a "--", which the intermixed parse would drop, taking what follows for options.
+        given = sys.argv[1:] if args is None else list(args)
+        parse = self.parse_known_args if "--" in given else self.parse_known_intermixed_args
+        namespace, extras = parse(given, namespace)
         if extras:  # what argparse took for SRC DEST may be an unknown option's value
             raise UsageError(self._unrecognized([*extras, *(getattr(namespace, "pairs", None) or [])]))
         return namespace

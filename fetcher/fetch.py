@@ -29,6 +29,7 @@ from fetcher.progress import Progress, human_bytes
 from fetcher.publish import (
     Marker,
     Record,
+    check_nesting,
     check_owner,
     interrupted,
     left_behind,
@@ -608,6 +609,7 @@ class _Fetch:
         }
 
     def _skip(self, present: Marker) -> Result:
+        check_nesting(self.artifact, present.entries)  # what stands may be where a dest added since is
         log.info(
             "already present",
             source=self.artifact.display_source,

@@ -241,16 +241,27 @@ def build_plan(config: RunConfig) -> list[Artifact]:
 
 
 def _with_nested_dests(plan: list[Artifact]) -> list[Artifact]:
-    """Each artifact with the names in its dest that hold another's dest: found by a walk up each
-    dest's parents, not by comparing every pair, as a run may have thousands of artifacts."""
+    """Each artifact with the names in its dest that hold another's dest, and the plan in the order
+    to run it: an artifact after every one whose dest holds its own, so an outer model that no
+    longer has an entry removes it before an inner one is published there (else in config order).
+
+    Nesting is found by a walk up each dest's parents, not by comparing every pair, as a run may
+    have thousands of artifacts.
+    """
     by_dest: dict[Path, list[int]] = {}
     for item in plan:
         by_dest.setdefault(item.dest.resolve(), []).append(item.index)
     nested: dict[int, list[tuple[str, str]]] = {}
+    depth = dict.fromkeys(by_dest, 0)  # how many dests of the run hold this one
     for inner in by_dest:
         for outer in inner.parents:
-            for index in by_dest.get(outer, ()):
-                name = inner.relative_to(outer).parts[0]
-                others = (plan[i].display_source for i in by_dest[inner])
-                nested.setdefault(index, []).extend((name, other) for other in others)
-    return [replace(item, nested_dests=tuple(nested[item.index])) if item.index in nested else item for item in plan]
+            if outer not in by_dest:
+                continue
+            depth[inner] += 1
+            name = inner.relative_to(outer).parts[0]
+            for index in by_dest[outer]:
+                nested.setdefault(index, []).extend((name, plan[i].display_source) for i in by_dest[inner])
+    return sorted(
+        (replace(item, nested_dests=tuple(nested[item.index])) if item.index in nested else item for item in plan),
+        key=lambda item: depth[item.dest.resolve()],
+    )

@@ -423,6 +423,21 @@ def publish(artifact: Artifact, staging: Path, record: Record, siblings: frozens
     return marker
 
 
+def check_nesting(artifact: Artifact, entries: list[str]) -> None:
+    """Refuse entries of ``artifact`` (to publish, or published and standing) where another
+    artifact of the run has its dest: the two models would share one directory.
+
+    Raises:
+        UsageError: naming the entry and the other artifact.
+    """
+    for name, holder in artifact.nested_dests:
+        if name in entries:
+            raise UsageError(
+                f"{artifact.display_source} publishes {name!r} into {artifact.dest}, where {holder} has its dest: "
+                "give that one a dest outside this one's entries"
+            )
+
+
 def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset[str]) -> Journal:
     """The journal of this publish, after the checks that must fail before anything changes.
 
@@ -432,12 +447,7 @@ def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset
     user's: refused, as is an entry another artifact of this run publishes.
     """
     state, dest, entries = artifact.state_dir, artifact.dest, marker.entries
-    for name, holder in artifact.nested_dests:
-        if name in entries:
-            raise UsageError(
-                f"{artifact.display_source} publishes {name!r} into {dest}, where {holder} has its dest: "
-                "give that one a dest outside this one's entries"
-            )
+    check_nesting(artifact, entries)
     retired: dict[str, str] = {}
     owned: set[str] = set()
     kept: set[str] = set()

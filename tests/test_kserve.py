@@ -149,6 +149,15 @@ def test_flags_may_come_between_and_after_the_pairs(origin: Origin, tmp_path: Pa
     assert {oct((models / n / "model.bin").stat().st_mode & 0o777) for n in "ab"} == {"0o600"}
 
 
+def test_a_double_dash_still_ends_the_options(tmp_path: Path) -> None:
+    (tmp_path / "m.bin").write_bytes(b"m")
+    run = run_fetcher("--dry-run", "--", str(tmp_path / "m.bin"), "-dest")
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout)["artifacts"][0]["dest"] == "-dest"
+    taken = run_fetcher("--", "--retries", "3")  # a SRC, not an option: and no scheme
+    assert taken.code == 2 and "no source given" not in taken.error, taken.error
+
+
 @pytest.mark.fault("an odd number of SRC DEST arguments: exit 2, one line, no value repeated", exit=2, area="config")
 def test_an_odd_number_of_arguments_is_a_usage_error(tmp_path: Path) -> None:
     secret_url = "https://user:pa55-KSERVE@h/m.bin"

@@ -313,9 +313,46 @@ def test_an_entry_where_another_artifact_has_its_dest_is_a_configuration_error(
     run = run_fetcher("--config", str(config))
     assert run.code == 2, run.stderr
     assert f"'lora' into {tmp_path / 'm'}, where" in run.error and "has its dest" in run.error
-    published = _models(tmp_path / "m") if (tmp_path / "m").exists() else {}
-    assert "lora/x.bin" not in published  # never the two mixed in one directory
-    assert outer_first or published == {"lora/adapter.bin": b"a"}
+    # The outer dest's artifact runs first, whatever the order given: it stops the run before either is published
+    assert not (tmp_path / "m").exists() or _models(tmp_path / "m") == {}
+
+
+def _nested(tmp_path: Path, name: str, *items: tuple[str, Path]) -> Path:
+    config = tmp_path / name
+    config.write_text("artifacts:\n" + "".join(f"  - source: {s}\n    dest: {d}\n" for s, d in items))
+    return config
+
+
+@pytest.mark.parametrize("outer_first", [True, False], ids=["outer-first", "inner-first"])
+def test_an_inner_dest_added_where_the_published_outer_model_has_that_entry_is_refused(
+    origin: Origin, tmp_path: Path, outer_first: bool
+) -> None:
+    # The outer model stands from an earlier run (a PVC), so it is skipped, not published: its marker tells.
+    outer = (origin.add("/base.tar.gz", make_tar({"lora/x.bin": b"x", "w.bin": b"w"})), tmp_path / "m")
+    inner = (origin.add("/lora.tar.gz", make_tar({"adapter.bin": b"a"})), tmp_path / "m" / "lora")
+    assert run_fetcher("--config", str(_nested(tmp_path, "one.yaml", outer))).code == 0
+    both = _nested(tmp_path, "both.yaml", *([outer, inner] if outer_first else [inner, outer]))
+    for _ in range(2):
+        run = run_fetcher("--config", str(both))
+        assert run.code == 2, run.stderr
+        assert "'lora' into" in run.error and "has its dest" in run.error
+        assert _models(tmp_path / "m") == {"lora/x.bin": b"x", "w.bin": b"w"}  # as it was: nothing mixed in
+
+
+@pytest.mark.parametrize("outer_first", [True, False], ids=["outer-first", "inner-first"])
+def test_an_outer_model_that_drops_an_entry_makes_room_for_an_inner_dest_in_either_order(
+    origin: Origin, tmp_path: Path, outer_first: bool
+) -> None:
+    v1 = (origin.add("/base1.tar.gz", make_tar({"lora/x.bin": b"x", "w.bin": b"w"})), tmp_path / "m")
+    v2 = (origin.add("/base2.tar.gz", make_tar({"w.bin": b"w2"})), tmp_path / "m")
+    inner = (origin.add("/lora.tar.gz", make_tar({"adapter.bin": b"a"})), tmp_path / "m" / "lora")
+    assert run_fetcher("--config", str(_nested(tmp_path, "one.yaml", v1))).code == 0
+    both = _nested(tmp_path, "both.yaml", *([v2, inner] if outer_first else [inner, v2]))
+    for _ in range(2):  # the outer dest's artifact runs first: the inner one is never published into the old lora/
+        run = run_fetcher("--config", str(both))
+        assert run.code == 0, run.stderr
+        assert _models(tmp_path / "m") == {"w.bin": b"w2", "lora/adapter.bin": b"a"}
+    assert run.event("done")["already_present"] == 2
 
 
 def test_nested_dests_without_a_clash_both_publish(origin: Origin, tmp_path: Path) -> None:
