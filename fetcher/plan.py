@@ -228,6 +228,14 @@ def build_plan(config: RunConfig) -> list[Artifact]:
                 f"artifacts[{other.index}] and artifacts[{item.index}] share the dest {item.dest} but not "
                 "--state-dir: give them the same one"
             )
+    same: dict[tuple[Path, str], Artifact] = {}
+    for item in plan:  # one key, one marker: the second would take the first's files for its old version
+        first = same.setdefault((item.dest.resolve(), item.key), item)
+        if replace(first, index=item.index, dest=item.dest) != item:
+            raise UsageError(
+                f"artifacts[{first.index}] and artifacts[{item.index}] both fetch {item.display_source} into "
+                f"{item.dest}, with other options: make them one artifact (--include takes several patterns)"
+            )
     seen: dict[tuple[Path, str], int] = {}
     for item in plan:
         if item.extract == "none" and not item.is_directory:  # with auto the name matters only if it is no archive

@@ -369,6 +369,27 @@ def test_nested_dests_without_a_clash_both_publish(origin: Origin, tmp_path: Pat
         assert _models(tmp_path / "m") == {"w.bin": b"w", "lora/adapter.bin": b"a"}
 
 
+def test_one_source_twice_into_one_dest_with_other_options_is_a_configuration_error(tmp_path: Path) -> None:
+    # They would share one marker: each run, the second would take the first for its old version and remove it.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_bytes(b"{}")
+    (src / "w.bin").write_bytes(b"w")
+    config = tmp_path / "fetcher.yaml"
+    config.write_text(
+        f"dest: {tmp_path / 'm'}\nartifacts:\n"
+        f"  - {{source: 'file://{src}/', include: ['*.json']}}\n"
+        f"  - {{source: 'file://{src}/', include: ['*.bin']}}\n"
+    )
+    run = run_fetcher("--config", str(config))
+    assert run.code == 2, run.stderr
+    assert run.error == (
+        f"artifacts[0] and artifacts[1] both fetch file://{src}/ into {tmp_path / 'm'}, with other options: "
+        "make them one artifact (--include takes several patterns)"
+    )
+    assert not (tmp_path / "m").exists()
+
+
 def test_the_same_dest_spelled_two_ways_is_still_one_dest(origin: Origin, tmp_path: Path) -> None:
     first, second = make_tar({"model/a.txt": b"a"}), make_tar({"model/b.txt": b"b"})
     (tmp_path / "models").mkdir()
