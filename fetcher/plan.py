@@ -69,6 +69,9 @@ class Artifact:
     # Names in dest where another artifact of the run has its dest (/m's "lora" for /m/lora), each
     # with that artifact's display source: entries this one may not publish (publish._plan).
     nested_dests: tuple[tuple[str, str], ...] = ()
+    # Where this dest lies inside another artifact's: that dest, its state directory, and the name
+    # in it this dest lies under, which no marker there may list (publish.check_nesting).
+    inside: tuple[tuple[Path, Path, str], ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -260,16 +263,20 @@ def _with_nested_dests(plan: list[Artifact]) -> list[Artifact]:
     for item in plan:
         by_dest.setdefault(item.dest.resolve(), []).append(item.index)
     nested: dict[int, list[tuple[str, str]]] = {}
-    depth = dict.fromkeys(by_dest, 0)  # how many dests of the run hold this one
+    inside: dict[Path, list[tuple[Path, Path, str]]] = {}
     for inner in by_dest:
         for outer in inner.parents:
             if outer not in by_dest:
                 continue
-            depth[inner] += 1
             name = inner.relative_to(outer).parts[0]
+            holder = plan[by_dest[outer][0]]
+            inside.setdefault(inner, []).append((holder.dest, holder.state_dir, name))
             for index in by_dest[outer]:
                 nested.setdefault(index, []).extend((name, plan[i].display_source) for i in by_dest[inner])
-    return sorted(
-        (replace(item, nested_dests=tuple(nested[item.index])) if item.index in nested else item for item in plan),
-        key=lambda item: depth[item.dest.resolve()],
-    )
+    placed = [
+        replace(item, nested_dests=tuple(nested.get(item.index, ())), inside=tuple(inside.get(dest, ())))
+        if item.index in nested or dest in inside
+        else item
+        for item, dest in ((item, item.dest.resolve()) for item in plan)
+    ]
+    return sorted(placed, key=lambda item: len(item.inside))  # how many dests of the run hold this one

@@ -424,8 +424,10 @@ def publish(artifact: Artifact, staging: Path, record: Record, siblings: frozens
 
 
 def check_nesting(artifact: Artifact, entries: list[str]) -> None:
-    """Refuse entries of ``artifact`` (to publish, or published and standing) where another
-    artifact of the run has its dest: the two models would share one directory.
+    """Refuse to let two models share one directory: an entry of ``artifact`` (to publish, or
+    published and standing) where another artifact of the run has its dest, or its own dest in
+    an entry that a marker of the dest holding it lists (one no longer configured: a configured
+    one ran first and refused).
 
     Raises:
         UsageError: naming the entry and the other artifact.
@@ -436,6 +438,15 @@ def check_nesting(artifact: Artifact, entries: list[str]) -> None:
                 f"{artifact.display_source} publishes {name!r} into {artifact.dest}, where {holder} has its dest: "
                 "give that one a dest outside this one's entries"
             )
+    for outer, state, name in artifact.inside:
+        for path in sorted(state.glob("*.json")):
+            other = _parse_marker(_read_text(path)) if path.name != JOURNAL else None
+            if other is not None and name in other.entries:
+                raise UsageError(
+                    f"{artifact.display_source}: its dest {artifact.dest} lies in {name!r}, which {other.source} "
+                    f"published into {outer} and is no longer configured: remove {outer / name}, or give this "
+                    "one another dest"
+                )
 
 
 def _plan(artifact: Artifact, staging: Path, marker: Marker, siblings: frozenset[str]) -> Journal:

@@ -355,6 +355,19 @@ def test_an_outer_model_that_drops_an_entry_makes_room_for_an_inner_dest_in_eith
     assert run.event("done")["already_present"] == 2
 
 
+def test_an_inner_dest_in_an_entry_of_an_artifact_no_longer_configured_is_refused(
+    origin: Origin, tmp_path: Path
+) -> None:
+    old = (origin.add("/c1.tar.gz", make_tar({"model.bin": b"1", "lora/x.bin": b"x"})), tmp_path / "m")
+    other = (origin.add("/d.bin", b"d"), tmp_path / "m")  # shares no entry with the old one: it stays
+    inner = (origin.add("/lora.tar.gz", make_tar({"adapter.bin": b"a"})), tmp_path / "m" / "lora")
+    assert run_fetcher("--config", str(_nested(tmp_path, "one.yaml", old))).code == 0
+    run = run_fetcher("--config", str(_nested(tmp_path, "two.yaml", other, inner)))
+    assert run.code == 2, run.stderr
+    assert f"lies in 'lora', which {old[0]} published into {tmp_path / 'm'} and is no longer" in run.error
+    assert _models(tmp_path / "m") == {"model.bin": b"1", "lora/x.bin": b"x", "d.bin": b"d"}
+
+
 def test_nested_dests_without_a_clash_both_publish(origin: Origin, tmp_path: Path) -> None:
     config = tmp_path / "fetcher.yaml"
     config.write_text(
