@@ -100,7 +100,11 @@ class _Fetch:
             # A marker is trusted without the lock only when no publish is pending in dest: else the
             # workspace finishes or undoes that one first, and looks again. What a killed run left
             # (an old version in the trash) is cleared there too, then the marker looked at again.
-            if not interrupted(artifact) and not left_behind(artifact) and (earlier := previous(artifact)) is not None:
+            if (
+                not interrupted(artifact)
+                and not left_behind(artifact, self.siblings | {artifact.key})
+                and (earlier := previous(artifact)) is not None
+            ):
                 if (why := self._changed(earlier)) is None:
                     return self._skip(earlier)
                 log.info("fetching again", source=artifact.display_source, dest=str(artifact.dest), reason=why)

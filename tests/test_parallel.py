@@ -426,3 +426,19 @@ def test_parts_cut_more_times_than_retries_go_on_while_each_cut_makes_progress(o
     retries = run.all("retrying")
     assert len(retries) == 4 and all("part" in r for r in retries)
     assert {r["attempt"] for r in retries} == {1}
+
+
+def test_the_spool_of_an_artifact_no_longer_asked_for_goes_though_the_model_stands(
+    origin: Origin, tmp_path: Path
+) -> None:
+    # Every artifact still configured is present, so no run takes the lock to clean: the spool stayed.
+    url = origin.add("/w.bin", BODY, etag='"abc"')
+    assert run_fetcher("--source", url, "--dest", str(tmp_path)).code == 0
+    stale = tmp_path / ".fetcher" / "download-0123456789abcdef"
+    stale.mkdir()
+    (stale / "data").write_bytes(b"\0" * 4096)
+    run = run_fetcher("--source", url, "--dest", str(tmp_path))
+    assert run.code == 0, run.stderr
+    assert run.all("already present")
+    assert not stale.exists()
+    assert len(origin.hits("/w.bin")) == 1
