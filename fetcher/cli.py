@@ -33,7 +33,7 @@ from fetcher.errors import (
     LocalFilesystemError,
     UsageError,
 )
-from fetcher.plan import build_plan, read_bearer_token
+from fetcher.plan import Artifact, build_plan, read_bearer_token
 from fetcher.schemes import scheme_of
 
 EXIT_OK = 0
@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     termination_log: Path | None = None
+    plan: list[Artifact] = []
+    results: list[Any] = []  # fetch.Result, one per artifact done: fetch is imported only to fetch
     logs.configure(None, "info")  # so that even a failure in reading the environment is logged
     try:
         # Until the options are parsed, errors are logged in the format the env asks for;
@@ -112,7 +114,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             artifacts=len(plan),
             config=str(config.config_path) if config.config_path else None,
         )
-        results = []
         dests = {a.index: a.dest.resolve() for a in plan}  # one dest may be spelled two ways
         keys: dict[Path, Counter[str]] = {}  # grouped once: a comparison per pair took 30 s for 1,600 artifacts
         for a in plan:
@@ -143,6 +144,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except (KeyboardInterrupt, Terminated) as stop:
         name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
         message = f"stopped by {name} before the model was published"
+        if len(plan) > 1 and len(results) < len(plan):  # which one, and that those before it stand
+            message = (
+                f"stopped by {name} before {plan[len(results)].display_source} was published "
+                f"({len(results)} of {len(plan)} artifacts done)"
+            )
         log.error("failed", error=message, kind="Interrupted", exit_code=code)
         _write_termination_log(termination_log, message)
         return code

@@ -267,6 +267,33 @@ def test_sigterm_during_a_retry_wait_stops_at_once_with_a_reason(origin: Origin,
     assert '"exit_code": 143' in stderr.strip().splitlines()[-1]
 
 
+def test_sigterm_in_the_second_of_two_artifacts_names_it_and_what_was_published(origin: Origin, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    first = origin.add("/a.bin", b"a")
+    second = origin.add("/b.bin", b"b", fail=[503] * 10, retry_after="120")
+    termination = tmp_path / "termination-log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    args = [first, str(tmp_path / "a"), second, str(tmp_path / "b"), "--termination-log", str(termination)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fetcher", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not origin.hits("/b.bin") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=30)
+    assert process.returncode == 143
+    assert termination.read_text() == f"stopped by SIGTERM before {second} was published (1 of 2 artifacts done)\n"
+    assert tree(tmp_path / "a") == {"a.bin": b"a"}
+
+
 def test_https_from_a_private_ca_named_by_ssl_cert_file(tls_origin: Origin, tls: Tls, tmp_path: Path) -> None:
     files = model_files()
     body = make_tar(files, "gz")
