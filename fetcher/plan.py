@@ -158,7 +158,7 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
         **same
         | {
             "index": index,
-            "dest": Path(values["dest"]),
+            "dest": _dest(Path(values["dest"])),
             "state_root": values.get("state_dir"),
             "filename": values["filename"] or default_filename(values["source"]),
             "headers": tuple(values["headers"] or ()),
@@ -181,6 +181,12 @@ def _artifact(index: int, values: Values, where: str) -> Artifact:
     if len(credentials) > 1:
         raise UsageError(f"{where}credentials given twice, as {' and as '.join(credentials)}: keep one")
     return artifact
+
+
+def _dest(dest: Path) -> Path:
+    """A dest with ``..`` in it, as the kernel would find it: ``x/y/../../m`` is ``m``, where
+    ``mkdir -p`` would make ``x/y`` (outside dest, and left behind by a failed run) to get there."""
+    return dest.resolve() if ".." in dest.parts else dest
 
 
 def check_directory_options(artifact: Artifact, directory: bool | None, where: str = "") -> None:

@@ -179,6 +179,18 @@ def test_a_dest_that_cannot_be_created_is_exit_6(origin: Origin, tmp_path: Path)
     assert "cannot create --dest" in run.error
 
 
+@pytest.mark.parametrize("found", [True, False], ids=["published", "missing-source"])
+def test_a_dest_spelled_through_missing_directories_creates_nothing_outside_it(
+    origin: Origin, tmp_path: Path, found: bool
+) -> None:
+    # mkdir -p of x/y/../../m makes x/y, outside dest, and a failed run left them behind
+    source = origin.add("/w.bin", b"w") if found else origin.url("/nowhere.bin")
+    run = run_fetcher("--source", source, "--dest", f"{tmp_path}/x/y/../../m", "--retries", "0")
+    assert run.code == (0 if found else 3), run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m"] if found else [])
+    assert not found or tree(tmp_path / "m") == {"w.bin": b"w"}
+
+
 @needs("setpriv")
 def test_an_unwritable_dest_is_exit_6(origin: Origin) -> None:
     import sys
