@@ -224,6 +224,7 @@ class _Fetch:
                 if node is not None:
                     return self._single_through(node, staging, artifact.sha256)
             manifest = self.manifest()
+            check_nesting(self.artifact, _named_entries(manifest))  # what the listing names: before any download
             if manifest.directory:
                 return self._directory(manifest, staging, present)
             if artifact.cache_dir is not None:
@@ -634,6 +635,7 @@ def preview(artifact: Artifact) -> dict[str, Any]:
     finally:
         if run._source is not None:
             run._source.close()
+    check_nesting(artifact, _named_entries(manifest))  # what the real run would refuse, before its download
     shown: dict[str, Any] = {"directory": manifest.directory}
     if manifest.identity is not None:
         shown["identity"] = manifest.identity
@@ -711,6 +713,12 @@ def _check_free(tree: Path, path: str) -> None:
                 f"refused {show(path)}: a packed layer of the artifact made {show('/'.join(parts[:depth]))} "
                 "a link or a file, not a directory"
             )
+
+
+def _named_entries(manifest: Manifest) -> list[str]:
+    """The entries of dest a manifest names before anything is fetched (an unpacked one's are known
+    only once it is unpacked, and checked then, at the publish)."""
+    return sorted({entry.path.split("/")[0] for entry in manifest.entries if entry.path and not entry.unpack})
 
 
 def _ensure_dest(artifact: Artifact) -> list[Path]:

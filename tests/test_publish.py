@@ -380,6 +380,26 @@ def test_an_inner_dest_in_an_entry_of_an_artifact_no_longer_configured_is_refuse
     assert _models(tmp_path / "m") == {"model.bin": b"1", "lora/x.bin": b"x", "d.bin": b"d"}
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_directory_clash_with_an_inner_dest_is_refused_before_its_download(
+    origin: Origin, tmp_path: Path, dry_run: bool
+) -> None:
+    # A folder's names are known from its listing: no model downloaded and spooled, only to be refused.
+    src = tmp_path / "src"
+    (src / "lora").mkdir(parents=True)
+    (src / "lora" / "x.bin").write_bytes(b"x")
+    (src / "w.bin").write_bytes(b"w")
+    outer = (f"file://{src}/", tmp_path / "m")
+    inner = (origin.add("/lora.tar.gz", make_tar({"adapter.bin": b"a"})), tmp_path / "m" / "lora")
+    run = run_fetcher(
+        "--config", str(_nested(tmp_path, "both.yaml", outer, inner)), *(["--dry-run"] if dry_run else [])
+    )
+    assert run.code == 2, run.stderr
+    assert "'lora' into" in run.error and "has its dest" in run.error
+    assert not (tmp_path / "m").exists()
+    assert not run.all("downloading")
+
+
 def test_nested_dests_without_a_clash_both_publish(origin: Origin, tmp_path: Path) -> None:
     config = tmp_path / "fetcher.yaml"
     config.write_text(
