@@ -39,7 +39,6 @@ import structlog
 from fetcher import STATE_DIR, __version__
 from fetcher.errors import LocalFilesystemError, UsageError, local_error
 from fetcher.plan import Artifact
-from fetcher.spool import PREFIX as SPOOL_PREFIX
 from fetcher.spool import ArtifactSpool
 
 JOURNAL = "journal.json"
@@ -231,7 +230,7 @@ def _leftovers(state: Path) -> tuple[bool, frozenset[str]]:
     with os.scandir(state) as entries:
         names = [entry.name for entry in entries]
     staged = any(name.startswith(_LEFTOVERS) for name in names)
-    spools = frozenset(name.removeprefix(SPOOL_PREFIX) for name in names if name.startswith(SPOOL_PREFIX))
+    spools = frozenset(key for name in names if (key := ArtifactSpool.key_of(name)) is not None)
     if time.time_ns() - mtime > 2 * 10**9:  # a change in the same tick would keep this mtime (as git's racy index)
         _SCANNED[state] = (mtime, staged, spools)
     return staged, spools

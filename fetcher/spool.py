@@ -190,10 +190,15 @@ class ArtifactSpool:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     @staticmethod
+    def key_of(name: str) -> str | None:
+        """The key of the artifact whose spool an entry of the state directory is, if it is one."""
+        return name.removeprefix(PREFIX) if name.startswith(PREFIX) else None
+
+    @staticmethod
     def clean(state_dir: Path, keep: set[str]) -> None:
         """Remove the spools of artifacts no longer asked for: they can be as large as the model."""
         for entry in state_dir.glob(f"{PREFIX}*"):
-            if entry.name.removeprefix(PREFIX) not in keep:
+            if ArtifactSpool.key_of(entry.name) not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
